@@ -1,0 +1,113 @@
+"""The `openkd` command: a thin Typer app. Each stage resolves its config, then calls `run(cfg)`.
+
+Heavy libraries (torch, vLLM, TRL) are imported inside the stages, so `openkd --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from openkd import __version__
+from openkd.config import StageConfig, resolve
+from openkd.errors import OpenkdError
+from openkd.flags import config_command
+from openkd.generate.config import GenerateConfig
+from openkd.train.config import TrainConfig
+
+app = typer.Typer(
+    name="openkd",
+    help="Hard-label distillation of LLMs: `generate` teacher answers, then `train` a student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _stage(cls: type[StageConfig], runner: str):
+    """A command that resolves `cls` from --config and flags, then calls `module:function`."""
+
+    def run(config_file: Path | None, dry_run: bool, overrides: dict[str, Any]) -> None:
+        cfg = resolve(cls, config_file, overrides)
+        if dry_run:
+            sys.stdout.write(yaml.safe_dump({cls.section: cfg.to_yaml_dict()}, sort_keys=False))
+            return
+        module, function = runner.split(":")
+        getattr(importlib.import_module(module), function)(cfg)
+
+    return config_command(cls, run)
+
+
+app.command("generate", help=GenerateConfig.__doc__)(
+    _stage(GenerateConfig, "openkd.generate.run:run")
+)
+app.command("train", help=TrainConfig.__doc__)(_stage(TrainConfig, "openkd.train.run:run"))
+
+
+@app.command("merge")
+def merge(
+    shards: list[Path] = typer.Argument(..., help="Shard JSONL files written with --shard i/n."),
+    output: Path = typer.Option(..., "--output", "-o", help="Merged JSONL file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+) -> None:
+    """Join `generate --shard i/n` outputs into one dataset, checking ids are unique."""
+    from openkd.generate.merge import merge_shards
+
+    merge_shards(shards, output, overwrite=overwrite)
+
+
+@app.command("make-tiny")
+def make_tiny(
+    out_dir: Path = typer.Argument(..., help="Directory to write the tiny model to."),
+    hidden_size: int = typer.Option(128, help="Hidden size (hidden/heads must be 32, 64, ...)."),
+    layers: int = typer.Option(2, help="Transformer layers."),
+    seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights."),
+) -> None:
+    """Build a tiny random Llama + BPE tokenizer offline, to try openkd without downloads."""
+    from openkd.testing.tiny import TinySpec, build_tiny_model
+
+    intermediate = hidden_size * 2
+    spec = TinySpec(
+        hidden_size=hidden_size, intermediate_size=intermediate, layers=layers, seed=seed
+    )
+    path = build_tiny_model(out_dir, spec)
+    typer.echo(str(path))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"openkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Hard-label distillation of LLMs: `generate` teacher answers, then `train` a student."""
+
+
+def main() -> None:
+    """Console entry point: one-line errors and a non-zero exit instead of tracebacks."""
+    from openkd import console
+
+    try:
+        app()
+    except OpenkdError as err:
+        console.error(str(err))
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        console.error("interrupted; rerun the same command to resume where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Record schema, readers and writers shared by the stages."""

@@ -1,0 +1,71 @@
+"""The one record format: what `openkd generate` writes and `openkd train` reads as is.
+
+A row is TRL's conversational prompt/completion format plus provenance:
+
+    {"id": "…", "prompt": [{"role": "user", "content": "…"}],
+     "completion": [{"role": "assistant", "content": "…"}],
+     "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "source_index": 7}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, TypedDict
+
+REQUIRED_COLUMNS = ("id", "prompt", "completion", "finish_reason")
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+class Record(TypedDict):
+    id: str
+    prompt: list[Message]
+    completion: list[Message]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    source_index: int
+
+
+def record_id(prompt: list[Message], teacher: str, sampling: dict[str, Any]) -> str:
+    """Stable id of (prompt messages, teacher, sampling settings): same inputs, same id."""
+    payload = json.dumps(
+        {"prompt": prompt, "teacher": teacher, "sampling": sampling},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def make_record(
+    *,
+    id: str,
+    prompt: list[Message],
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    source_index: int,
+) -> Record:
+    return Record(
+        id=id,
+        prompt=prompt,
+        completion=[Message(role="assistant", content=text)],
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        source_index=source_index,
+    )
+
+
+def is_complete(record: dict[str, Any]) -> bool:
+    """True when the teacher finished its answer: not cut at the token limit and not empty."""
+    text = record["completion"][0]["content"] if record.get("completion") else ""
+    return record.get("finish_reason") != FINISH_LENGTH and bool(text.strip())

@@ -1,0 +1,177 @@
+"""`openkd generate` settings: one typed field per flag and YAML key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from openkd.config import StageConfig, cli_only
+
+Backend = Literal["vllm", "openai", "mock", "distilabel", "transformers"]
+MockRule = Literal["reverse", "sum", "echo"]
+
+SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
+
+
+class GenerateConfig(StageConfig):
+    """Label every prompt of a dataset with a teacher's greedy answer (stage 1)."""
+
+    section: ClassVar[str] = "generate"
+
+    # What to label
+    teacher: str = Field(description="Teacher model: local path or Hub id (for mock: any name).")
+    revision: str | None = Field(None, description="Teacher revision (branch, tag or commit).")
+    dataset: str = Field(
+        description="Prompts: Hub dataset id, .jsonl/.json/.parquet/.csv file or glob, "
+        "or a save_to_disk directory."
+    )
+    split: str = Field("train", description="Dataset split to read.")
+    subset: str | None = Field(None, description="Dataset configuration (subset) name.")
+    prompt_column: str | None = Field(
+        None, description="Column holding the prompt text (default: 'prompt')."
+    )
+    messages_column: str | None = Field(
+        None, description="Column holding a chat list of {role, content} messages instead."
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="Jinja template over the row's columns, rendered sandboxed, "
+        "e.g. 'Solve: {{ problem }}'.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    max_samples: int | None = Field(None, gt=0, description="Label at most this many prompts.")
+    shuffle_seed: int | None = Field(
+        None, description="Shuffle the prompts with this seed before --max-samples."
+    )
+    shard: str | None = Field(
+        None, description="Take shard i of n (0-based, 'i/n') for Slurm arrays; join with merge."
+    )
+    eval_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Hold out this share of prompts (by id hash) into <output>.eval.jsonl.",
+    )
+
+    # Where it goes
+    output: Path = Field(
+        Path("outputs/teacher.jsonl"), description="JSONL file the labelled rows are appended to."
+    )
+    overwrite: bool = Field(False, description="Delete earlier output and start fresh.")
+    keep_truncated: bool = Field(
+        False, description="Keep answers cut at --max-new-tokens and empty answers in the output."
+    )
+    push_to_hub: str | None = Field(None, description="Push the finished dataset to this Hub repo.")
+    private: bool = Field(False, description="Make the Hub dataset repo private.")
+
+    # Decoding (greedy: hard-label distillation)
+    temperature: float = Field(
+        0.0, ge=0.0, description="Sampling temperature; 0 is greedy, anything else warns."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
+    max_new_tokens: int = Field(4096, gt=0, description="Longest answer, in tokens.")
+    stop: list[str] | None = Field(None, description="Extra stop string.")
+    seed: int = Field(0, description="Sampling seed, sent with every request.")
+
+    # Engine
+    backend: Backend = Field(
+        "vllm",
+        description="Teacher backend: vllm, openai, mock, distilabel, transformers (small CPU models).",
+    )
+    batch_size: int = Field(
+        256, gt=0, description="Prompts per batch; each finished batch is fsynced to disk."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per teacher replica (vLLM).")
+    data_parallel_size: int = Field(1, ge=1, description="Teacher replicas (vLLM, --serve).")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
+    )
+    dtype: str = Field("auto", description="Teacher weights dtype for vLLM (auto, bfloat16, ...).")
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max sequences per step.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM (faster start).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repos to run their own code. Off unless you pass it."
+    )
+
+    # OpenAI-compatible server
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never logged)."
+    )
+    concurrency: int = Field(64, gt=0, description="Requests in flight at once (openai).")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds per request (openai).")
+    max_retries: int = Field(5, ge=0, description="Retries per request, with backoff.")
+    serve: bool = Field(
+        False, description="Start `vllm serve` for --teacher as a child process and use it."
+    )
+    serve_port: int = Field(0, ge=0, description="Port for --serve (0 picks a free one).")
+    serve_timeout: float = Field(
+        900.0, gt=0, description="Seconds to wait for the --serve server to become healthy."
+    )
+    serve_args: list[str] | None = Field(
+        None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."
+    )
+
+    # Mock teacher
+    mock_rule: MockRule = Field(
+        "reverse", description="Mock answer rule: reverse (words), sum (numbers), echo."
+    )
+    mock_latency: float = Field(0.0, ge=0.0, description="Mock seconds per request.")
+    mock_fail: str | None = Field(None, description="Regex: mock fails prompts that match it.")
+    mock_truncate: str | None = Field(
+        None, description="Regex: mock answers to matching prompts end with finish_reason=length."
+    )
+
+    # distilabel adapter
+    llm_class: str | None = Field(
+        None, description="distilabel LLM class, e.g. distilabel.models.AnthropicLLM."
+    )
+    llm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for --llm-class (YAML only).",
+        json_schema_extra=cli_only(),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        problems: list[str] = []
+        if self.prompt_column and self.messages_column:
+            problems.append("pass either --prompt-column or --messages-column, not both")
+        if self.prompt_template and self.messages_column:
+            problems.append("--prompt-template builds a text prompt; drop --messages-column")
+        if self.shard is not None:
+            m = SHARD_RE.match(self.shard)
+            if not m or int(m.group(2)) == 0 or int(m.group(1)) >= int(m.group(2)):
+                problems.append(
+                    f"--shard '{self.shard}' is malformed; use i/n with 0 <= i < n, e.g. --shard 0/8"
+                )
+        if self.backend == "openai" and not (self.base_url or self.serve):
+            problems.append("--backend openai needs --base-url URL or --serve")
+        if self.serve and self.backend != "openai":
+            problems.append(
+                "--serve starts an OpenAI-compatible server; use it with --backend openai"
+            )
+        if self.backend == "distilabel" and not self.llm_class:
+            problems.append(
+                "--backend distilabel needs --llm-class (e.g. distilabel.models.OpenAILLM)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def shard_index(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        i, n = self.shard.split("/")
+        return int(i), int(n)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,132 @@
+"""`openkd train` settings: one typed field per flag and YAML key.
+
+Defaults are openkd's own, not SFTConfig's: SFTConfig turns on bf16 and gradient
+checkpointing by default, which fail or slow down on CPUs and small students.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from openkd.config import StageConfig, cli_only
+
+
+class TrainConfig(StageConfig):
+    """Fine-tune a student on the teacher's answers with TRL SFT (stage 2)."""
+
+    section: ClassVar[str] = "train"
+
+    # What to train on
+    student: str = Field(description="Student model: local path or Hub id.")
+    dataset: str = Field(
+        description="What `openkd generate` wrote: JSONL file, folder of shards, "
+        "save_to_disk directory, or Hub id."
+    )
+    output_dir: Path = Field(
+        Path("outputs/student"), description="Checkpoints and the final student go here."
+    )
+    eval_dataset: str | None = Field(None, description="Held-out openkd dataset for evaluation.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of --dataset for evaluation."
+    )
+    keep_truncated: bool = Field(
+        False,
+        description="Also train on answers the teacher did not finish (finish_reason=length).",
+    )
+    max_samples: int | None = Field(None, gt=0, description="Train on at most this many rows.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file for a student without one (base models)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model repos to run their own code. Off unless you pass it."
+    )
+
+    # Optimisation
+    max_length: int = Field(2048, gt=0, description="Longest tokenised example; longer are cut.")
+    packing: bool = Field(False, description="Pack examples into --max-length rows (TRL bfd).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps for warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with --max-steps).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step.")
+    bf16: bool | None = Field(
+        None, description="Train in bfloat16 (default: on when a bf16-capable GPU is present)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations to save memory (slower)."
+    )
+    seed: int = Field(42, description="Seed for data order and initialisation.")
+
+    # LoRA
+    lora: bool = Field(False, description="Train a LoRA adapter instead of all weights (PEFT).")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Module name LoRA wraps (default: all linear layers)."
+    )
+    merge_lora: bool = Field(
+        False, description="Also save the adapter merged into the base weights (<output>/merged)."
+    )
+
+    # Checkpoints and logging
+    save_steps: int = Field(500, gt=0, description="Save a checkpoint every this many steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep only this many checkpoints.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every this many steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps.")
+    resume: str = Field(
+        "auto",
+        description="auto: newest valid checkpoint in --output-dir; no: start fresh; "
+        "or a checkpoint path.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace --output-dir even if it holds a different run."
+    )
+    report_to: str = Field("none", description="Experiment tracker: none, wandb, tensorboard...")
+    push_to_hub: str | None = Field(None, description="Push the final student to this Hub repo.")
+    private: bool = Field(False, description="Make the Hub model repo private.")
+
+    # Scale-out
+    accelerate_config: str | None = Field(
+        None,
+        description="accelerate config: a path or a shipped name (zero3, zero3_offload, zero2, ddp).",
+    )
+    deepspeed: str | None = Field(
+        None, description="Shortcut for --accelerate-config with a shipped DeepSpeed config."
+    )
+    num_processes: int | None = Field(
+        None, gt=0, description="Processes for `accelerate launch` (default: the config's)."
+    )
+
+    sft_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other trl.SFTConfig field (YAML only), e.g. {max_grad_norm: 0.5}.",
+        json_schema_extra=cli_only(),
+    )
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str) -> str:
+        low = value.lower()
+        if low in {"auto", "no", "true", "false", "none"}:
+            return {"true": "auto", "false": "no", "none": "no"}.get(low, low)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        problems: list[str] = []
+        if self.eval_dataset and self.eval_fraction:
+            problems.append("pass either --eval-dataset or --eval-fraction, not both")
+        if self.accelerate_config and self.deepspeed:
+            problems.append("pass either --accelerate-config or --deepspeed, not both")
+        if self.merge_lora and not self.lora:
+            problems.append("--merge-lora needs --lora")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
