@@ -16,6 +16,7 @@ import yaml
 from openkd import __version__
 from openkd.config import StageConfig, resolve
 from openkd.errors import OpenkdError
+from openkd.eval.config import EvalConfig
 from openkd.flags import config_command
 from openkd.generate.config import GenerateConfig
 from openkd.train.config import TrainConfig
@@ -48,6 +49,22 @@ app.command("generate", help=GenerateConfig.__doc__)(
     _stage(GenerateConfig, "openkd.generate.run:run")
 )
 app.command("train", help=TrainConfig.__doc__)(_stage(TrainConfig, "openkd.train.run:run"))
+app.command("eval", help=EvalConfig.__doc__)(_stage(EvalConfig, "openkd.eval.run:run"))
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML with generate:, train: and eval: sections (see configs/recipes/)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate and wire all sections, print them as YAML, and exit."
+    ),
+) -> None:
+    """Run generate, train and eval from one recipe; rerun it to continue after a crash."""
+    from openkd.pipeline import run_recipe as run_pipeline
+
+    run_pipeline(recipe, dry_run=dry_run)
 
 
 @app.command("merge")
@@ -67,16 +84,48 @@ def make_tiny(
     out_dir: Path = typer.Argument(..., help="Directory to write the tiny model to."),
     hidden_size: int = typer.Option(128, help="Hidden size (hidden/heads must be 32, 64, ...)."),
     layers: int = typer.Option(2, help="Transformer layers."),
+    heads: int | None = typer.Option(
+        None, help="Attention heads (default: hidden size / 32, a head size vLLM CPU supports)."
+    ),
+    kv_heads: int | None = typer.Option(None, help="Key/value heads (default: heads / 2)."),
+    intermediate_size: int | None = typer.Option(
+        None, help="MLP width (default: 2 x hidden size)."
+    ),
     seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights."),
+    prompts: Path | None = typer.Option(
+        None, help="Also write toy-task prompts (a `prompt` column) to this JSONL file."
+    ),
+    num_prompts: int = typer.Option(4000, help="How many distinct prompts --prompts gets."),
+    task: str = typer.Option("reverse", help="Toy task of --prompts: reverse (words) or sum."),
 ) -> None:
     """Build a tiny random Llama + BPE tokenizer offline, to try openkd without downloads."""
+    from openkd.errors import ConfigError
     from openkd.testing.tiny import TinySpec, build_tiny_model
 
-    intermediate = hidden_size * 2
+    heads = heads or max(1, hidden_size // 32)
+    kv_heads = kv_heads or max(1, heads // 2)
+    if hidden_size % heads or heads % kv_heads:
+        raise ConfigError(
+            f"--hidden-size {hidden_size}, --heads {heads}, --kv-heads {kv_heads}: the hidden "
+            "size must divide by --heads and --heads by --kv-heads"
+        )
+    if task not in ("reverse", "sum"):
+        raise ConfigError(f"--task {task}: use reverse or sum")
     spec = TinySpec(
-        hidden_size=hidden_size, intermediate_size=intermediate, layers=layers, seed=seed
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        seed=seed,
     )
     path = build_tiny_model(out_dir, spec)
+    if prompts is not None:
+        from openkd.data.jsonl import write_jsonl_atomic
+        from openkd.testing.tasks import make_prompts
+
+        rows = ({"prompt": p} for p in make_prompts(num_prompts, rule=task, seed=seed))
+        write_jsonl_atomic(prompts, rows)
     typer.echo(str(path))
 
 

@@ -47,7 +47,9 @@ class GenerateConfig(StageConfig):
         None, description="Shuffle the prompts with this seed before --max-samples."
     )
     shard: str | None = Field(
-        None, description="Take shard i of n (0-based, 'i/n') for Slurm arrays; join with merge."
+        None,
+        description="Take shard i of n (0-based, 'i/n', split by prompt hash) for Slurm arrays; "
+        "writes <output>.shard-i-of-n.jsonl; join them with `openkd merge`.",
     )
     eval_fraction: float = Field(
         0.0,

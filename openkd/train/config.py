@@ -40,6 +40,11 @@ class TrainConfig(StageConfig):
     chat_template: str | None = Field(
         None, description="Jinja chat template file for a student without one (base models)."
     )
+    eos_token: str | None = Field(
+        None,
+        description="Make this token the student's EOS (tokenizer, config, generation_config), "
+        "e.g. the chat template's end-of-turn token when the two differ.",
+    )
     trust_remote_code: bool = Field(
         False, description="Allow model repos to run their own code. Off unless you pass it."
     )

@@ -1,0 +1,66 @@
+"""Baseline for `openkd generate --backend vllm`: the same prompts through `vllm.LLM.chat`.
+
+Same engine options and sampling as openkd's vLLM backend. Timed like openkd's labelling
+time: from the moment the engine is ready (engine start excluded) until every answer is
+written to a JSONL file.
+
+    python -m bench.baselines.raw_vllm --model DIR --prompts prompts.jsonl --output out.jsonl \
+        --stats stats.json --max-tokens 128 [--dtype float32 --enforce-eager --max-model-len N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    engine_args = {"dtype": args.dtype, "enforce_eager": args.enforce_eager, "seed": args.seed}
+    if args.max_model_len:
+        engine_args["max_model_len"] = args.max_model_len
+    t_engine = time.perf_counter()
+    llm = LLM(model=args.model, **engine_args)
+    start_seconds = time.perf_counter() - t_engine
+
+    t0 = time.perf_counter()
+    with open(args.prompts, encoding="utf-8") as fh:
+        prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=args.seed)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    tokens = 0
+    with open(args.output, "w", encoding="utf-8") as fh:
+        for prompt, output in zip(prompts, outputs, strict=True):
+            choice = output.outputs[0]
+            tokens += len(choice.token_ids)
+            row = {"prompt": prompt, "text": choice.text, "finish_reason": choice.finish_reason}
+            fh.write(json.dumps(row) + "\n")
+    seconds = time.perf_counter() - t0
+    stats = {
+        "rows": len(prompts),
+        "completion_tokens": tokens,
+        "seconds": seconds,
+        "engine_start_seconds": start_seconds,
+    }
+    args.stats.write_text(json.dumps(stats))
+    llm.llm_engine.engine_core.shutdown()
+
+
+if __name__ == "__main__":
+    main()

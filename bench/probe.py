@@ -1,0 +1,90 @@
+"""Run a Python module with `transformers.Trainer` instrumented, and write what it measured.
+
+    python -m bench.probe STATS.json -m openkd train ...
+    python -m bench.probe STATS.json -m bench.baselines.plain_trl ...
+
+Both openkd and the plain TRL baseline run under the same probe, so their tokens/s are measured
+identically: tokens are counted in the batches the model is given (`input_ids` elements, and the
+non-padding ones from `attention_mask`; padding-free batches have none), time runs from the
+first training step until `Trainer.train` returns (checkpoint saves inside it included).
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class TrainerProbe:
+    def __init__(self) -> None:
+        self.first_step: float | None = None
+        self.train_end: float | None = None
+        self.steps = 0
+        self.tensor_tokens = 0
+        self.real_tokens = 0
+        self.batch_rows = 0
+
+    def install(self) -> None:
+        from transformers import Trainer
+
+        probe = self
+        training_step = Trainer.training_step
+        train = Trainer.train
+
+        def counted_step(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+            if probe.first_step is None:
+                probe.first_step = time.perf_counter()
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            probe.steps += 1
+            probe.batch_rows += int(ids.shape[0])
+            probe.tensor_tokens += int(ids.numel())
+            probe.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+            return training_step(self, model, inputs, *args, **kwargs)
+
+        def timed_train(self: Any, *args: Any, **kwargs: Any):
+            try:
+                return train(self, *args, **kwargs)
+            finally:
+                probe.train_end = time.perf_counter()
+
+        Trainer.training_step = counted_step  # type: ignore[method-assign]
+        Trainer.train = timed_train  # type: ignore[method-assign]
+
+    def stats(self) -> dict[str, Any]:
+        seconds = (
+            self.train_end - self.first_step
+            if self.first_step is not None and self.train_end is not None
+            else None
+        )
+        return {
+            "steps": self.steps,
+            "seconds": seconds,
+            "tensor_tokens": self.tensor_tokens,
+            "real_tokens": self.real_tokens,
+            "batch_rows": self.batch_rows,
+        }
+
+
+def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[2] != "-m":
+        sys.exit("usage: python -m bench.probe STATS.json -m MODULE [ARGS...]")
+    stats_path, module, args = Path(sys.argv[1]), sys.argv[3], sys.argv[4:]
+    probe = TrainerProbe()
+    probe.install()
+    sys.argv = [module, *args]
+    code: Any = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+    stats_path.write_text(json.dumps(probe.stats()))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

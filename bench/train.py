@@ -1,0 +1,135 @@
+"""Stage 2 overhead: `openkd train` tokens/s vs a plain TRL `SFTTrainer` script.
+
+Same student (the tiny float32 Llama), same labels (mock teacher answers), same settings
+(steps, batch, max length, learning rate, seed, a checkpoint at the end). Both run under
+bench.probe, which counts the tokens in every batch the model sees and times the training
+loop, so the two tokens/s are measured the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bench import proc
+from bench.context import Context
+from bench.results import Result, Target
+
+NAME = "train"
+ROWS = 4_000
+STEPS = 120
+BATCH = 8
+MAX_LENGTH = 256
+LEARNING_RATE = "1e-3"
+METHOD = (
+    f"tiny float32 Llama student, {ROWS:,} mock-teacher rows (reverse-the-words), {STEPS} steps "
+    f"of batch {BATCH}, --max-length {MAX_LENGTH}, lr {LEARNING_RATE}, seed 42, CPU. openkd: "
+    "`openkd train` (its defaults otherwise: completion-only loss, pre-flight checks, token "
+    "accounting, a checkpoint at the last step). Baseline: bench/baselines/plain_trl.py, the "
+    "same SFTConfig written by hand. Both run under bench/probe.py: tokens = non-padding tokens "
+    "of every batch given to the model, time = first training step until Trainer.train returns "
+    "(model loading and data preparation excluded from both, the final checkpoint included)."
+)
+
+
+def probe_command(stats: Path, module: str, *args: str | Path) -> list[str]:
+    return proc.python_module("bench.probe", stats, "-m", module, *map(str, args))
+
+
+def openkd_train(ctx: Context, name: str, labels: Path, *, steps: int, packing: bool) -> dict:
+    """One `openkd train` run under the probe; its stats."""
+    out = ctx.path(name, "openkd-packed" if packing else "openkd")
+    shutil.rmtree(out, ignore_errors=True)
+    stats = out.with_name(out.name + ".stats.json")
+    ctx.run(
+        f"openkd train{' --packing' if packing else ''}",
+        probe_command(
+            stats,
+            "openkd",
+            "train",
+            "--student",
+            ctx.tiny_model(),
+            "--dataset",
+            labels,
+            "--output-dir",
+            out,
+            "--max-steps",
+            str(steps),
+            "--batch-size",
+            str(BATCH),
+            "--max-length",
+            str(MAX_LENGTH),
+            "--learning-rate",
+            LEARNING_RATE,
+            "--save-steps",
+            "1000",
+            "--logging-steps",
+            "10",
+            "--resume",
+            "no",
+            *(["--packing"] if packing else []),
+        ),
+        log=f"{name}-openkd{'-packed' if packing else ''}",
+    )
+    return json.loads(stats.read_text())
+
+
+def tokens_per_second(stats: dict) -> float:
+    if not stats.get("seconds"):
+        raise proc.BenchError(f"no training steps were measured: {stats}")
+    return stats["real_tokens"] / stats["seconds"]
+
+
+def run(ctx: Context) -> list[Result]:
+    labels = ctx.teacher_labels(ROWS)
+    ours = openkd_train(ctx, NAME, labels, steps=STEPS, packing=False)
+
+    out = ctx.path(NAME, "plain-trl")
+    shutil.rmtree(out, ignore_errors=True)
+    stats = out.with_name("plain-trl.stats.json")
+    ctx.run(
+        "baseline: plain TRL SFTTrainer script",
+        probe_command(
+            stats,
+            "bench.baselines.plain_trl",
+            "--model",
+            ctx.tiny_model(),
+            "--data",
+            labels,
+            "--output-dir",
+            out,
+            "--max-steps",
+            str(STEPS),
+            "--batch-size",
+            str(BATCH),
+            "--max-length",
+            str(MAX_LENGTH),
+            "--learning-rate",
+            LEARNING_RATE,
+            "--save-steps",
+            "1000",
+        ),
+        log=f"{NAME}-plain-trl",
+    )
+    theirs = json.loads(stats.read_text())
+    note = (
+        ""
+        if theirs["real_tokens"] == ours["real_tokens"]
+        else (
+            f"different batches: openkd saw {ours['real_tokens']:,} tokens, TRL {theirs['real_tokens']:,}"
+        )
+    )
+    return [
+        Result(
+            NAME,
+            "training tokens/s (non-padding), CPU",
+            "tok/s",
+            tokens_per_second(ours),
+            tokens_per_second(theirs),
+            "plain TRL SFTTrainer",
+            Target("ratio_at_least", 0.98),
+            note=note,
+            details={"openkd": ours, "baseline": theirs},
+        )
+    ]

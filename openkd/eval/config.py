@@ -1,0 +1,168 @@
+"""`openkd eval` settings: one typed field per flag and YAML key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from openkd.config import StageConfig
+from openkd.generate.config import Backend
+
+DEFAULT_MAX_NEW_TOKENS = 4096
+
+
+class EvalConfig(StageConfig):
+    """Score a student against its teacher on held-out prompts (stage 3)."""
+
+    section: ClassVar[str] = "eval"
+
+    # What to compare
+    student: str = Field(description="Student model to score: local path or Hub id.")
+    dataset: str = Field(
+        description="Held-out prompts, normally the <stem>.eval.jsonl `openkd generate` wrote "
+        "(JSONL, save_to_disk directory or Hub id)."
+    )
+    split: str = Field("train", description="Dataset split to read.")
+    subset: str | None = Field(None, description="Dataset configuration (subset) name.")
+    prompt_column: str = Field(
+        "prompt", description="Column with the prompt (text or a list of chat messages)."
+    )
+    reference_column: str = Field(
+        "completion",
+        description="Column with the teacher's answer (text or chat messages) to compare against.",
+    )
+    teacher: str | None = Field(
+        None,
+        description="Have this teacher answer the prompts live instead of reading "
+        "--reference-column.",
+    )
+    teacher_backend: Backend | None = Field(
+        None, description="Backend for the live --teacher (default: --backend)."
+    )
+    base: str | None = Field(
+        None, description="Also score this model (the untrained student) to show the gain."
+    )
+    answer_column: str = Field(
+        "answer",
+        description="Column with gold final answers; when present, final-answer accuracy is "
+        "reported for teacher and student.",
+    )
+    answer_regex: str | None = Field(
+        None,
+        description="Regex extracting the final answer (group 1 if it has one; default: the "
+        "last \\boxed{...}).",
+    )
+    max_samples: int | None = Field(None, gt=0, description="Score at most this many prompts.")
+
+    # Where it goes
+    output_dir: Path = Field(
+        Path("outputs/eval"), description="report.json and examples.jsonl are written here."
+    )
+    overwrite: bool = Field(
+        False, description="Recompute even if report.json already holds these inputs' scores."
+    )
+
+    # Decoding: the teacher's, so agreement is measured like for like
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Longest answer, in tokens (default: what `openkd generate` recorded in "
+        f"<stem>.meta.json, else {DEFAULT_MAX_NEW_TOKENS}).",
+    )
+    stop: list[str] | None = Field(
+        None, description="Extra stop string (default: the teacher's, from <stem>.meta.json)."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message put before every prompt (replaces the dataset's)."
+    )
+
+    # Engine (the same backends as `openkd generate`)
+    backend: Backend = Field(
+        "vllm",
+        description="Backend the student answers with: vllm, openai, transformers (small CPU "
+        "models).",
+    )
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vLLM).")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
+    )
+    dtype: str = Field("auto", description="Weights dtype (auto, bfloat16, float32, ...).")
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max sequences per step.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM (faster start).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repos to run their own code. Off unless you pass it."
+    )
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint serving the one model on backend openai "
+        "(--backend or --teacher-backend).",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never logged)."
+    )
+    concurrency: int = Field(64, gt=0, description="Requests in flight at once (openai).")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds per request (openai).")
+    max_retries: int = Field(5, ge=0, description="Retries per request, with backoff.")
+    serve: bool = Field(
+        False, description="Start a vLLM server for each model as a child process and use it."
+    )
+    serve_timeout: float = Field(
+        900.0, gt=0, description="Seconds to wait for a --serve server to become healthy."
+    )
+    serve_args: list[str] | None = Field(
+        None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."
+    )
+
+    # Teacher-forced likelihood
+    nll: bool = Field(
+        True,
+        description="Also compute each model's negative log-likelihood / perplexity of the "
+        "teacher's answers (transformers).",
+    )
+    nll_batch_size: int = Field(8, gt=0, description="Examples per forward pass for --nll.")
+    nll_max_length: int = Field(
+        4096, gt=0, description="Longest prompt+answer scored for --nll, in tokens; longer are cut."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        problems: list[str] = []
+        if self.backend in ("mock", "distilabel"):
+            problems.append(
+                f"--backend {self.backend} cannot load a student; use vllm, openai or transformers"
+            )
+        on_openai = [name for name, backend in self.backends().items() if backend == "openai"]
+        if on_openai and not (self.base_url or self.serve):
+            problems.append("backend openai needs --base-url URL or --serve")
+        if self.serve and not on_openai:
+            problems.append(
+                "--serve starts an OpenAI-compatible server; use it with backend openai"
+            )
+        if self.base_url and not self.serve and len(on_openai) > 1:
+            problems.append(
+                f"--base-url serves one model but {' and '.join(on_openai)} use backend openai; "
+                "pass --serve or give one of them another backend"
+            )
+        if self.answer_regex is not None:
+            import re
+
+            try:
+                re.compile(self.answer_regex)
+            except re.error as exc:
+                problems.append(f"--answer-regex is not a valid regex ({exc})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def backends(self) -> dict[str, str]:
+        """Which backend answers for each model that generates: student, base, live teacher."""
+        out = {"student": self.backend}
+        if self.base:
+            out["base"] = self.backend
+        if self.teacher:
+            out["teacher"] = self.teacher_backend or self.backend
+        return out

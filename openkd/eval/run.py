@@ -1,0 +1,415 @@
+"""`openkd eval`: how closely does the student reproduce its teacher on held-out prompts?
+
+The student (and `--base`, the untrained student) answer every prompt through the same
+backends as `openkd generate`, with the teacher's decoding; the answers are compared with the
+teacher's (recorded, or live with `--teacher`). Each model's likelihood of the teacher's
+answers is measured teacher-forced, tokenised exactly like training. Likelihoods are computed
+before any vLLM engine starts, so the two never hold GPU memory at the same time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openkd import console
+from openkd.data.schema import FINISH_STOP, Message
+from openkd.errors import ConfigError, OpenkdError
+from openkd.eval import report as rp
+from openkd.eval.config import EvalConfig
+from openkd.eval.examples import Decoding, Example, read_decoding, read_examples
+from openkd.generate.backends.base import Completion, Sampling
+from openkd.generate.metadata import library_versions, now, redact
+
+LOCAL_BACKENDS = ("vllm", "transformers")
+
+
+@dataclass
+class Timing:
+    """How long one model took: answering (and its tokens), and scoring likelihoods."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    nll_seconds: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def run(cfg: EvalConfig) -> None:
+    started = time.monotonic()
+    out_dir = Path(cfg.output_dir).expanduser()
+    _check_models(cfg)
+    decoding, meta = read_decoding(cfg)
+    models = {"student": cfg.student, "base": cfg.base, "teacher": cfg.teacher}
+    models = {role: name for role, name in models.items() if name}
+    fingerprint = rp.inputs_fingerprint(cfg.to_yaml_dict(), cfg.dataset, models)
+    report_path = out_dir / rp.REPORT
+    if not cfg.overwrite and _reuse(report_path, fingerprint):
+        return
+    _check_writable(out_dir)
+    examples = read_examples(cfg)
+    console.info(
+        f"scoring {', '.join(f'{r} {n}' for r, n in models.items())} on {len(examples):,} "
+        f"prompts from {cfg.dataset} (greedy, max {decoding.max_new_tokens:,} new tokens, "
+        f"from {decoding.source})"
+    )
+    sampling = Sampling(max_new_tokens=decoding.max_new_tokens, stop=decoding.stop)
+    counter = _TokenCounter(cfg)
+    timings: dict[str, Timing] = {}
+
+    if cfg.teacher:
+        completions, timings["teacher"] = _answer(cfg, "teacher", cfg.teacher, examples, sampling)
+        references = [counter.answer(c) for c in completions]
+        ref_finish: list[str | None] = [c.finish_reason for c in completions]
+        failed = sum(c.failed for c in completions)
+        if failed:
+            console.warn(f"the live teacher failed on {failed:,} prompts; they count as empty")
+    else:
+        references = [counter.text(ex.reference or "") for ex in examples]
+        ref_finish = [ex.reference_finish for ex in examples]
+
+    scored_roles = ["student", *(["base"] if cfg.base else [])]
+    nll: dict[str, tuple[float, int] | None] = dict.fromkeys(scored_roles)
+    per_example_nll: dict[str, list[Any]] = {}
+    if cfg.nll:
+        for role in scored_roles:
+            scores, t = _likelihood(cfg, role, models[role], examples, references)
+            per_example_nll[role] = scores
+            nll[role] = (sum(s.nll for s in scores), sum(s.tokens for s in scores))
+            timings.setdefault(role, Timing()).nll_seconds = t
+
+    answers: dict[str, list[rp.Answer]] = {}
+    for role in scored_roles:
+        completions, t = _answer(cfg, role, models[role], examples, sampling)
+        t.nll_seconds = timings[role].nll_seconds if role in timings else None
+        timings[role] = t
+        answers[role] = [counter.answer(c) for c in completions]
+
+    gold = [ex.gold for ex in examples]
+    summaries: dict[str, dict[str, Any]] = {
+        "teacher": {
+            "name": cfg.teacher or _teacher_name(meta),
+            "source": "live" if cfg.teacher else f"column '{cfg.reference_column}'",
+            "metrics": rp.teacher_summary(references, ref_finish, gold, cfg.answer_regex),
+        }
+    }
+    for role in scored_roles:
+        summaries[role] = {
+            "name": models[role],
+            "metrics": rp.summarize(answers[role], references, gold, cfg.answer_regex, nll[role]),
+        }
+    report = _report(cfg, examples, decoding, summaries, timings, counter, fingerprint, started)
+    rows = _example_rows(examples, references, ref_finish, answers, per_example_nll, cfg)
+    rp.write_outputs(out_dir, report, rows)
+    rp.print_table(report)
+    _summary(report, timings, out_dir)
+    console.stdout_line(str(report_path))
+
+
+# --- checks and cache ---------------------------------------------------------------------
+
+
+def _check_models(cfg: EvalConfig) -> None:
+    """A local model path that does not exist is a typo; say so before loading anything."""
+    from openkd.data.sources import looks_like_path
+
+    flags = {"student": "--student", "base": "--base", "teacher": "--teacher"}
+    backends = cfg.backends()
+    for role, flag in flags.items():
+        name = getattr(cfg, role)
+        if name is None or backends.get(role) not in (*LOCAL_BACKENDS, "mock"):
+            continue
+        if looks_like_path(name) and not Path(name).expanduser().exists():
+            hint = " (has `openkd train` finished?)" if role == "student" else ""
+            raise OpenkdError(
+                f"{flag} {name} does not exist{hint}; pass an existing model directory or a Hub id"
+            )
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".openkd-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OpenkdError(
+            f"--output-dir {out_dir} is not writable ({exc.strerror or exc}); pass another one"
+        ) from None
+
+
+def _reuse(report_path: Path, fingerprint: str) -> bool:
+    previous = rp.read_report(report_path)
+    if previous is None:
+        return False
+    if previous.get("fingerprint") != fingerprint:
+        console.info(f"{report_path} was computed from other inputs; recomputing it")
+        return False
+    console.info(
+        f"reusing {report_path}: same models, dataset and settings (pass --overwrite to recompute)"
+    )
+    rp.print_table(previous)
+    console.stdout_line(str(report_path))
+    return True
+
+
+# --- the work -----------------------------------------------------------------------------
+
+
+def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling) -> Any:
+    """The GenerateConfig that makes `make_backend` load `model` with the eval's settings."""
+    from pydantic import ValidationError
+
+    from openkd.config import describe_validation_error
+    from openkd.generate.config import GenerateConfig
+
+    backend = cfg.backends()[role]
+    values = {
+        "teacher": model,
+        "dataset": cfg.dataset,
+        "backend": backend,
+        "max_new_tokens": sampling.max_new_tokens,
+        "stop": list(sampling.stop) or None,
+        "temperature": 0.0,
+        **{
+            key: getattr(cfg, key)
+            for key in (
+                "batch_size",
+                "tensor_parallel_size",
+                "max_model_len",
+                "gpu_memory_utilization",
+                "dtype",
+                "max_num_seqs",
+                "enforce_eager",
+                "trust_remote_code",
+                "api_key_env",
+                "concurrency",
+                "request_timeout",
+                "max_retries",
+                "serve_timeout",
+                "serve_args",
+            )
+        },
+    }
+    if backend == "openai":
+        values.update(base_url=None if cfg.serve else cfg.base_url, serve=cfg.serve)
+    try:
+        return GenerateConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{role} backend: {describe_validation_error(exc)}") from None
+
+
+def _answer(
+    cfg: EvalConfig, role: str, model: str, examples: list[Example], sampling: Sampling
+) -> tuple[list[Completion], Timing]:
+    """Every example answered by `model`, in order, through the configured backend."""
+    from openkd.eval.progress import bar
+    from openkd.generate.backends import make_backend
+
+    gen_cfg = _generate_config(cfg, role, model, sampling)
+    console.info(f"{role}: loading {model} ({gen_cfg.backend})")
+    out: list[Completion] = []
+    timing = Timing()
+    with make_backend(gen_cfg) as backend:
+        t0 = time.monotonic()
+        with bar(f"{role} answering", len(examples)) as advance:
+            for start in range(0, len(examples), cfg.batch_size):
+                batch: list[list[Message]] = [
+                    ex.prompt for ex in examples[start : start + cfg.batch_size]
+                ]
+                completions = backend.generate(batch, sampling)
+                if len(completions) != len(batch):
+                    raise OpenkdError(
+                        f"the {gen_cfg.backend} backend returned {len(completions)} answers for "
+                        f"{len(batch)} prompts; this is a bug in the backend, please report it"
+                    )
+                out.extend(completions)
+                tokens = sum(c.completion_tokens for c in completions)
+                timing.tokens += tokens
+                advance(len(batch), tokens)
+        timing.seconds = time.monotonic() - t0
+        timing.versions = backend.versions()
+    return out, timing
+
+
+def _likelihood(
+    cfg: EvalConfig, role: str, model_name: str, examples: list[Example], refs: list[rp.Answer]
+) -> tuple[list[Any], float]:
+    from openkd.eval.nll import score_answers
+    from openkd.eval.progress import bar
+    from openkd.generate.backends.transformers import load_causal_lm
+
+    console.info(f"{role}: likelihood of the teacher's answers ({model_name}, transformers)")
+    model, tokenizer = load_causal_lm(
+        model_name, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
+    )
+    t0 = time.monotonic()
+    try:
+        with bar(f"{role} likelihood", len(examples)) as advance:
+            scores = score_answers(
+                model,
+                tokenizer,
+                [(ex.prompt, ref.text) for ex, ref in zip(examples, refs, strict=True)],
+                batch_size=cfg.nll_batch_size,
+                max_length=cfg.nll_max_length,
+                on_batch=lambda n: advance(n, 0),
+            )
+    finally:
+        del model
+        _free_memory()
+    return scores, time.monotonic() - t0
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+class _TokenCounter:
+    """Answer lengths in one tokenizer (the student's) for every model, so ratios compare like
+    with like; falls back to characters when the student's tokenizer cannot be loaded."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.unit = "characters"
+        self._tokenizer: Any = None
+        try:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                cfg.student, trust_remote_code=cfg.trust_remote_code
+            )
+            self.unit = "student tokens"
+        except (OSError, ValueError) as exc:
+            console.warn(
+                f"could not load the tokenizer of {cfg.student} ({type(exc).__name__}); "
+                "answer lengths are counted in characters"
+            )
+
+    def count(self, text: str) -> int:
+        if self._tokenizer is None:
+            return len(text)
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text(self, text: str) -> rp.Answer:
+        return rp.Answer(text=text, finish_reason=FINISH_STOP, tokens=self.count(text))
+
+    def answer(self, completion: Completion) -> rp.Answer:
+        text = completion.text or ""
+        return rp.Answer(
+            text=text,
+            finish_reason=completion.finish_reason,
+            tokens=self.count(text),
+            error=completion.error,
+        )
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+def _teacher_name(meta: dict[str, Any] | None) -> str:
+    teacher = (meta or {}).get("teacher") or {}
+    return str(teacher.get("name") or "teacher (recorded)")
+
+
+def _report(
+    cfg: EvalConfig,
+    examples: list[Example],
+    decoding: Decoding,
+    summaries: dict[str, dict[str, Any]],
+    timings: dict[str, Timing],
+    counter: _TokenCounter,
+    fingerprint: str,
+    started: float,
+) -> dict[str, Any]:
+    versions: dict[str, str] = {}
+    for t in timings.values():
+        versions.update(t.versions)
+    return {
+        "format": rp.FORMAT,
+        "created_at": now(),
+        "fingerprint": fingerprint,
+        "dataset": cfg.dataset,
+        "rows": len(examples),
+        "decoding": {
+            "temperature": 0.0,
+            "max_new_tokens": decoding.max_new_tokens,
+            "stop": list(decoding.stop),
+            "source": decoding.source,
+        },
+        "length_unit": counter.unit,
+        "models": summaries,
+        "timing": {
+            role: {
+                "generate_seconds": round(t.seconds, 3),
+                "completion_tokens": t.tokens,
+                "completion_tokens_per_second": round(t.tokens / t.seconds, 3)
+                if t.seconds > 0
+                else None,
+                "nll_seconds": None if t.nll_seconds is None else round(t.nll_seconds, 3),
+            }
+            for role, t in timings.items()
+        },
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "versions": library_versions(versions),
+        "config": redact(cfg.to_yaml_dict()),
+    }
+
+
+def _example_rows(
+    examples: list[Example],
+    references: list[rp.Answer],
+    ref_finish: list[str | None],
+    answers: dict[str, list[rp.Answer]],
+    nll: dict[str, list[Any]],
+    cfg: EvalConfig,
+) -> list[dict[str, Any]]:
+    rows = []
+    for i, (ex, ref) in enumerate(zip(examples, references, strict=True)):
+        row: dict[str, Any] = {
+            "id": ex.id,
+            "prompt": ex.prompt,
+            "teacher": {"text": ref.text, "finish_reason": ref_finish[i], "tokens": ref.tokens},
+        }
+        if ex.gold is not None:
+            row["gold"] = ex.gold
+            row["teacher"]["correct"] = rp.task_correct(ref.text, ex.gold, cfg.answer_regex)
+        for role, model_answers in answers.items():
+            a = model_answers[i]
+            entry: dict[str, Any] = {
+                "text": a.text,
+                "finish_reason": a.finish_reason,
+                "tokens": a.tokens,
+                **rp.pair_scores(a, ref),
+            }
+            if a.error:
+                entry["error"] = a.error
+            if role in nll:
+                entry["nll"] = nll[role][i].mean
+            if ex.gold is not None:
+                entry["correct"] = rp.task_correct(a.text, ex.gold, cfg.answer_regex)
+            row[role] = entry
+        rows.append(row)
+    return rows
+
+
+def _summary(report: dict[str, Any], timings: dict[str, Timing], out_dir: Path) -> None:
+    rows = [("prompts", console.fmt_int(report["rows"]))]
+    for role, t in timings.items():
+        rows.append((f"{role} answer tokens", console.fmt_int(t.tokens)))
+        rate = t.tokens / t.seconds if t.seconds > 0 else 0.0
+        rows.append((f"{role} tokens/s", console.fmt_rate(rate)))
+    rows += [
+        ("wall time", f"{report['wall_seconds']:,.1f} s"),
+        ("report", str(out_dir / rp.REPORT)),
+        ("per-example answers", str(out_dir / rp.EXAMPLES)),
+    ]
+    console.summary_table("openkd eval: done", rows)

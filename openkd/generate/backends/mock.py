@@ -1,0 +1,138 @@
+"""A deterministic offline teacher: answers by a learnable rule, fails or truncates on request.
+
+It exercises everything around a real teacher (batching, resume, failures, truncation
+filtering, token accounting) in seconds and without a model. Answers use the toy tasks in
+`openkd.testing.tasks` on the last user message, so a student trained on them can be scored.
+
+Lengths are counted in whitespace-separated words, or in the teacher tokenizer's tokens when
+`--teacher` is a local model directory (only the tokenizer is loaded).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
+from openkd.errors import OpenkdError
+from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.testing.tasks import reverse_words, sum_numbers
+
+if TYPE_CHECKING:
+    from openkd.generate.config import GenerateConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+RULES: dict[str, Callable[[str], str]] = {
+    "reverse": reverse_words,
+    "sum": sum_numbers,
+    "echo": lambda prompt: prompt,
+}
+
+
+def _regex(flag: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise OpenkdError(f"{flag} '{pattern}' is not a valid regex ({exc}); fix it") from None
+
+
+def last_user_message(messages: list[Message]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    return ""
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string (excluded), and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class MockBackend(BackendBase):
+    """`--backend mock`: `--mock-rule`, `--mock-latency`, `--mock-fail`, `--mock-truncate`."""
+
+    name = "mock"
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        self.rule = RULES[cfg.mock_rule]
+        self.latency = cfg.mock_latency
+        self.fail = _regex("--mock-fail", cfg.mock_fail)
+        self.truncate = _regex("--mock-truncate", cfg.mock_truncate)
+        self.teacher = cfg.teacher
+        self.trust_remote_code = cfg.trust_remote_code
+        self._tokenizer: Any = None
+
+    def start(self) -> None:
+        path = Path(self.teacher).expanduser()
+        if path.is_dir() and any((path / f).exists() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(path), trust_remote_code=self.trust_remote_code
+            )
+
+    def versions(self) -> dict[str, str]:
+        if self._tokenizer is None:
+            return {}
+        import transformers
+
+        return {"transformers": transformers.__version__}
+
+    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+        out = []
+        for messages in batch:
+            if self.latency:
+                time.sleep(self.latency)
+            out.append(self._answer(messages, sampling))
+        return out
+
+    def _answer(self, messages: list[Message], sampling: Sampling) -> Completion:
+        prompt = last_user_message(messages)
+        if self.fail is not None and self.fail.search(prompt):
+            return Completion.failure(
+                f"mock teacher: prompt matches --mock-fail '{self.fail.pattern}'"
+            )
+        text, stopped = cut_at_stop(self.rule(prompt), sampling.stop)
+        units = self._split(text)
+        limit = sampling.max_new_tokens
+        finish = FINISH_STOP
+        if self.truncate is not None and self.truncate.search(prompt) and not stopped:
+            limit = min(limit, max(1, len(units) // 2))
+            finish = FINISH_LENGTH
+        if len(units) > limit:
+            units, finish = units[:limit], FINISH_LENGTH
+            text = self._join(units)
+        return Completion(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=self._prompt_tokens(messages),
+            completion_tokens=len(units),
+        )
+
+    def _split(self, text: str) -> list[Any]:
+        if self._tokenizer is None:
+            return text.split()
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _join(self, units: list[Any]) -> str:
+        if self._tokenizer is None:
+            return " ".join(units)
+        return self._tokenizer.decode(units)
+
+    def _prompt_tokens(self, messages: list[Message]) -> int:
+        if self._tokenizer is None:
+            return sum(len(m["content"].split()) for m in messages)
+        if self._tokenizer.chat_template:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = "\n".join(m["content"] for m in messages)
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

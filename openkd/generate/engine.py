@@ -1,0 +1,135 @@
+"""vLLM engine settings shared by the in-process teacher and the `--serve` server.
+
+Both read their engine options from one function, so `--backend vllm` and
+`--backend openai --serve` run the same engine and give the same greedy answers. The checks
+here run before any engine starts: a start costs minutes on a GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openkd.errors import ConfigError, OpenkdError
+
+if TYPE_CHECKING:
+    from openkd.generate.config import GenerateConfig
+
+# Sampling defaults a model's generation_config.json may set that vLLM applies on top of a
+# request's explicit fields (temperature, top_p, max_tokens, seed and stop are always sent).
+GENERATION_CONFIG_KEYS = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+)
+
+
+def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` (and, as flags, for the vLLM server)."""
+    options: dict[str, Any] = {
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "dtype": cfg.dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enforce_eager": cfg.enforce_eager,
+        "trust_remote_code": cfg.trust_remote_code,
+        "seed": cfg.seed,
+    }
+    if cfg.revision is not None:
+        options["revision"] = cfg.revision
+    if cfg.max_model_len is not None:
+        options["max_model_len"] = cfg.max_model_len
+    if cfg.max_num_seqs is not None:
+        options["max_num_seqs"] = cfg.max_num_seqs
+    return options
+
+
+def as_cli_flags(options: dict[str, Any]) -> list[str]:
+    """`{"max_model_len": 512, "enforce_eager": True}` -> `--max-model-len 512 --enforce-eager`.
+
+    Booleans are always explicit (`--no-trust-remote-code`), so the command in the server log
+    says exactly what ran.
+    """
+    flags: list[str] = []
+    for key, value in options.items():
+        name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(name if value else "--no-" + name[2:])
+        else:
+            flags += [name, str(value)]
+    return flags
+
+
+def looks_like_path(teacher: str) -> bool:
+    """A local path rather than a Hub id: absolute, relative with ./ or ../, ~, or existing."""
+    return teacher.startswith(("/", "./", "../", "~", ".\\")) or Path(teacher).exists()
+
+
+def check_teacher(teacher: str) -> None:
+    """A path-like teacher must be a model directory; Hub ids are left to vLLM."""
+    if not looks_like_path(teacher):
+        return
+    path = Path(teacher).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"teacher path {teacher} does not exist; pass a model directory or a Hub id "
+            "such as Qwen/Qwen2.5-7B-Instruct"
+        )
+    if (
+        path.is_dir()
+        and not (path / "config.json").exists()
+        and not (path / "params.json").exists()
+    ):
+        raise ConfigError(
+            f"teacher path {teacher} has no config.json, so it is not a model directory "
+            "(an adapter must be merged into its base model first)"
+        )
+    if path.is_dir() and not has_chat_template(path):
+        raise ConfigError(
+            f"teacher {teacher} has no chat template in its tokenizer files; use a chat/instruct "
+            "model or add a chat_template to its tokenizer_config.json"
+        )
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """True when a local model's tokenizer ships a chat template (file or config entry)."""
+    if (model_dir / "chat_template.jinja").exists() or (model_dir / "chat_template.json").exists():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    if not config.exists():
+        return True  # unusual layout (e.g. Mistral's tekken): let vLLM decide
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return True
+
+
+def check_answer_fits(max_new_tokens: int, max_model_len: int | None, where: str) -> None:
+    """vLLM rejects every request whose max_tokens exceeds the context: say so once, up front."""
+    if max_model_len is not None and max_new_tokens > max_model_len:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} exceeds the teacher's context length "
+            f"{max_model_len} ({where}); lower --max-new-tokens or raise the context length"
+        )
+
+
+def preflight(cfg: GenerateConfig) -> None:
+    """Everything that can be checked about a vLLM engine before starting one."""
+    from openkd.generate.gpus import check_parallel_fits
+
+    check_teacher(cfg.teacher)
+    check_answer_fits(cfg.max_new_tokens, cfg.max_model_len, "--max-model-len")
+    check_parallel_fits(cfg.tensor_parallel_size, cfg.data_parallel_size)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, short enough for a one-line error."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def engine_failed(teacher: str, err: BaseException, log_hint: str) -> OpenkdError:
+    return OpenkdError(f"vLLM could not start teacher {teacher} ({first_line(err)}); {log_hint}")

@@ -1,0 +1,48 @@
+"""`--push-to-hub`: upload the finished dataset, its card and its metadata to a Hub dataset repo.
+
+The token comes from the environment (`HF_TOKEN`) or `hf auth login`, never from openkd's
+config. A failed push leaves every local file as it was; rerunning the same command skips
+generation (all rows are done) and pushes again.
+"""
+
+from __future__ import annotations
+
+from openkd.errors import OpenkdError
+from openkd.generate.outputs import OutputFiles
+
+META_IN_REPO = "openkd_meta.json"
+
+
+def push_dataset(files: OutputFiles, repo_id: str, *, private: bool, card: str) -> None:
+    """Push train (and test, from the eval file) splits, then the card and the metadata."""
+    try:
+        from datasets import Dataset, DatasetDict
+        from huggingface_hub import HfApi
+
+        splits = {"train": Dataset.from_json(str(files.output))}
+        if files.eval.is_file() and files.eval.stat().st_size > 0:
+            splits["test"] = Dataset.from_json(str(files.eval))
+        message = f"openkd generate: {files.output.name}"
+        DatasetDict(splits).push_to_hub(repo_id, private=private, commit_message=message)
+        api = HfApi()
+        api.upload_file(
+            path_or_fileobj=card.encode("utf-8"),
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message=f"{message} (card)",
+        )
+        api.upload_file(
+            path_or_fileobj=str(files.meta),
+            path_in_repo=META_IN_REPO,
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message=f"{message} (metadata)",
+        )
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OpenkdError(
+            f"push to {repo_id} failed ({type(exc).__name__}: {reason[:200]}); the data is safe "
+            f"in {files.output}; check `hf auth whoami` / HF_TOKEN and rerun the same command "
+            "with --push-to-hub (no rows are regenerated)"
+        ) from None

@@ -1,0 +1,336 @@
+"""Read what `openkd generate` wrote, check it is that format, and pick the rows to train on.
+
+`--dataset` is a JSONL file, a directory of JSONL shards, a `save_to_disk` directory or a Hub
+dataset id; it is read with `datasets` as is (TRL's conversational prompt/completion format).
+In a directory, the side files `openkd generate` writes next to an output
+(`*.eval.jsonl`, `*.truncated.jsonl`, `*.failed.jsonl`) are never read as training data.
+
+Rows the teacher did not finish (`finish_reason == "length"`) or answered with nothing are
+skipped unless `--keep-truncated`. `--max-samples` keeps the first N rows that remain, before
+the `--eval-fraction` hold-out is split off (seeded by `--seed`). Only `prompt` and
+`completion` reach the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openkd.data.schema import FINISH_LENGTH
+from openkd.errors import OpenkdError
+from openkd.generate.outputs import is_sibling
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+TRAIN_COLUMNS = ["prompt", "completion"]
+SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")
+EXPECTED = (
+    "expected rows as `openkd generate` writes them: "
+    '{"prompt": [{"role": "user", "content": ...}], '
+    '"completion": [{"role": "assistant", "content": ...}], "finish_reason": ...}'
+)
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """What happened to the rows of one dataset on the way to the trainer."""
+
+    rows: int  # rows read
+    truncated: int  # finish_reason == "length" (skipped unless kept)
+    empty: int  # empty answers (skipped unless kept)
+    kept_incomplete: bool  # --keep-truncated
+
+    @property
+    def skipped(self) -> int:
+        return 0 if self.kept_incomplete else self.truncated + self.empty
+
+
+@dataclass(frozen=True)
+class TrainData:
+    train: Dataset
+    eval: Dataset | None
+    filtered: Filtered
+    fingerprint: str  # identifies the rows trained on (and held out), not where they live
+    teacher: dict[str, Any] | None  # from the dataset's `<stem>.meta.json`, if there is one
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for strings meant as a local path rather than a Hub id."""
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def check_exists(spec: str, flag: str) -> None:
+    """Cheap check before anything heavy: a path-like dataset must exist."""
+    path = Path(spec).expanduser()
+    if looks_like_path(spec) and not path.exists():
+        raise OpenkdError(
+            f"{flag} {spec}: no such file or directory; pass the JSONL file (or directory) "
+            "that `openkd generate --output` wrote"
+        )
+    if path.suffix in (".jsonl", ".json") and not path.exists():
+        raise OpenkdError(f"{flag} {spec}: no such file; check the path")
+
+
+def load_rows(spec: str, flag: str = "--dataset") -> Dataset:
+    """The dataset at `spec` as one `datasets.Dataset`, read without conversion."""
+    path = Path(spec).expanduser()
+    check_exists(spec, flag)
+    if path.is_file():
+        dataset = _load_json_files([path], spec, flag)
+    elif path.is_dir():
+        dataset = _load_directory(path, spec, flag)
+    else:
+        dataset = _load_hub(spec, flag)
+    if len(dataset) == 0:
+        raise OpenkdError(
+            f"{flag} {spec} has no rows; run `openkd generate` to label prompts first"
+        )
+    return dataset
+
+
+def _load_json_files(files: list[Path], spec: str, flag: str) -> Dataset:
+    from datasets import load_dataset
+
+    bad = [f for f in files if f.suffix not in (".jsonl", ".json")]
+    if bad:
+        raise OpenkdError(
+            f"{flag} {spec}: {bad[0].name} is not a .jsonl file; {EXPECTED}, which `openkd "
+            "generate` writes as JSONL"
+        )
+    if all(f.stat().st_size == 0 for f in files):
+        raise OpenkdError(f"{flag} {spec} is empty; run `openkd generate` to label prompts first")
+    try:
+        return load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception as exc:
+        _name_bad_line(files)
+        raise OpenkdError(f"{flag} {spec}: could not read it ({_brief(exc)}); {EXPECTED}") from None
+
+
+def _name_bad_line(files: list[Path]) -> None:
+    """`datasets` hides which line is broken; find it and raise naming file and line."""
+    from openkd.data.jsonl import iter_jsonl
+
+    for f in files:
+        if f.suffix == ".jsonl":
+            for _ in iter_jsonl(f):
+                pass
+
+
+def _load_directory(path: Path, spec: str, flag: str) -> Dataset:
+    from datasets import DatasetDict, load_from_disk
+
+    if any((path / marker).exists() for marker in SAVE_TO_DISK_MARKERS):
+        try:
+            loaded = load_from_disk(str(path))
+        except Exception as exc:
+            raise OpenkdError(f"{flag} {spec}: could not load it ({_brief(exc)})") from None
+        if isinstance(loaded, DatasetDict):
+            if "train" not in loaded:
+                raise OpenkdError(
+                    f"{flag} {spec} has splits {', '.join(loaded)} but no 'train'; "
+                    "pass the split's own directory"
+                )
+            return loaded["train"]
+        return loaded
+    shards = sorted(p for p in path.glob("*.jsonl") if p.is_file() and not is_sibling(p))
+    if not shards:
+        raise OpenkdError(
+            f"{flag} {spec}: directory has no *.jsonl shards and is no save_to_disk dataset; "
+            "pass what `openkd generate --output` wrote"
+        )
+    return _load_json_files(shards, spec, flag)
+
+
+def _load_hub(spec: str, flag: str) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(spec, split="train")
+    except Exception as exc:
+        raise OpenkdError(
+            f"{flag} {spec}: not a local path, and loading it as a Hub dataset failed "
+            f"({_brief(exc)}); check the path or id, your network and `hf auth login`"
+        ) from None
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _is_message_list(feature: Any) -> bool:
+    inner = getattr(feature, "feature", None)
+    if inner is None and isinstance(feature, list) and len(feature) == 1:
+        inner = feature[0]
+    return isinstance(inner, dict) and {"role", "content"} <= set(inner)
+
+
+def check_schema(dataset: Dataset, spec: str, flag: str = "--dataset") -> None:
+    """Raise naming what is wrong unless rows are openkd's conversational prompt/completion."""
+    columns = dataset.column_names
+    missing = [c for c in TRAIN_COLUMNS if c not in columns]
+    if missing:
+        raise OpenkdError(
+            f"{flag} {spec} has no {' or '.join(repr(c) for c in missing)} column (columns: "
+            f"{', '.join(columns)}); it was not written by `openkd generate`: {EXPECTED}"
+        )
+    for column in TRAIN_COLUMNS:
+        if not _is_message_list(dataset.features[column]):
+            raise OpenkdError(
+                f"{flag} {spec}: column '{column}' holds {dataset.features[column]}, not a list "
+                f"of {{role, content}} messages; {EXPECTED}"
+            )
+    first = dataset[0]
+    if not first["prompt"]:
+        raise OpenkdError(f"{flag} {spec}: the first row has an empty prompt; {EXPECTED}")
+    roles = [m["role"] for m in first["completion"]]
+    if roles != ["assistant"]:
+        raise OpenkdError(
+            f"{flag} {spec}: the first row's completion has roles {roles}, expected one "
+            f"assistant message; {EXPECTED}"
+        )
+
+
+def _is_empty(completion: list[dict[str, Any]] | None) -> bool:
+    return not completion or not "".join(m.get("content") or "" for m in completion).strip()
+
+
+def filter_incomplete(dataset: Dataset, keep: bool) -> tuple[Dataset, Filtered]:
+    """Drop unfinished and empty answers (unless `keep`), counting each kind."""
+    has_reason = "finish_reason" in dataset.column_names
+    columns = ["completion", "finish_reason"] if has_reason else ["completion"]
+
+    def flags(batch: dict[str, list]) -> dict[str, list]:
+        reasons = batch.get("finish_reason") or [None] * len(batch["completion"])
+        return {
+            "_truncated": [r == FINISH_LENGTH for r in reasons],
+            "_empty": [_is_empty(c) for c in batch["completion"]],
+        }
+
+    marked = dataset.select_columns(columns).map(
+        flags, batched=True, remove_columns=columns, keep_in_memory=True, desc="Checking answers"
+    )
+    truncated_flags, empty_flags = marked["_truncated"], marked["_empty"]
+    # An empty answer cut at the limit counts once, as truncated.
+    truncated = sum(truncated_flags)
+    empty = sum(e and not t for t, e in zip(truncated_flags, empty_flags, strict=True))
+    stats = Filtered(rows=len(dataset), truncated=truncated, empty=empty, kept_incomplete=keep)
+    if keep or not (truncated or empty):
+        return dataset, stats
+    keep_idx = [
+        i for i, (t, e) in enumerate(zip(truncated_flags, empty_flags, strict=True)) if not (t or e)
+    ]
+    return dataset.select(keep_idx), stats
+
+
+def fingerprint(datasets: list[Dataset | None]) -> str:
+    """A content hash of the rows used: their ids when present, else their prompt/completion."""
+    digest = hashlib.sha256()
+    for part, ds in enumerate(datasets):
+        digest.update(f"|part{part}|".encode())
+        if ds is None:
+            continue
+        if "id" in ds.column_names:
+            for batch in ds.select_columns(["id"]).iter(batch_size=10_000):
+                digest.update("\n".join(map(str, batch["id"])).encode("utf-8"))
+        else:
+            for batch in ds.select_columns(TRAIN_COLUMNS).iter(batch_size=1_000):
+                for p, c in zip(batch["prompt"], batch["completion"], strict=True):
+                    digest.update(json.dumps([p, c], sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
+def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out `fraction` of the rows (at least one), chosen with `seed`."""
+    if not fraction:
+        return dataset, None
+    n_eval = max(1, round(len(dataset) * fraction))
+    if n_eval >= len(dataset):
+        raise OpenkdError(
+            f"--eval-fraction {fraction} of {len(dataset)} rows leaves nothing to train on; "
+            "lower it or pass a separate --eval-dataset"
+        )
+    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def meta_files(spec: str) -> list[Path]:
+    """`<stem>.meta.json` files `openkd generate` wrote beside a local dataset."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        candidate = path.with_suffix("").with_name(path.with_suffix("").name + ".meta.json")
+        return [candidate] if candidate.is_file() else []
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.meta.json") if p.is_file())
+    return []
+
+
+def read_teacher(spec: str) -> dict[str, Any] | None:
+    """Teacher name and revision from the dataset's metadata, or None when there is none."""
+    names: dict[str, dict[str, Any]] = {}
+    for meta_path in meta_files(spec):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        teacher = meta.get("teacher") if isinstance(meta, dict) else None
+        if isinstance(teacher, str):
+            teacher = {"name": teacher}
+        if isinstance(teacher, dict) and teacher.get("name"):
+            info = {k: teacher.get(k) for k in ("name", "revision", "backend") if teacher.get(k)}
+            sampling = meta.get("sampling")
+            if isinstance(sampling, dict) and "temperature" in sampling:
+                info["temperature"] = sampling["temperature"]
+            names[str(info["name"])] = info
+    if not names:
+        return None
+    if len(names) == 1:
+        return next(iter(names.values()))
+    return {"name": ", ".join(sorted(names))}
+
+
+def load_train_data(
+    dataset: str,
+    *,
+    eval_dataset: str | None,
+    eval_fraction: float,
+    keep_truncated: bool,
+    max_samples: int | None,
+    seed: int,
+) -> TrainData:
+    """Everything `openkd train` reads from disk, checked, filtered and split."""
+    rows = load_rows(dataset, "--dataset")
+    check_schema(rows, dataset, "--dataset")
+    rows, filtered = filter_incomplete(rows, keep_truncated)
+    if len(rows) == 0:
+        raise OpenkdError(
+            f"--dataset {dataset}: all {filtered.rows} rows were filtered out "
+            f"({filtered.truncated} truncated at the teacher's token limit, {filtered.empty} "
+            "empty answers); pass --keep-truncated to train on them anyway, or regenerate with "
+            "a larger --max-new-tokens"
+        )
+    if max_samples is not None and max_samples < len(rows):
+        rows = rows.select(range(max_samples))
+    train, held_out = split_eval(rows, eval_fraction, seed)
+    if eval_dataset:
+        held_out = load_rows(eval_dataset, "--eval-dataset")
+        check_schema(held_out, eval_dataset, "--eval-dataset")
+        held_out, eval_filtered = filter_incomplete(held_out, keep_truncated)
+        if len(held_out) == 0:
+            raise OpenkdError(
+                f"--eval-dataset {eval_dataset}: all {eval_filtered.rows} rows were filtered out "
+                "(truncated or empty answers); pass --keep-truncated or another --eval-dataset"
+            )
+    return TrainData(
+        train=train.select_columns(TRAIN_COLUMNS),
+        eval=held_out.select_columns(TRAIN_COLUMNS) if held_out is not None else None,
+        filtered=filtered,
+        fingerprint=fingerprint([train, held_out]),
+        teacher=read_teacher(dataset),
+    )

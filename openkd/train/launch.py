@@ -1,0 +1,336 @@
+"""Multi-process training: `openkd train --deepspeed zero3 --num-processes 8` relaunches itself.
+
+When a launch setting is given and this process is not already one of a launcher's workers,
+openkd runs `python -m accelerate.commands.launch --config_file CFG ... -m openkd train ARGS`
+as a child, forwards signals to it and exits with its status. Running
+`accelerate launch -m openkd train ...` yourself works too: the workers see the launcher's
+environment and train in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openkd import console
+from openkd.errors import OpenkdError
+from openkd.train.config import TrainConfig
+
+SHIPPED_CONFIGS = ("zero3", "zero3_offload", "zero2", "ddp", "multinode_zero3")
+DEEPSPEED_CONFIGS = ("zero3", "zero3_offload", "zero2", "multinode_zero3")
+# Set in the relaunched workers' environment, so they never relaunch again.
+LAUNCHED_ENV = "OPENKD_LAUNCHED"
+# Set by torchrun / the DeepSpeed launcher (LOCAL_RANK...) or by every accelerate launcher.
+_LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
+_FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+# Multi-node placement, from the first variable set (openkd's own name, then torchrun/SLURM).
+_NODE_ENV = {
+    "machine_rank": ("MACHINE_RANK", "SLURM_NODEID"),
+    "main_process_ip": ("MAIN_PROCESS_IP", "MASTER_ADDR"),
+    "main_process_port": ("MAIN_PROCESS_PORT", "MASTER_PORT"),
+    "num_machines": ("NUM_MACHINES",),
+}
+
+
+class LaunchError(OpenkdError):
+    """The launched workers failed; the process exits with their status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What `accelerate launch` is given: a config file and/or launch flags."""
+
+    config_file: Path | None
+    args: list[str] = field(default_factory=list)
+
+
+def shipped_configs_dir(package_dir: Path | None = None) -> Path:
+    """`openkd/configs/accelerate` in an installed wheel, `<repo>/configs/accelerate` in a checkout."""
+    package = package_dir or Path(__file__).resolve().parent.parent
+    for candidate in (
+        package / "configs" / "accelerate",
+        package.parent / "configs" / "accelerate",
+    ):
+        if candidate.is_dir():
+            return candidate
+    raise OpenkdError(
+        "openkd's shipped accelerate configs are missing from this install; reinstall openkd "
+        "or pass the path of an accelerate YAML file to --accelerate-config"
+    )
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """A shipped config name (zero3, zero3_offload, zero2, ddp, multinode_zero3) or a YAML path."""
+    if name_or_path in SHIPPED_CONFIGS:
+        path = shipped_configs_dir() / f"{name_or_path}.yaml"
+    else:
+        path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise OpenkdError(
+            f"accelerate config {name_or_path} not found; pass the path of an accelerate YAML "
+            f"file or one of the shipped names: {', '.join(SHIPPED_CONFIGS)}"
+        )
+    read_accelerate_config(path)
+    return path.resolve()
+
+
+def read_accelerate_config(path: Path) -> dict[str, Any]:
+    """The YAML mapping of an accelerate config, or a one-line error saying what is wrong."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise OpenkdError(
+            f"accelerate config {path} is not readable YAML; fix it or pass one of the shipped "
+            f"names: {', '.join(SHIPPED_CONFIGS)}"
+        ) from None
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        raise OpenkdError(
+            f"{path} is not an accelerate config (no distributed_type); write one with "
+            f"`accelerate config` or pass one of the shipped names: {', '.join(SHIPPED_CONFIGS)}"
+        )
+    return data
+
+
+def is_launched(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
+    """True inside a worker started by openkd, accelerate, torchrun or deepspeed."""
+    env = os.environ if env is None else env
+    return LAUNCHED_ENV in env or any(name in env for name in _LAUNCHER_ENV)
+
+
+def launch_plan(cfg: TrainConfig, env: dict[str, str] | None = None) -> LaunchPlan | None:
+    """How to launch `cfg`'s workers, or None when one plain process is what was asked for."""
+    env = dict(os.environ if env is None else env)
+    if cfg.deepspeed:
+        plan = _deepspeed_plan(cfg.deepspeed)
+    elif cfg.accelerate_config:
+        plan = LaunchPlan(resolve_accelerate_config(cfg.accelerate_config))
+    elif cfg.num_processes and cfg.num_processes > 1:
+        plan = LaunchPlan(resolve_accelerate_config("ddp"))
+    else:
+        return None
+    args = list(plan.args)
+    settings = read_accelerate_config(plan.config_file) if plan.config_file else {}
+    if cfg.num_processes:
+        args += ["--num_processes", str(cfg.num_processes)]
+    precision = mixed_precision(cfg.bf16)
+    if precision is not None:
+        args += ["--mixed_precision", precision]
+    args += _node_args(settings, env, plan.config_file)
+    return LaunchPlan(plan.config_file, args)
+
+
+def _deepspeed_plan(value: str) -> LaunchPlan:
+    """`--deepspeed`: a shipped DeepSpeed name, an accelerate YAML, or a DeepSpeed JSON file."""
+    if value == "ddp":
+        raise OpenkdError(
+            "--deepspeed ddp: ddp is not a DeepSpeed config; pass --accelerate-config ddp, or "
+            f"--deepspeed with one of {', '.join(DEEPSPEED_CONFIGS)}"
+        )
+    path = Path(value).expanduser()
+    if value not in SHIPPED_CONFIGS and path.suffix == ".json":
+        if not path.is_file():
+            raise OpenkdError(
+                f"DeepSpeed config {value} not found; pass an existing DeepSpeed JSON file or "
+                f"one of the shipped names: {', '.join(DEEPSPEED_CONFIGS)}"
+            )
+        return LaunchPlan(None, ["--use_deepspeed", "--deepspeed_config_file", str(path.resolve())])
+    config = resolve_accelerate_config(value)
+    if read_accelerate_config(config).get("distributed_type") != "DEEPSPEED":
+        raise OpenkdError(
+            f"--deepspeed {value}: {config} is not a DeepSpeed config (distributed_type is not "
+            "DEEPSPEED); pass it with --accelerate-config instead"
+        )
+    return LaunchPlan(config)
+
+
+def mixed_precision(bf16: bool | None) -> str | None:
+    """The launcher's --mixed_precision: openkd's --bf16 decides, not the YAML.
+
+    accelerate's ACCELERATE_MIXED_PRECISION wins over TrainingArguments(bf16=False), so the
+    launcher must be told. Auto (None) keeps the config's setting on a GPU node and turns
+    mixed precision off on a machine without CUDA (a bf16 YAML would otherwise run bf16 on CPU).
+    """
+    if bf16 is None:
+        return None if _cuda_available() else "no"
+    return "bf16" if bf16 else "no"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    # Counts devices without creating a CUDA context in this (parent) process.
+    return torch.cuda.is_available()
+
+
+def _node_args(settings: dict[str, Any], env: dict[str, str], config: Path | None) -> list[str]:
+    """Multi-node placement from the environment; a free local port for single-node runs."""
+    found = {
+        key: next((env[name] for name in names if env.get(name)), None)
+        for key, names in _NODE_ENV.items()
+    }
+    num_machines = int(found["num_machines"] or settings.get("num_machines") or 1)
+    if num_machines <= 1:
+        port = found["main_process_port"] or settings.get("main_process_port")
+        # Two runs on one node must not both try accelerate's default port 29500.
+        return ["--main_process_port", str(port or _free_port())]
+    # The shipped example holds placeholders; a user's own config may hold real values.
+    placeholder = config is not None and config.parent == shipped_configs_dir()
+    missing = [
+        _NODE_ENV[key][0]
+        for key in ("machine_rank", "main_process_ip")
+        if not found[key] and (placeholder or settings.get(key) is None)
+    ]
+    if missing:
+        raise OpenkdError(
+            f"{config} runs on {num_machines} machines: set {' and '.join(missing)} on every "
+            "node (this node's rank, 0 on the first; the first node's address), or launch "
+            "with `accelerate launch --machine_rank R --main_process_ip IP ...`"
+        )
+    args = ["--num_machines", str(num_machines)]
+    for key in ("machine_rank", "main_process_ip", "main_process_port"):
+        if found[key]:
+            args += [f"--{key}", str(found[key])]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(plan: LaunchPlan, argv: list[str]) -> list[str]:
+    """The child command line: accelerate's launcher running `openkd train` with `argv`."""
+    # Callers may pass everything after the program name; the command is added here.
+    train_args = argv[1:] if argv[:1] == ["train"] else list(argv)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if plan.config_file is not None:
+        cmd += ["--config_file", str(plan.config_file)]
+    return [*cmd, *plan.args, "-m", "openkd", "train", *train_args]
+
+
+def relaunch_if_needed(cfg: TrainConfig, argv: list[str]) -> bool:
+    """Relaunch `openkd train argv` under `accelerate launch` if asked and not yet launched.
+
+    Returns True when the launched run finished (the caller then returns), False when this
+    process should train itself. A failed launch raises OpenkdError with the workers' status.
+    """
+    if not (cfg.accelerate_config or cfg.deepspeed or cfg.num_processes):
+        return False
+    if is_launched():
+        return False
+    plan = launch_plan(cfg)
+    if plan is None:
+        return False
+    cmd = launch_command(plan, argv)
+    console.info(f"launching: {shlex.join(cmd[1:])}")
+    status = run_child(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    if status == 0:
+        return True
+    raise _failure(status)
+
+
+def _failure(status: int) -> Exception:
+    if status in (-signal.SIGINT, 128 + signal.SIGINT):
+        return KeyboardInterrupt()
+    if status < 0:
+        name = signal.Signals(-status).name
+        return LaunchError(
+            f"the training processes were stopped by {name}; rerun the same command to resume "
+            "from the last checkpoint",
+            128 - status,
+        )
+    return LaunchError(
+        f"training under `accelerate launch` failed (exit code {status}); the failing "
+        "process's error is printed above",
+        status,
+    )
+
+
+def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `cmd` in its own process group, forwarding signals to it; return its exit status.
+
+    The child gets each signal exactly once: a terminal's Ctrl-C reaches only this process,
+    which passes it on. If this process is killed outright, Linux sends the child SIGTERM.
+    """
+    child = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=_parent_death_signal()
+    )
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+
+    previous = {}
+    for name in _FORWARDED_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and status == 0:
+        return 128 + received[-1]
+    return status
+
+
+def _parent_death_signal() -> Any:
+    """A pre-exec hook asking Linux to SIGTERM the child when this process dies, or None.
+
+    prctl is looked up here, before the fork: the hook itself only makes the system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
+
+
+def distributed_training_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Extra SFTConfig/TrainingArguments fields a launched worker needs (empty when none).
+
+    Under `accelerate launch` with a DeepSpeed YAML, TrainingArguments builds its DeepSpeed
+    plugin from the launcher's environment, so nothing is needed. A DeepSpeed JSON given with
+    `--deepspeed FILE.json` is passed on as `deepspeed=`, which HF documents and which fills
+    its "auto" values from the training arguments.
+    """
+    kwargs: dict[str, Any] = {}
+    if cfg.deepspeed and cfg.deepspeed.endswith(".json"):
+        kwargs["deepspeed"] = str(Path(cfg.deepspeed).expanduser().resolve())
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    wanted = mixed_precision(cfg.bf16)
+    if launched == "bf16" and wanted == "no":
+        console.warn(
+            "the accelerate config turns on bf16 mixed precision, but "
+            + ("--no-bf16 was passed" if cfg.bf16 is False else "there is no CUDA GPU")
+            + "; accelerate's setting wins. Set mixed_precision: 'no' in the config, or let "
+            "openkd launch the run (`openkd train --accelerate-config ...`), to train in float32"
+        )
+    return kwargs

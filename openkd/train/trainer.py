@@ -1,0 +1,193 @@
+"""TRL's `SFTTrainer` with openkd's additions, and the Trainer's progress output kept off stdout.
+
+Dataset preparation stays TRL's (chat template, completion mask, truncation, bfd packing);
+openkd runs it unpacked first, drops the template's tokens after each example's final EOS
+(see `preflight`), counts tokens, then lets TRL pack. Imported only once training is certain:
+it imports TRL, transformers and torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from trl import SFTTrainer
+
+from openkd import console
+from openkd.train.preflight import IGNORE, drop_after_last_eos
+
+
+@dataclass(frozen=True)
+class PreparedStats:
+    """One prepared (tokenised, masked, truncated, unpacked) dataset."""
+
+    rows_in: int  # rows handed to the trainer
+    examples: int  # left after TRL drops examples with no answer token (prompt >= max_length)
+    tokens: int
+    trained_tokens: int
+    cut: int  # examples that do not end with EOS: cut at --max-length
+    trimmed: int  # examples whose template tokens after the final EOS were dropped
+
+
+def _trim_batch(batch: dict[str, list], eos_id: int) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_trimmed": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        new_ids, new_labels = drop_after_last_eos(ids, labels, eos_id)
+        out["input_ids"].append(new_ids)
+        out["labels"].append(new_labels)
+        out["_trimmed"].append(len(new_ids) < len(ids))
+    return out
+
+
+def token_stats(dataset: Any, eos_id: int) -> tuple[int, int, int]:
+    """(tokens, trained tokens, examples not ending in EOS), computed on Arrow columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tokens = trained = cut = 0
+    for table in dataset.with_format("arrow").iter(batch_size=20_000):
+        ids = table.column("input_ids").combine_chunks()
+        labels = table.column("labels").combine_chunks()
+        tokens += pc.sum(pc.list_value_length(ids)).as_py() or 0
+        trained += (
+            pc.sum(pc.cast(pc.not_equal(pc.list_flatten(labels), IGNORE), pa.int64())).as_py() or 0
+        )
+        ends = pc.subtract(ids.offsets.slice(1), 1)
+        last = ids.values.take(ends)
+        cut += pc.sum(pc.cast(pc.not_equal(last, eos_id), pa.int64())).as_py() or 0
+    return tokens, trained, cut
+
+
+class OpenkdSFTTrainer(SFTTrainer):
+    """SFTTrainer whose examples end at EOS, with token counts for openkd's summaries."""
+
+    def __init__(self, *args: Any, eos_id: int, **kwargs: Any) -> None:
+        self.eos_id = eos_id
+        self.prepared: dict[str, PreparedStats] = {}
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(
+        self, dataset, processing_class, args, packing, formatting_func, dataset_name
+    ):
+        rows_in = len(dataset)
+        dataset = super()._prepare_dataset(
+            dataset, processing_class, args, False, formatting_func, dataset_name
+        )
+        if len(dataset) and "input_ids" in dataset.column_names:
+            dataset = dataset.map(
+                _trim_batch,
+                batched=True,
+                fn_kwargs={"eos_id": self.eos_id},
+                num_proc=args.dataset_num_proc,
+                desc=f"Ending {dataset_name} examples at EOS",
+            )
+            trimmed = sum(dataset["_trimmed"])
+            dataset = dataset.remove_columns("_trimmed")
+            tokens, trained, cut = token_stats(dataset, self.eos_id)
+            self.prepared[dataset_name] = PreparedStats(
+                rows_in=rows_in,
+                examples=len(dataset),
+                tokens=tokens,
+                trained_tokens=trained,
+                cut=cut,
+                trimmed=trimmed,
+            )
+        if packing and len(dataset):
+            dataset = super()._prepare_dataset(
+                dataset, processing_class, args, True, formatting_func, dataset_name
+            )
+        return dataset
+
+    def prepare_one(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """One raw row through the same preparation as the training data (None if dropped)."""
+        from datasets import Dataset
+        from datasets.utils.tqdm import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
+
+        quiet_already = are_progress_bars_disabled()
+        disable_progress_bars()  # five bars for one row would only be noise
+        try:
+            done = OpenkdSFTTrainer._prepare_dataset(
+                self, Dataset.from_list([row]), self.processing_class, self.args, False, None, "one"
+            )
+        finally:
+            if not quiet_already:
+                enable_progress_bars()
+        self.prepared.pop("one", None)
+        return done[0] if len(done) else None
+
+
+def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
+    """One readable line for a Trainer log entry; None for entries without a loss (totals)."""
+    if "loss" not in logs and "eval_loss" not in logs:
+        return None
+    parts = [f"step {step}/{max_steps}"]
+    for key, label, fmt in (
+        ("loss", "loss", "{:.4f}"),
+        ("eval_loss", "eval loss", "{:.4f}"),
+        ("mean_token_accuracy", "token acc", "{:.3f}"),
+        ("grad_norm", "grad norm", "{:.3g}"),
+        ("learning_rate", "lr", "{:.3g}"),
+        ("epoch", "epoch", "{:.2f}"),
+        ("train_tokens_per_second", "tokens/s", "{:,.0f}"),
+    ):
+        if isinstance(logs.get(key), int | float):
+            parts.append(f"{label} {fmt.format(logs[key])}")
+    return "  ".join(parts)
+
+
+class ConsoleProgress(ProgressCallback):
+    """The Trainer's progress bar, with log lines on stderr: stdout carries only the model path."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log(state.global_step, state.max_steps, logs)
+        if line is None:
+            return
+        if self.training_bar is not None:
+            self.training_bar.write(line, file=sys.stderr)
+        else:
+            console.info(line)
+
+
+class ConsoleLog(TrainerCallback):
+    """Log lines without a bar (when the user turns tqdm off)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = format_log(state.global_step, state.max_steps, logs)
+            if line is not None:
+                console.info(line)
+
+
+def use_console_output(trainer: SFTTrainer) -> None:
+    """Swap the Trainer's stdout printers for openkd's stderr ones."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ConsoleLog() if trainer.args.disable_tqdm else ConsoleProgress())
+
+
+class RunMeter(TrainerCallback):
+    """Steps, tokens and seconds of this `train()` call (a resumed run counts only its part)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self._begin: tuple[int, int, float] = (0, 0, 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._begin = (state.global_step, state.num_input_tokens_seen, time.monotonic())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        step, tokens, t0 = self._begin
+        self.steps = state.global_step - step
+        self.tokens = state.num_input_tokens_seen - tokens
+        self.seconds = time.monotonic() - t0

@@ -1,0 +1,136 @@
+"""A scripted OpenAI-compatible server on 127.0.0.1 (stdlib only) for backend tests.
+
+Each chat request takes the next entry of `script` (the last one repeats): an int is an
+error status, a dict is a chat completion's fields. Requests are recorded for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+def completion(
+    text: str = "ok",
+    finish_reason: str = "stop",
+    prompt_tokens: int = 7,
+    completion_tokens: int = 3,
+) -> dict[str, Any]:
+    return {
+        "text": text,
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+@dataclass
+class StandIn:
+    models: list[dict[str, Any]] = field(default_factory=lambda: [{"id": "teacher"}])
+    script: list[int | dict[str, Any]] = field(default_factory=lambda: [completion()])
+    latency: float = 0.0
+    retry_after: str | None = None  # header sent with 429/503
+    echo: bool = False  # answer with the last user message instead of the script's text
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def next_reply(self) -> int | dict[str, Any]:
+        with self.lock:
+            index = min(len(self.requests) - 1, len(self.script) - 1)
+            return self.script[index]
+
+    def start(self) -> StandIn:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                return None
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict | None = None):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                standin.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if self.path == "/v1/models":
+                    data = [{"object": "model", "owned_by": "standin", **m} for m in standin.models]
+                    self._send(200, {"object": "list", "data": data})
+                elif self.path == "/health":
+                    self._send(200, {})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                request = json.loads(self.rfile.read(length))
+                with standin.lock:
+                    standin.requests.append(request)
+                    standin.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    standin.in_flight += 1
+                    standin.max_in_flight = max(standin.max_in_flight, standin.in_flight)
+                try:
+                    time.sleep(standin.latency)
+                    reply = standin.next_reply()
+                finally:
+                    with standin.lock:
+                        standin.in_flight -= 1
+                if isinstance(reply, int):
+                    headers = {}
+                    if standin.retry_after and reply in (429, 503):
+                        headers["Retry-After"] = standin.retry_after
+                    message = f"scripted failure {reply}"
+                    self._send(reply, {"error": {"message": message, "code": reply}}, headers)
+                    return
+                text = request["messages"][-1]["content"] if standin.echo else reply["text"]
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-standin",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": request["model"],
+                        "system_fingerprint": "standin-1",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": reply["finish_reason"],
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": reply["prompt_tokens"],
+                            "completion_tokens": reply["completion_tokens"],
+                            "total_tokens": reply["prompt_tokens"] + reply["completion_tokens"],
+                        },
+                    },
+                )
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

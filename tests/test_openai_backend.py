@@ -1,0 +1,192 @@
+"""The OpenAI-compatible teacher against a scripted local stand-in server (no vLLM needed)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from openkd.errors import ConfigError, OpenkdError
+from openkd.generate.backends.base import FINISH_ERROR, Sampling
+from openkd.generate.backends.openai import OpenAIBackend
+from openkd.generate.config import GenerateConfig
+from tests.standin_openai import StandIn, completion
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=16, seed=3)
+CONV = [{"role": "user", "content": "Reverse the words: a b c"}]
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    server = StandIn().start()
+    yield server
+    server.stop()
+
+
+def make_backend(base_url: str, **overrides) -> OpenAIBackend:
+    settings = {
+        "teacher": "teacher",
+        "dataset": "unused.jsonl",
+        "backend": "openai",
+        "base_url": base_url,
+        "max_retries": 2,
+        "max_new_tokens": 16,
+        **overrides,
+    }
+    backend = OpenAIBackend(GenerateConfig(**settings))
+    backend.retry_base_delay = 0.001  # keep the schedule's shape, not its seconds
+    return backend
+
+
+def test_retries_500_then_keeps_length_and_usage(standin: StandIn) -> None:
+    standin.script = [500, 500, completion("partial answ", "length", 11, 16)]
+    with make_backend(standin.base_url) as backend:
+        [result] = backend.generate([CONV], GREEDY)
+    assert not result.failed
+    assert (result.text, result.finish_reason) == ("partial answ", "length")
+    assert (result.prompt_tokens, result.completion_tokens) == (11, 16)
+    assert len(standin.requests) == 3
+    sent = standin.requests[-1]
+    # Decoding settings go out explicitly on every request.
+    assert sent["temperature"] == 0.0 and sent["top_p"] == 1.0
+    assert sent["max_tokens"] == 16 and sent["seed"] == 3
+    assert "stop" in sent and sent["stop"] is None
+    assert sent["model"] == "teacher" and sent["messages"] == CONV
+
+
+def test_always_500_becomes_failure_with_reason(standin: StandIn) -> None:
+    standin.script = [500]
+    with make_backend(standin.base_url, max_retries=2) as backend:
+        [result] = backend.generate([CONV], GREEDY)
+    assert result.failed and result.text is None
+    assert result.finish_reason == FINISH_ERROR
+    assert "HTTP 500" in result.error and "scripted failure 500" in result.error
+    assert "gave up after 3 attempts" in result.error
+    assert len(standin.requests) == 3
+
+
+def test_client_error_is_not_retried(standin: StandIn) -> None:
+    standin.script = [400, completion()]
+    with make_backend(standin.base_url) as backend:
+        [result] = backend.generate([CONV], GREEDY)
+    assert result.failed and "HTTP 400" in result.error
+    assert len(standin.requests) == 1
+
+
+def test_429_waits_for_retry_after(standin: StandIn) -> None:
+    standin.script = [429, completion("fine")]
+    standin.retry_after = "0.3"
+    with make_backend(standin.base_url) as backend:
+        t0 = time.monotonic()
+        [result] = backend.generate([CONV], GREEDY)
+        waited = time.monotonic() - t0
+    assert result.text == "fine"
+    assert waited >= 0.3
+
+
+def test_connection_errors_are_retried_then_fail(standin: StandIn) -> None:
+    backend = make_backend(standin.base_url, max_retries=1)
+    with backend:
+        standin.stop()  # the server goes away after start-up succeeded
+        [result] = backend.generate([CONV], GREEDY)
+    assert result.failed
+    assert "Connection error" in result.error and "gave up after 2 attempts" in result.error
+
+
+def test_request_timeout_fails_the_request(standin: StandIn) -> None:
+    standin.latency = 2.0
+    with make_backend(standin.base_url, request_timeout=0.2, max_retries=0) as backend:
+        t0 = time.monotonic()
+        [result] = backend.generate([CONV], GREEDY)
+        assert time.monotonic() - t0 < 1.5
+    assert result.failed and "timed out" in result.error
+
+
+def test_backoff_is_exponential_capped_and_seeded() -> None:
+    a = make_backend("http://127.0.0.1:9/v1")
+    b = make_backend("http://127.0.0.1:9/v1")
+    for backend in (a, b):
+        backend.retry_base_delay, backend.retry_max_delay = 1.0, 8.0
+    delays = [a.backoff(k) for k in range(6)]
+    assert delays == [b.backoff(k) for k in range(6)]  # same seed, same schedule
+    for k, delay in enumerate(delays):
+        assert 0.5 * min(8.0, 2**k) <= delay <= min(8.0, 2**k)
+
+
+def test_batch_runs_concurrently_in_order_on_one_loop(standin: StandIn) -> None:
+    standin.echo, standin.latency = True, 0.1
+    batch = [[{"role": "user", "content": f"prompt {i}"}] for i in range(8)]
+    with make_backend(standin.base_url, concurrency=2) as backend:
+        loop = backend._loop
+        first = backend.generate(batch, GREEDY)
+        second = backend.generate(batch[:2], GREEDY)
+        assert backend._loop is loop and not loop.is_closed()
+    assert [r.text for r in first] == [f"prompt {i}" for i in range(8)]
+    assert [r.text for r in second] == ["prompt 0", "prompt 1"]
+    assert standin.max_in_flight == 2
+
+
+def test_teacher_not_served_names_the_served_models(standin: StandIn) -> None:
+    standin.models = [{"id": "Qwen/Qwen2.5-7B-Instruct"}, {"id": "other"}]
+    with pytest.raises(OpenkdError) as info:
+        make_backend(standin.base_url, teacher="meta-llama/Llama-3.1-8B-Instruct").start()
+    message = str(info.value)
+    assert "'meta-llama/Llama-3.1-8B-Instruct' is not served" in message
+    assert "Qwen/Qwen2.5-7B-Instruct, other" in message
+    assert standin.requests == []  # nothing generated
+
+
+def test_unreachable_endpoint_is_one_line_error() -> None:
+    from openkd.generate.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(OpenkdError) as info:
+        make_backend(url).start()
+    message = str(info.value)
+    assert message.startswith(f"cannot reach teacher server at {url}")
+    assert "or pass --serve" in message and "\n" not in message
+
+
+def test_missing_v1_suffix_gets_a_hint(standin: StandIn) -> None:
+    root = standin.base_url.removesuffix("/v1")
+    with pytest.raises(OpenkdError, match=r"did you mean .*/v1\?"):
+        make_backend(root).start()
+
+
+def test_answer_budget_checked_against_served_context(standin: StandIn) -> None:
+    standin.models = [{"id": "teacher", "max_model_len": 512}]
+    with pytest.raises(
+        ConfigError, match="--max-new-tokens 4096 exceeds the teacher's context length 512"
+    ):
+        make_backend(standin.base_url, max_new_tokens=4096).start()
+
+
+def test_api_key_from_named_env_var_never_in_errors(
+    standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEACHER_KEY", "sk-secret-123")
+    standin.script = [401]
+    with make_backend(standin.base_url, api_key_env="TEACHER_KEY") as backend:
+        [result] = backend.generate([CONV], GREEDY)
+        assert "sk-secret-123" not in repr(backend.versions())
+    assert standin.headers[0]["authorization"] == "Bearer sk-secret-123"
+    assert result.failed and "HTTP 401" in result.error
+    assert "sk-secret-123" not in result.error
+
+
+def test_unset_key_sends_dummy(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with make_backend(standin.base_url) as backend:
+        backend.generate([CONV], GREEDY)
+        assert backend.versions()["teacher_server"] == "standin-1"
+    assert {h["authorization"] for h in standin.headers} == {"Bearer EMPTY"}
+
+
+def test_close_is_idempotent(standin: StandIn) -> None:
+    backend = make_backend(standin.base_url)
+    with backend:
+        pass
+    backend.close()
+    with pytest.raises(OpenkdError, match="not started"):
+        backend.generate([CONV], GREEDY)

@@ -1,0 +1,151 @@
+"""Real vLLM engines on CPU: `--backend vllm` and `--backend openai --serve` through the CLI.
+
+Each engine starts exactly once (module fixtures, one CLI run per backend). The tiny random
+model answers gibberish, but greedily and deterministically, so both backends must agree
+on every answer, finish reason and token count.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from openkd.generate.server import group_members
+from openkd.testing import make_prompts
+from tests.conftest import read_jsonl, run_cli, write_jsonl
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ENGINE_FLAGS = (
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+    "--max-new-tokens", "16", "--batch-size", "4", "--keep-truncated",
+)  # fmt: skip
+TOO_LONG = "Reverse the words: " + "apple river " * 300  # ~600 tokens > 512
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="module")
+def prompts(workdir: Path) -> Path:
+    rows = [{"prompt": p} for p in make_prompts(8, seed=11)]
+    rows.insert(3, {"prompt": TOO_LONG})
+    return write_jsonl(workdir / "prompts.jsonl", rows)
+
+
+def generate(out: Path, tiny_model: Path, prompts: Path, *backend: str):
+    return run_cli(
+        "generate", "--teacher", tiny_model, "--dataset", prompts, "--output", out,
+        *backend, *ENGINE_FLAGS, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def in_process(
+    workdir: Path, tiny_model: Path, prompts: Path
+) -> tuple[Path, subprocess.CompletedProcess]:
+    out = workdir / "vllm" / "labels.jsonl"
+    return out, generate(out, tiny_model, prompts, "--backend", "vllm")
+
+
+@pytest.fixture(scope="module")
+def served(
+    workdir: Path, tiny_model: Path, prompts: Path
+) -> tuple[Path, subprocess.CompletedProcess]:
+    out = workdir / "serve" / "labels.jsonl"
+    return out, generate(out, tiny_model, prompts, "--backend", "openai", "--serve")
+
+
+def by_id(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in read_jsonl(path)}
+
+
+def check_run(out: Path, result: subprocess.CompletedProcess, reason: str) -> dict[str, dict]:
+    """8 answers written; the over-long prompt failed alone, with `reason`; exit 1 says so."""
+    assert result.returncode == 1, result.stderr
+    assert "error: 1 of 9 prompts failed" in result.stderr
+    rows = by_id(out)
+    assert len(rows) == 8
+    [failed] = read_jsonl(out.with_name("labels.failed.jsonl"))
+    assert failed["prompt"][0]["content"] == TOO_LONG
+    assert reason in failed["error"]
+    return rows
+
+
+def test_in_process_vllm_answers_and_isolates_the_long_prompt(
+    in_process: tuple[Path, subprocess.CompletedProcess], tiny_model: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    out, result = in_process
+    rows = check_run(out, result, "but the teacher's context is 512 (--max-model-len)")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for row in rows.values():
+        rendered = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=False
+        )
+        assert row["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
+        assert row["finish_reason"] in ("stop", "length")
+        assert 0 < row["completion_tokens"] <= 16
+        if row["finish_reason"] == "length":
+            assert row["completion_tokens"] == 16
+    meta = read_meta(out)
+    assert meta["versions"]["vllm"] == "0.32.0"
+
+
+def test_served_vllm_matches_in_process(
+    in_process: tuple[Path, subprocess.CompletedProcess],
+    served: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    vllm_rows = check_run(*in_process, "but the teacher's context is 512 (--max-model-len)")
+    served_rows = check_run(*served, "maximum context length is 512 tokens")
+    assert vllm_rows.keys() == served_rows.keys()
+    fields = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")
+    for rid, row in vllm_rows.items():
+        assert {f: row[f] for f in fields} == {f: served_rows[rid][f] for f in fields}, rid
+
+
+def test_serve_logs_to_file_and_leaves_no_process(
+    served: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    out, result = served
+    log = out.with_name("labels.server.log")
+    assert "labels.server.log" in " ".join(result.stderr.split())
+    text = log.read_text()
+    assert "vllm.entrypoints.openai.api_server --model" in text
+    assert "--served-model-name" in text and "--host 127.0.0.1" in text
+    pid = int(re.search(r"vLLM server pid (\d+)", text).group(1))
+    assert group_members(pid) == []
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "Avg prompt throughput" not in result.stderr  # server output stays in the log
+    assert read_meta(out)["versions"]["vllm"] == "0.32.0"
+
+
+def test_serve_that_dies_quotes_vllm_and_stops(
+    workdir: Path, tiny_model: Path, prompts: Path
+) -> None:
+    out = workdir / "dies" / "labels.jsonl"
+    result = generate(
+        out, tiny_model, prompts, "--backend", "openai", "--serve", "--serve-args=--no-such-flag"
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    log = out.with_name("labels.server.log")
+    assert line.startswith("error: vLLM server exited with code 2 while starting: ")
+    assert "unrecognized arguments: --no-such-flag" in line
+    assert f"(full log: {log})" in line
+    assert not out.exists()
+    pid = int(re.search(r"vLLM server pid (\d+)", log.read_text()).group(1))
+    assert group_members(pid) == []
+
+
+def read_meta(out: Path) -> dict:
+    import json
+
+    return json.loads(out.with_name("labels.meta.json").read_text())
