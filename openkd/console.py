@@ -22,7 +22,7 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {message}")
+    console.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def error(message: str) -> None:

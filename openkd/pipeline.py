@@ -191,8 +191,9 @@ def _run_stage(name: str, config_file: Path, recipe: Path, remaining: list[str])
             "stopped",
             130,
         )
+    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
     raise StageFailed(
-        f"stage {name} failed (exit status {status}, error above){skipped}; fix it and rerun "
+        f"stage {name} failed ({how}; its error is above){skipped}; fix it and rerun "
         f"`openkd run {recipe}`: finished work is kept and skipped",
         status if 0 < status < 256 else 1,
     )

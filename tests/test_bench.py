@@ -173,3 +173,25 @@ def test_measured_run_reports_the_childs_peak_rss_and_fails_with_its_log(tmp_pat
             env=env,
             label="failing step",
         )
+
+
+def test_training_time_takes_each_step_at_its_fastest_over_identical_runs():
+    from bench.train import fastest_steps_seconds
+
+    quiet = {"real_tokens": 300, "step_seconds": [1.0, 1.0, 1.0]}
+    spiky = {"real_tokens": 300, "step_seconds": [0.9, 5.0, 1.0]}  # step 2 hit by other load
+    assert fastest_steps_seconds([quiet, spiky]) == pytest.approx(2.9)
+
+    other_batches = {"real_tokens": 280, "step_seconds": [1.0, 1.0, 1.0]}
+    with pytest.raises(proc.BenchError, match="different batches"):
+        fastest_steps_seconds([quiet, other_batches])
+
+
+def test_generation_comparison_uses_the_best_run_and_flags_unequal_work():
+    from bench.generate_vllm import compare
+
+    result = compare("g", "tok/s", "raw", [(1000, 2.0), (1000, 1.0)], [(1000, 1.25), (1000, 1.6)])
+    assert (result.openkd, result.baseline, result.ratio) == (1000.0, 800.0, 1.25)
+    assert result.passed is True and result.note == ""
+    unequal = compare("g", "tok/s", "raw", [(1000, 1.0)], [(900, 1.0)])
+    assert unequal.note == "token totals differ: openkd 1,000, baseline 900"

@@ -151,6 +151,11 @@ def test_torn_newest_checkpoint_is_skipped_with_reason(
     assert f"skipping {run_copy / 'checkpoint-4'}" in err
     assert reason in err
     assert "at step 2" in err
+    # Moved out of the Trainer's way (its rotation would count it), kept for inspection.
+    assert "kept as checkpoint-4.torn" in err
+    assert (run_copy / "checkpoint-4.torn").is_dir()
+    assert not (run_copy / "checkpoint-4").exists()
+    assert [c.step for c in list_checkpoints(run_copy)] == [2]
 
 
 def test_step_mismatch_is_torn(run_copy: Path) -> None:
@@ -175,8 +180,25 @@ def test_all_torn_starts_fresh_loudly(run_copy: Path, capsys: pytest.CaptureFixt
     assert "found 2 checkpoint(s)" in err
     assert "none can be resumed" in err
     assert "starts from step 0" in err
-    # The torn checkpoints are reported, not deleted.
-    assert (run_copy / "checkpoint-2" / "model.safetensors").exists()
+    # The torn checkpoints are reported and moved aside, not deleted.
+    assert (run_copy / "checkpoint-2.torn" / "model.safetensors").exists()
+    assert (run_copy / "checkpoint-4.torn").is_dir()
+
+
+def test_only_the_main_process_moves_torn_checkpoints(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _empty(run_copy / "checkpoint-4")
+    monkeypatch.setenv("RANK", "1")
+    assert find_resume_checkpoint(run_copy, "auto") == run_copy / "checkpoint-2"
+    assert (run_copy / "checkpoint-4").is_dir()
+    monkeypatch.setenv("RANK", "0")
+    assert find_resume_checkpoint(run_copy, "auto") == run_copy / "checkpoint-2"
+    assert (run_copy / "checkpoint-4.torn").is_dir()
+    # A second torn checkpoint of the same step gets its own name.
+    _empty(Path(shutil.copytree(run_copy / "checkpoint-2", run_copy / "checkpoint-4")))
+    find_resume_checkpoint(run_copy, "auto")
+    assert (run_copy / "checkpoint-4.torn-2").is_dir()
 
 
 def test_explicit_valid_path(full_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -202,9 +224,14 @@ def test_explicit_missing_path(tmp_path: Path) -> None:
         find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))
 
 
-def test_explicit_output_dir_instead_of_checkpoint(full_run: Path) -> None:
+def test_explicit_output_dir_instead_of_checkpoint(full_run: Path, tmp_path: Path) -> None:
     with pytest.raises(OpenkdError, match="is a training output directory, not a checkpoint"):
         find_resume_checkpoint(full_run, str(full_run))
+    # Also once the final student (with its own trainer_state.json) is there.
+    finished = Path(shutil.copytree(full_run, tmp_path / "finished"))
+    shutil.copy(finished / "checkpoint-4" / "trainer_state.json", finished)
+    with pytest.raises(OpenkdError, match="is a training output directory, not a checkpoint"):
+        find_resume_checkpoint(finished, str(finished))
 
 
 def test_resume_no_ignores_checkpoints(full_run: Path, capsys: pytest.CaptureFixture) -> None:

@@ -179,22 +179,27 @@ def test_bad_input_fails_before_loading_a_model(tmp_path, tiny_model, values, ex
     from openkd.eval.run import run
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "hello"}])
-    cfg = EvalConfig(
-        student=str(tiny_model),
-        dataset=str(data),
-        backend="transformers",
-        output_dir=tmp_path / "out",
-        **values,
-    )
+    settings = {"student": str(tiny_model), "dataset": str(data), "backend": "transformers"}
+    cfg = EvalConfig(**{**settings, "output_dir": tmp_path / "out", **values})
     with pytest.raises(OpenkdError, match=expected):
         run(cfg)
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+def test_every_eval_setting_is_a_documented_flag():
+    from openkd.eval.config import EvalConfig
+
+    proc = run_cli("eval", "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0
+    for name, info in EvalConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in proc.stdout, name
+        assert info.description, f"{name} has no description"
+
+
 @pytest.mark.parametrize(
     "values,expected",
     [
-        ({"backend": "mock"}, "--backend mock cannot load a student"),
+        ({"backend": "mock"}, "--backend: Input should be 'vllm', 'openai' or 'transformers'"),
         ({"answer_regex": "(unclosed"}, "--answer-regex is not a valid regex"),
         ({"backend": "openai"}, "backend openai needs --base-url URL or --serve"),
         (

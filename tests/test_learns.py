@@ -9,6 +9,7 @@ agrees with the teacher on >= 90 % of held-out prompts (the untrained one: < 5 %
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,10 +66,8 @@ def _kill_tree(pid: int) -> None:
         return
     procs = [parent, *parent.children(recursive=True)]
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=30)
 
 
@@ -77,9 +76,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     work = tmp_path_factory.mktemp("demo")
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
-    made = run_cli(
-        "make-tiny", RUN / "student-init", "--prompts", RUN / "prompts.jsonl", cwd=work
-    )
+    made = run_cli("make-tiny", RUN / "student-init", "--prompts", RUN / "prompts.jsonl", cwd=work)
     assert made.returncode == 0, made.stderr
     seconds["make_tiny"] = time.monotonic() - t0
 

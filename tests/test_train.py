@@ -188,19 +188,27 @@ def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path
         assert trainer.processing_class.decode(trained) == row["completion"][0]["content"] + EOS
 
 
-def test_rerun_with_other_settings_is_refused(e2e, tiny_model, dataset, monkeypatch, capsys):
-    _, out = e2e
-    before = sorted(p.name for p in out.iterdir())
-    code, _, err = in_process(
-        monkeypatch, capsys,
-        "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
-        *E2E_FLAGS[:-2], "--learning-rate", "5e-3",
-    )  # fmt: skip
+def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out]
+    short = ["--max-steps", "1", "--batch-size", "2", "--save-steps", "1"]
+    code, _, err = in_process(monkeypatch, capsys, *args, *short)
+    assert code == 0, err[-3000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, _, err = in_process(monkeypatch, capsys, *args, *short, "--learning-rate", "5e-3")
     line = error_line(err)
     assert code == 1
-    assert "holds a different run" in line and "learning_rate 0.01 (now 0.005)" in line
+    assert "holds a different run" in line and "learning_rate 2e-05 (now 0.005)" in line
     assert "--overwrite" in line
-    assert sorted(p.name for p in out.iterdir()) == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    # --overwrite replaces the earlier run instead of resuming its checkpoint.
+    code, _, err = in_process(
+        monkeypatch, capsys, *args, *short, "--learning-rate", "5e-3", "--overwrite"
+    )
+    assert code == 0, err[-3000:]
+    assert "--overwrite: removed" in err and "resuming from" not in err
+    record = json.loads((out / "openkd_run.json").read_text())
+    assert record["identity"]["settings"]["learning_rate"] == 0.005
 
 
 def broken_student(tiny_model: Path, tmp_path: Path, *, eos: str | None = None) -> Path:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 
 from openkd.config import resolve
 from openkd.errors import ConfigError
-from openkd.train.arguments import check_sft_args, make_sft_config, sft_fields, sft_kwargs
+from openkd.train.arguments import (
+    check_report_to,
+    check_sft_args,
+    make_sft_config,
+    sft_fields,
+    sft_kwargs,
+)
 from openkd.train.config import TrainConfig
 
 
@@ -98,3 +106,18 @@ def test_invalid_sft_value_is_one_line_config_error():
     with pytest.raises(ConfigError) as err:
         make_sft_config(kwargs)
     assert "invalid training settings" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_report_to_is_checked_before_the_model_loads():
+    check_report_to("none")
+    with pytest.raises(ConfigError, match=r"--report-to nosuch: not a tracker .*wandb"):
+        check_report_to("nosuch")
+    with mock.patch(
+        "transformers.integrations.integration_utils.get_available_reporting_integrations",
+        return_value=["tensorboard"],
+    ):
+        check_report_to("tensorboard")
+        with pytest.raises(
+            ConfigError, match=r"--report-to wandb: its Python package is not installed"
+        ):
+            check_report_to("tensorboard,wandb")

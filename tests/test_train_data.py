@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 
@@ -157,3 +158,25 @@ def test_unknown_hub_dataset_is_a_clear_error():
         match=r"--dataset no-such-org/no-such-set: not a local path, and loading it as a Hub dataset failed",
     ):
         load_rows("no-such-org/no-such-set")
+
+
+def test_teacher_of_a_hub_dataset_comes_from_its_uploaded_metadata(tmp_path):
+    meta = tmp_path / "openkd_meta.json"
+    meta.write_text(json.dumps({"teacher": {"name": "org/big"}}))
+    with mock.patch("huggingface_hub.hf_hub_download", return_value=str(meta)) as download:
+        assert read_teacher("org/distill-set") == {"name": "org/big"}
+    download.assert_called_once_with("org/distill-set", "openkd_meta.json", repo_type="dataset")
+    with mock.patch("huggingface_hub.hf_hub_download", side_effect=OSError("offline")):
+        assert read_teacher("org/distill-set") is None
+
+
+def test_eval_dataset_is_read_and_filtered_like_the_training_set(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [record(i) for i in range(4)])
+    held = write_jsonl(tmp_path / "held.jsonl", [record(10), record(11, finish="length")])
+    data = load(train, eval_dataset=str(held))
+    assert len(data.train) == 4 and [r["prompt"][0]["content"] for r in data.eval] == [
+        "question 10"
+    ]
+    assert data.eval.column_names == ["prompt", "completion"]
+    with pytest.raises(OpenkdError, match=r"--eval-dataset \S+: all 1 rows were filtered out"):
+        load(train, eval_dataset=str(write_jsonl(tmp_path / "bad.jsonl", [record(1, "")])))

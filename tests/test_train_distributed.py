@@ -80,7 +80,7 @@ def zero3_run(
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"ZeRO-3, 2 processes, {MAX_STEPS} steps: {wall:.1f} s wall")
     err = flat(proc.stderr)
-    assert "launching: -m accelerate.commands.launch --config_file" in err
+    assert "launching: python -m accelerate.commands.launch --config_file" in err
     assert "zero3.yaml --num_processes 2 --mixed_precision no" in err
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     return out

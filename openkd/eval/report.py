@@ -18,6 +18,7 @@ from openkd import __version__
 from openkd.data.jsonl import write_jsonl_atomic, write_text_atomic
 from openkd.data.schema import FINISH_STOP
 from openkd.eval import metrics as m
+from openkd.eval.nll import perplexity
 
 FORMAT = "openkd.eval/1"
 REPORT = "report.json"
@@ -91,8 +92,6 @@ def summarize(
     if nll is not None:
         total, tokens = nll
         mean_nll = total / tokens if tokens else None
-        from openkd.eval.nll import perplexity
-
         out["nll"] = mean_nll
         out["perplexity"] = perplexity(mean_nll)
         out["nll_tokens"] = tokens

@@ -118,7 +118,9 @@ def _check_models(cfg: EvalConfig) -> None:
     backends = cfg.backends()
     for role, flag in flags.items():
         name = getattr(cfg, role)
-        if name is None or backends.get(role) not in (*LOCAL_BACKENDS, "mock"):
+        backend = backends.get(role)
+        local = backend in (*LOCAL_BACKENDS, "mock") or (backend == "openai" and cfg.serve)
+        if name is None or not local:
             continue
         if looks_like_path(name) and not Path(name).expanduser().exists():
             hint = " (has `openkd train` finished?)" if role == "student" else ""

@@ -62,13 +62,10 @@ def as_cli_flags(options: dict[str, Any]) -> list[str]:
     return flags
 
 
-def looks_like_path(teacher: str) -> bool:
-    """A local path rather than a Hub id: absolute, relative with ./ or ../, ~, or existing."""
-    return teacher.startswith(("/", "./", "../", "~", ".\\")) or Path(teacher).exists()
-
-
 def check_teacher(teacher: str) -> None:
     """A path-like teacher must be a model directory; Hub ids are left to vLLM."""
+    from openkd.data.sources import looks_like_path
+
     if not looks_like_path(teacher):
         return
     path = Path(teacher).expanduser()

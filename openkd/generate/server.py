@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 HOST = "127.0.0.1"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+NOTE_EVERY = 30.0  # seconds between "still starting" lines when stderr is not a terminal
 
 # Runs first in the child: PR_SET_PDEATHSIG (1) makes the kernel send SIGTERM when the parent
 # dies, even by SIGKILL; it survives the exec into the real command.
@@ -191,6 +192,7 @@ class ManagedServer:
         import httpx
 
         t0 = time.monotonic()
+        next_note = NOTE_EVERY
         with console.console.status(f"starting {self.name}") as status:
             while True:
                 elapsed = time.monotonic() - t0
@@ -210,6 +212,10 @@ class ManagedServer:
                         f"last log line: {self.last_log_line()} (full log: {self.log_path})"
                     )
                 status.update(f"starting {self.name}: {elapsed:.0f} s (log: {self.log_path})")
+                if elapsed >= next_note and not console.console.is_terminal:
+                    # No live spinner in batch logs (Slurm): say it is still alive.
+                    console.info(f"still starting {self.name} after {elapsed:.0f} s")
+                    next_note += NOTE_EVERY
                 time.sleep(0.5)
 
     def _healthy(self, httpx) -> bool:

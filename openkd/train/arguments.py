@@ -90,6 +90,32 @@ def report_to(value: str) -> str | list[str]:
     return "none" if not names or names == ["none"] else names
 
 
+def check_report_to(value: str) -> None:
+    """Each tracker must be one transformers knows and installed, before the model loads."""
+    names = report_to(value)
+    if names == "none":
+        return
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name == "all":
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(
+                f"--report-to {name}: not a tracker transformers supports; use none or one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
+        if name not in available:
+            raise ConfigError(
+                f"--report-to {name}: its Python package is not installed; install it "
+                "(e.g. `pip install " + name.replace("_", "-") + "`) or pass --report-to none"
+            )
+
+
 def sft_kwargs(cfg: TrainConfig, *, cuda: bool, bf16_gpu: bool, has_eval: bool) -> dict[str, Any]:
     """SFTConfig keyword arguments for `cfg`; `cuda`/`bf16_gpu` describe this machine."""
     wants_fp16 = bool(cfg.sft_args.get("fp16"))

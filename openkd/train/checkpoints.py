@@ -108,8 +108,10 @@ def _newest_valid(output_dir: Path, *, world_size: int, deepspeed: bool) -> Path
     for ckpt in found:
         problems = checkpoint_problems(ckpt.path, expected_step=ckpt.step)
         if problems:
+            moved = _move_aside(ckpt.path)
+            where = f"; kept as {moved.name} for inspection" if moved else ""
             console.warn(
-                f"skipping {ckpt.path}: {'; '.join(problems)} (left by an interrupted save?)"
+                f"skipping {ckpt.path}: {'; '.join(problems)} (left by an interrupted save?){where}"
             )
             continue
         _check_launch_matches(ckpt.path, world_size=world_size, deepspeed=deepspeed)
@@ -117,9 +119,28 @@ def _newest_valid(output_dir: Path, *, world_size: int, deepspeed: bool) -> Path
         return ckpt.path
     console.warn(
         f"[bold]--resume auto found {len(found)} checkpoint(s) in {output_dir} but none can be "
-        "resumed (reasons above): training starts from step 0.[/] The broken checkpoints stay on "
-        "disk; pass --resume PATH to pick one yourself or --resume no to silence this."
+        "resumed (reasons above): training starts from step 0.[/] Delete the broken ones once "
+        "inspected; --resume no starts from step 0 without looking."
     )
+    return None
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a torn checkpoint out of the `checkpoint-N` namespace (main process only).
+
+    Left in place, the Trainer's --save-total-limit rotation counts it as the newest
+    checkpoint and deletes good new ones first, and a later save of step N writes into it.
+    """
+    if not console.is_main_process():
+        return None
+    for n in range(1, 1000):
+        target = path.with_name(f"{path.name}.torn{'' if n == 1 else f'-{n}'}")
+        if not target.exists():
+            try:
+                path.rename(target)
+            except OSError:
+                return None
+            return target
     return None
 
 
@@ -129,7 +150,7 @@ def _explicit(path: Path, *, world_size: int, deepspeed: bool) -> Path:
             f"--resume {path}: no such checkpoint directory; pass an existing checkpoint-N "
             "directory, 'auto' (newest valid one in --output-dir) or 'no'"
         )
-    if path.is_dir() and not (path / TRAINER_STATE).exists() and list_checkpoints(path):
+    if path.is_dir() and not CHECKPOINT_RE.match(path.name) and list_checkpoints(path):
         newest = list_checkpoints(path)[0].path.name
         raise OpenkdError(
             f"--resume {path} is a training output directory, not a checkpoint; pass one of "
@@ -162,6 +183,13 @@ def checkpoint_problems(path: Path, expected_step: int | None = None) -> list[st
     matches the directory name), the weights (full model, shards or LoRA adapter), the
     optimizer and scheduler (or DeepSpeed's `latest` tag and per-rank shards), RNG states.
     """
+    try:
+        return _problems(path, expected_step)
+    except OSError as exc:  # e.g. removed while being read
+        return [f"cannot be read ({exc.strerror or exc})"]
+
+
+def _problems(path: Path, expected_step: int | None) -> list[str]:
     if not path.is_dir():
         return ["not a directory"]
     names = {p.name for p in path.iterdir()}

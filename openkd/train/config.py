@@ -34,7 +34,8 @@ class TrainConfig(StageConfig):
     )
     keep_truncated: bool = Field(
         False,
-        description="Also train on answers the teacher did not finish (finish_reason=length).",
+        description="Also train on answers the teacher did not finish (finish_reason=length) "
+        "or left empty.",
     )
     max_samples: int | None = Field(None, gt=0, description="Train on at most this many rows.")
     chat_template: str | None = Field(
@@ -94,7 +95,11 @@ class TrainConfig(StageConfig):
         False, description="Replace --output-dir even if it holds a different run."
     )
     report_to: str = Field("none", description="Experiment tracker: none, wandb, tensorboard...")
-    push_to_hub: str | None = Field(None, description="Push the final student to this Hub repo.")
+    push_to_hub: str | None = Field(
+        None,
+        description="Push the final student to this Hub repo (with --lora: the adapter, or the "
+        "merged model with --merge-lora).",
+    )
     private: bool = Field(False, description="Make the Hub model repo private.")
 
     # Scale-out

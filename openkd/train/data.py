@@ -8,7 +8,8 @@ In a directory, the side files `openkd generate` writes next to an output
 Rows the teacher did not finish (`finish_reason == "length"`) or answered with nothing are
 skipped unless `--keep-truncated`. `--max-samples` keeps the first N rows that remain, before
 the `--eval-fraction` hold-out is split off (seeded by `--seed`). Only `prompt` and
-`completion` reach the trainer.
+`completion` reach the trainer. The teacher named on the model card comes from the
+`<stem>.meta.json` beside a local dataset, or the `openkd_meta.json` uploaded with a Hub one.
 """
 
 from __future__ import annotations
@@ -271,10 +272,24 @@ def meta_files(spec: str) -> list[Path]:
     return []
 
 
+def hub_meta_file(spec: str) -> list[Path]:
+    """The metadata `openkd generate --push-to-hub` uploads with a Hub dataset, if reachable."""
+    if looks_like_path(spec):
+        return []
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from openkd.generate.hub import META_IN_REPO
+
+        return [Path(hf_hub_download(spec, META_IN_REPO, repo_type="dataset"))]
+    except Exception:  # not an openkd dataset, offline, private...: the teacher stays unknown
+        return []
+
+
 def read_teacher(spec: str) -> dict[str, Any] | None:
     """Teacher name and revision from the dataset's metadata, or None when there is none."""
     names: dict[str, dict[str, Any]] = {}
-    for meta_path in meta_files(spec):
+    for meta_path in meta_files(spec) or hub_meta_file(spec):
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -33,6 +33,7 @@ LAUNCHED_ENV = "OPENKD_LAUNCHED"
 # Set by torchrun / the DeepSpeed launcher (LOCAL_RANK...) or by every accelerate launcher.
 _LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
 _FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 # Multi-node placement, from the first variable set (openkd's own name, then torchrun/SLURM).
 _NODE_ENV = {
     "machine_rank": ("MACHINE_RANK", "SLURM_NODEID"),
@@ -232,16 +233,35 @@ def relaunch_if_needed(cfg: TrainConfig, argv: list[str]) -> bool:
     if not (cfg.accelerate_config or cfg.deepspeed or cfg.num_processes):
         return False
     if is_launched():
+        _check_launched_world(cfg.num_processes, os.environ)
         return False
     plan = launch_plan(cfg)
     if plan is None:
         return False
     cmd = launch_command(plan, argv)
-    console.info(f"launching: {shlex.join(cmd[1:])}")
+    console.info(f"launching: python {shlex.join(cmd[1:])}")
     status = run_child(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
     if status == 0:
         return True
     raise _failure(status)
+
+
+def _check_launched_world(num_processes: int | None, env: Any) -> None:
+    """Under someone else's launcher its process count wins; say so when it differs."""
+    if not num_processes or num_processes == 1:
+        return
+    world = env.get("WORLD_SIZE")
+    if world is None:
+        console.warn(
+            f"--num-processes {num_processes} is ignored: the environment looks like a launcher's "
+            "(ACCELERATE_* or OPENKD_LAUNCHED set, no WORLD_SIZE), so this one process trains "
+            "alone; unset those variables to let openkd launch the processes"
+        )
+    elif world != str(num_processes):
+        console.warn(
+            f"--num-processes {num_processes} is ignored: the launcher started {world} "
+            "processes, and those train"
+        )
 
 
 def _failure(status: int) -> Exception:
@@ -266,6 +286,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
 
     The child gets each signal exactly once: a terminal's Ctrl-C reaches only this process,
     which passes it on. If this process is killed outright, Linux sends the child SIGTERM.
+    A child that fails after a forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT reads as killed by it
+    (-signal), whatever status the launcher exited with.
     """
     child = subprocess.Popen(
         cmd, env=env, start_new_session=True, preexec_fn=_parent_death_signal()
@@ -273,7 +295,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
-        received.append(signum)
+        if signum in _STOP_SIGNALS:
+            received.append(signum)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
 
@@ -287,8 +310,9 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received and status == 0:
-        return 128 + received[-1]
+    if status != 0 and received:
+        # Report the signal the user sent, not how the launcher chose to exit on it.
+        return -received[-1]
     return status
 
 

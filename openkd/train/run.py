@@ -14,12 +14,12 @@ card and merged model, and pushes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ RESOLVED_CONFIG = "openkd_train.yaml"
 MERGED_DIR = "merged"
 
 
-@dataclass
+@dataclasses.dataclass
 class Prepared:
     """Everything checked before the student's weights are loaded."""
 
@@ -166,7 +166,7 @@ def _has_cuda() -> tuple[bool, bool]:
 
 def prepare(cfg: TrainConfig, student: str) -> Prepared:
     """Checks that need no weights: settings, data, template and EOS, lengths, output dir."""
-    from openkd.train.arguments import check_sft_args, sft_fields
+    from openkd.train.arguments import check_report_to, check_sft_args, sft_fields
     from openkd.train.checkpoints import find_resume_checkpoint
     from openkd.train.data import load_train_data
     from openkd.train.preflight import (
@@ -179,6 +179,7 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
     from openkd.train.student import load_eos_settings, load_tokenizer
 
     check_sft_args(cfg.sft_args, sft_fields())
+    check_report_to(cfg.report_to)
     data = load_train_data(
         cfg.dataset,
         eval_dataset=cfg.eval_dataset,
@@ -262,6 +263,7 @@ def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
             processing_class=prepared.tokenizer,
             peft_config=lora_config(cfg) if cfg.lora else None,
             eos_id=prepared.eot.token_id,
+            trim_after_eos=bool(prepared.eot.trailing),
         )
     except OSError as exc:
         raise OpenkdError(
@@ -525,7 +527,7 @@ def _write_cards(prepared: Prepared, trainer: OpenkdSFTTrainer, results: dict[st
     )
     write_text_atomic(cfg.output_dir / "README.md", render_card(info))
     if cfg.lora and cfg.merge_lora:
-        merged = CardInfo(**{**info.__dict__, "merged": True})
+        merged = dataclasses.replace(info, merged=True)
         write_text_atomic(cfg.output_dir / MERGED_DIR / "README.md", render_card(merged))
 
 

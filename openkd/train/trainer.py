@@ -64,28 +64,34 @@ def token_stats(dataset: Any, eos_id: int) -> tuple[int, int, int]:
 class OpenkdSFTTrainer(SFTTrainer):
     """SFTTrainer whose examples end at EOS, with token counts for openkd's summaries."""
 
-    def __init__(self, *args: Any, eos_id: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, eos_id: int, trim_after_eos: bool, **kwargs: Any) -> None:
+        """`trim_after_eos`: the chat template writes tokens after EOS (see `preflight`)."""
         self.eos_id = eos_id
+        self.trim_after_eos = trim_after_eos
         self.prepared: dict[str, PreparedStats] = {}
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(
         self, dataset, processing_class, args, packing, formatting_func, dataset_name
     ):
+        # TRL's preparation unpacked (tokenise, mask, truncate), then openkd's trim and counts,
+        # then TRL again to pack: it skips the steps already done on a tokenised dataset.
         rows_in = len(dataset)
         dataset = super()._prepare_dataset(
             dataset, processing_class, args, False, formatting_func, dataset_name
         )
         if len(dataset) and "input_ids" in dataset.column_names:
-            dataset = dataset.map(
-                _trim_batch,
-                batched=True,
-                fn_kwargs={"eos_id": self.eos_id},
-                num_proc=args.dataset_num_proc,
-                desc=f"Ending {dataset_name} examples at EOS",
-            )
-            trimmed = sum(dataset["_trimmed"])
-            dataset = dataset.remove_columns("_trimmed")
+            trimmed = 0
+            if self.trim_after_eos:
+                dataset = dataset.map(
+                    _trim_batch,
+                    batched=True,
+                    fn_kwargs={"eos_id": self.eos_id},
+                    num_proc=args.dataset_num_proc,
+                    desc=f"Ending {dataset_name} examples at EOS",
+                )
+                trimmed = sum(dataset["_trimmed"])
+                dataset = dataset.remove_columns("_trimmed")
             tokens, trained, cut = token_stats(dataset, self.eos_id)
             self.prepared[dataset_name] = PreparedStats(
                 rows_in=rows_in,
@@ -113,8 +119,8 @@ class OpenkdSFTTrainer(SFTTrainer):
         quiet_already = are_progress_bars_disabled()
         disable_progress_bars()  # five bars for one row would only be noise
         try:
-            done = OpenkdSFTTrainer._prepare_dataset(
-                self, Dataset.from_list([row]), self.processing_class, self.args, False, None, "one"
+            done = self._prepare_dataset(
+                Dataset.from_list([row]), self.processing_class, self.args, False, None, "one"
             )
         finally:
             if not quiet_already:

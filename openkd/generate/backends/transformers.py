@@ -107,6 +107,29 @@ def load_causal_lm(
     return model.to(device).eval(), tokenizer
 
 
+def stop_on_text(tokenizer: Any, stop: tuple[str, ...], prompt_width: int) -> Any:
+    """Stopping criteria ending each row once its answer text contains a stop string.
+
+    Unlike `generate(stop_strings=...)`, it looks at the answer only, never at the prompt
+    (a prompt ending in "\\n" plus an answer starting with "\\n" is not a "\\n\\n" stop),
+    which is how vLLM and OpenAI servers apply stop strings.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    # A stop string completes within its own length in tokens (plus a few for merges).
+    window = max(len(s) for s in stop) + 4
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            tails = input_ids[:, prompt_width:][:, -window:]
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+            hits = [first_stop(text, stop) is not None for text in texts]
+            return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
+
+
 class TransformersBackend(BackendBase):
     """A Hugging Face causal LM answering with `model.generate`, in float32 on CPU."""
 
@@ -212,11 +235,13 @@ class TransformersBackend(BackendBase):
             top_k=None,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
-            stop_strings=list(sampling.stop) or None,
         )
         padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         device = self.model.device
-        extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
+        extra = {}
+        if sampling.stop:
+            width = padded["input_ids"].shape[1]
+            extra["stopping_criteria"] = stop_on_text(self.tokenizer, sampling.stop, width)
         if not greedy:
             torch.manual_seed(sampling.seed)
         try:

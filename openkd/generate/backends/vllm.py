@@ -7,6 +7,7 @@ the context, so prompts are measured first and only the over-long ones fail.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -113,19 +114,10 @@ class VLLMBackend(BackendBase):
     def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
         if self._llm is None:
             raise OpenkdError("the vLLM teacher is not started; use it as `with backend: ...`")
-        results: list[Completion | None] = [None] * len(batch)
-        runnable: list[int] = []
-        for i, conversation in enumerate(batch):
-            problem = self._length_problem(conversation)
-            if problem:
-                results[i] = Completion.failure(problem)
-            else:
-                runnable.append(i)
-        params = self.sampling_params(sampling)
-        outputs = self._chat([batch[i] for i in runnable], params)
-        for i, output in zip(runnable, outputs, strict=True):
-            results[i] = output
-        return [r if r is not None else Completion.failure("no result") for r in results]
+        problems = [self._length_problem(conversation) for conversation in batch]
+        runnable = [conv for conv, problem in zip(batch, problems, strict=True) if problem is None]
+        answers = iter(self._chat(runnable, self.sampling_params(sampling)))
+        return [Completion.failure(p) if p else next(answers) for p in problems]
 
     def _length_problem(self, conversation: list[Message]) -> str | None:
         try:
@@ -158,9 +150,9 @@ class VLLMBackend(BackendBase):
         return [to_completion(output) for output in outputs]
 
     def _raise_if_engine_dead(self, err: Exception) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(err, EngineDeadError):
+        # Only an imported module can have raised its own exception type: no import needed.
+        exceptions = sys.modules.get("vllm.v1.engine.exceptions")
+        if exceptions is not None and isinstance(err, exceptions.EngineDeadError):
             raise OpenkdError(
                 f"the vLLM engine died ({first_line(err)}); see vLLM's log above, then rerun "
                 "the same command to resume"
