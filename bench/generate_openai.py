@@ -21,7 +21,7 @@ NAME = "generate_openai"
 # Fewer than generate_vllm: a CPU vLLM server runs at most 128 sequences (64 in flight here).
 PROMPTS = 512
 CONCURRENCY = 64
-REPEATS = 2
+REPEATS = 3
 SERVER_TIMEOUT = 900
 METHOD = (
     f"{PROMPTS} toy prompts, {MAX_NEW_TOKENS} new tokens each, greedy, tiny float32 Llama, "
@@ -33,8 +33,8 @@ METHOD = (
     "(openkd starts and stops its own server) vs the baseline's first run against a server the "
     "bench starts with the same engine flags. Row `same server`: `openkd generate --backend "
     "openai --base-url` and the baseline alternate against that one server, "
-    f"{REPEATS} runs each, best of each: the client-side overhead without server-to-server "
-    "variation."
+    f"{REPEATS} runs each, median of each: the client-side overhead without server-to-server "
+    "variation. The notes list every run's time."
 )
 
 

@@ -5,7 +5,7 @@ time: from the moment the engine is ready (engine start excluded) until every an
 written to a JSONL file.
 
     python -m bench.baselines.raw_vllm --model DIR --prompts prompts.jsonl --output out.jsonl \
-        --stats stats.json --max-tokens 128 [--dtype float32 --enforce-eager --max-model-len N]
+        --stats stats.json --max-tokens 128 [--dtype float32 --enforce-eager --chunk 256]
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="prompts per LLM.chat call (0: all in one call)"
+    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -43,7 +46,10 @@ def main() -> None:
         prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=args.seed)
-    outputs = llm.chat(conversations, params, use_tqdm=False)
+    chunk = args.chunk or len(conversations)
+    outputs = []
+    for start in range(0, len(conversations), chunk):
+        outputs += llm.chat(conversations[start : start + chunk], params, use_tqdm=False)
     tokens = 0
     with open(args.output, "w", encoding="utf-8") as fh:
         for prompt, output in zip(prompts, outputs, strict=True):

@@ -2,8 +2,10 @@
 
 Each example is rendered as TRL's SFT renders a conversational prompt/completion pair: the
 prompt with the generation prompt, the prompt plus the answer through the chat template, and
-the answer's tokens are where the two diverge. Only those tokens are scored, so the number is
-the per-token loss `openkd train` minimises, measured on held-out prompts.
+the answer's tokens are where the two diverge. Like `openkd train`, tokens the template writes
+after the end-of-turn token (Qwen's trailing newline) are dropped, so an answer ends at its
+EOS. Only the answer tokens are scored: the number is the per-token loss `openkd train`
+minimises, measured on held-out prompts.
 """
 
 from __future__ import annotations
@@ -37,19 +39,43 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def trailing_end_of_turn(tokenizer: Any) -> int | None:
+    """The end-of-turn token id when the chat template writes text after it, else None."""
+    from openkd.errors import OpenkdError
+    from openkd.train.preflight import find_end_of_turn, template_text
+
+    template = template_text(tokenizer)
+    if not template:
+        return None
+    try:
+        eot = find_end_of_turn(tokenizer, template)
+    except OpenkdError:
+        return None
+    return eot.token_id if eot.trailing else None
+
+
 def encode_pair(
-    tokenizer: Any, prompt: list[Message], answer: str, max_length: int
+    tokenizer: Any,
+    prompt: list[Message],
+    answer: str,
+    max_length: int,
+    end_of_turn: int | None = None,
 ) -> tuple[list[int], int]:
     """(ids of prompt + answer cut to `max_length`, number of answer tokens at the end)."""
     prompt_ids = tokenizer.apply_chat_template(
         prompt, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    full = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=True
-    )["input_ids"]
-    full = list(full)[:max_length]
-    start = common_prefix(prompt_ids, full)
-    return full, len(full) - max(start, 1)
+    full = list(
+        tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+    start = max(common_prefix(prompt_ids, full), 1)
+    if end_of_turn is not None and end_of_turn in full[start:]:
+        last = len(full) - 1 - full[::-1].index(end_of_turn)
+        full = full[: last + 1]
+    full = full[:max_length]
+    return full, max(len(full) - start, 0)
 
 
 def token_budget_batches(
@@ -83,7 +109,10 @@ def score_answers(
     """The NLL of each answer given its prompt. Answers with no tokens score (0, 0)."""
     import torch
 
-    encoded = [encode_pair(tokenizer, prompt, answer, max_length) for prompt, answer in pairs]
+    end_of_turn = trailing_end_of_turn(tokenizer)
+    encoded = [
+        encode_pair(tokenizer, prompt, answer, max_length, end_of_turn) for prompt, answer in pairs
+    ]
     results: list[Scored] = [Scored(0.0, 0)] * len(encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model.device

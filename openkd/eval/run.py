@@ -56,35 +56,20 @@ def run(cfg: EvalConfig) -> None:
     )
     sampling = Sampling(max_new_tokens=decoding.max_new_tokens, stop=decoding.stop)
     counter = _TokenCounter(cfg)
-    timings: dict[str, Timing] = {}
-
-    if cfg.teacher:
-        completions, timings["teacher"] = _answer(cfg, "teacher", cfg.teacher, examples, sampling)
-        references = [counter.answer(c) for c in completions]
-        ref_finish: list[str | None] = [c.finish_reason for c in completions]
-        failed = sum(c.failed for c in completions)
-        if failed:
-            console.warn(f"the live teacher failed on {failed:,} prompts; they count as empty")
-    else:
-        references = [counter.text(ex.reference or "") for ex in examples]
-        ref_finish = [ex.reference_finish for ex in examples]
-
-    scored_roles = ["student", *(["base"] if cfg.base else [])]
-    nll: dict[str, tuple[float, int] | None] = dict.fromkeys(scored_roles)
-    per_example_nll: dict[str, list[Any]] = {}
-    if cfg.nll:
-        for role in scored_roles:
-            scores, t = _likelihood(cfg, role, models[role], examples, references)
-            per_example_nll[role] = scores
-            nll[role] = (sum(s.nll for s in scores), sum(s.tokens for s in scores))
-            timings.setdefault(role, Timing()).nll_seconds = t
-
-    answers: dict[str, list[rp.Answer]] = {}
-    for role in scored_roles:
-        completions, t = _answer(cfg, role, models[role], examples, sampling)
-        t.nll_seconds = timings[role].nll_seconds if role in timings else None
-        timings[role] = t
-        answers[role] = [counter.answer(c) for c in completions]
+    timings: dict[str, Timing] = {role: Timing() for role in models}
+    references, ref_finish = _references(cfg, examples, sampling, counter, timings)
+    scored = [role for role in ("student", "base") if role in models]
+    likelihoods = {
+        role: _likelihood(cfg, role, models[role], examples, references, timings[role])
+        for role in (scored if cfg.nll else [])
+    }
+    answers = {
+        role: [
+            counter.answer(c)
+            for c in _answer(cfg, role, models[role], examples, sampling, timings[role])
+        ]
+        for role in scored
+    }
 
     gold = [ex.gold for ex in examples]
     summaries: dict[str, dict[str, Any]] = {
@@ -94,17 +79,41 @@ def run(cfg: EvalConfig) -> None:
             "metrics": rp.teacher_summary(references, ref_finish, gold, cfg.answer_regex),
         }
     }
-    for role in scored_roles:
+    for role in scored:
+        total = None
+        if role in likelihoods:
+            total = (
+                sum(s.nll for s in likelihoods[role]),
+                sum(s.tokens for s in likelihoods[role]),
+            )
         summaries[role] = {
             "name": models[role],
-            "metrics": rp.summarize(answers[role], references, gold, cfg.answer_regex, nll[role]),
+            "metrics": rp.summarize(answers[role], references, gold, cfg.answer_regex, total),
         }
     report = _report(cfg, examples, decoding, summaries, timings, counter, fingerprint, started)
-    rows = _example_rows(examples, references, ref_finish, answers, per_example_nll, cfg)
+    rows = _example_rows(examples, references, ref_finish, answers, likelihoods, cfg)
     rp.write_outputs(out_dir, report, rows)
     rp.print_table(report)
     _summary(report, timings, out_dir)
     console.stdout_line(str(report_path))
+
+
+def _references(
+    cfg: EvalConfig,
+    examples: list[Example],
+    sampling: Sampling,
+    counter: _TokenCounter,
+    timings: dict[str, Timing],
+) -> tuple[list[rp.Answer], list[str | None]]:
+    """The teacher's answers: recorded in the dataset, or generated now by --teacher."""
+    if not cfg.teacher:
+        references = [counter.text(ex.reference or "") for ex in examples]
+        return references, [ex.reference_finish for ex in examples]
+    completions = _answer(cfg, "teacher", cfg.teacher, examples, sampling, timings["teacher"])
+    failed = sum(c.failed for c in completions)
+    if failed:
+        console.warn(f"the live teacher failed on {failed:,} prompts; they count as empty")
+    return [counter.answer(c) for c in completions], [c.finish_reason for c in completions]
 
 
 # --- checks and cache ---------------------------------------------------------------------
@@ -203,8 +212,13 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
 
 
 def _answer(
-    cfg: EvalConfig, role: str, model: str, examples: list[Example], sampling: Sampling
-) -> tuple[list[Completion], Timing]:
+    cfg: EvalConfig,
+    role: str,
+    model: str,
+    examples: list[Example],
+    sampling: Sampling,
+    timing: Timing,
+) -> list[Completion]:
     """Every example answered by `model`, in order, through the configured backend."""
     from openkd.eval.progress import bar
     from openkd.generate.backends import make_backend
@@ -212,7 +226,6 @@ def _answer(
     gen_cfg = _generate_config(cfg, role, model, sampling)
     console.info(f"{role}: loading {model} ({gen_cfg.backend})")
     out: list[Completion] = []
-    timing = Timing()
     with make_backend(gen_cfg) as backend:
         t0 = time.monotonic()
         with bar(f"{role} answering", len(examples)) as advance:
@@ -232,12 +245,18 @@ def _answer(
                 advance(len(batch), tokens)
         timing.seconds = time.monotonic() - t0
         timing.versions = backend.versions()
-    return out, timing
+    return out
 
 
 def _likelihood(
-    cfg: EvalConfig, role: str, model_name: str, examples: list[Example], refs: list[rp.Answer]
-) -> tuple[list[Any], float]:
+    cfg: EvalConfig,
+    role: str,
+    model_name: str,
+    examples: list[Example],
+    refs: list[rp.Answer],
+    timing: Timing,
+) -> list[Any]:
+    """Each teacher answer's NLL under `model_name`, teacher-forced (transformers)."""
     from openkd.eval.nll import score_answers
     from openkd.eval.progress import bar
     from openkd.generate.backends.transformers import load_causal_lm
@@ -260,7 +279,8 @@ def _likelihood(
     finally:
         del model
         _free_memory()
-    return scores, time.monotonic() - t0
+    timing.nll_seconds = time.monotonic() - t0
+    return scores
 
 
 def _free_memory() -> None:

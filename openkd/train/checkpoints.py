@@ -144,12 +144,20 @@ def _move_aside(path: Path) -> Path | None:
     return None
 
 
-def _explicit(path: Path, *, world_size: int, deepspeed: bool) -> Path:
+def check_resume_exists(resume: str) -> None:
+    """Cheap early check (before any relaunch or loading) that an explicit --resume exists."""
+    if resume in ("auto", "no"):
+        return
+    path = Path(resume).expanduser()
     if not path.exists():
         raise OpenkdError(
             f"--resume {path}: no such checkpoint directory; pass an existing checkpoint-N "
             "directory, 'auto' (newest valid one in --output-dir) or 'no'"
         )
+
+
+def _explicit(path: Path, *, world_size: int, deepspeed: bool) -> Path:
+    check_resume_exists(str(path))
     if path.is_dir() and not CHECKPOINT_RE.match(path.name) and list_checkpoints(path):
         newest = list_checkpoints(path)[0].path.name
         raise OpenkdError(

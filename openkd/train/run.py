@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from openkd import console
 from openkd.config import save_resolved
 from openkd.errors import OpenkdError
+from openkd.train.checkpoints import check_resume_exists
 from openkd.train.config import TrainConfig
 from openkd.train.data import TrainData, check_exists
 from openkd.train.runinfo import check_output_dir_usable
@@ -63,6 +64,8 @@ def run(cfg: TrainConfig) -> None:
     if cfg.chat_template:
         read_template_file(cfg.chat_template)
     check_output_dir_usable(cfg.output_dir)
+    if not cfg.overwrite:
+        check_resume_exists(cfg.resume)
 
     from openkd.train.launch import relaunch_if_needed
 
