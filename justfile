@@ -13,18 +13,20 @@ default:
 setup:
     bash scripts/setup-cpu.sh {{venv}}
 
-# The whole pipeline offline on CPU: tiny teacher/student, mock teacher labels, a short SFT run.
+# A mock teacher labels 4,000 prompts, a tiny random student is fine-tuned on its answers, and eval
+# scores it before and after training on held-out prompts.
+# The whole pipeline offline on CPU, in a few minutes: labels, a trained student, an eval report.
 demo: setup
     #!/usr/bin/env bash
     set -euo pipefail
     export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false
-    mkdir -p {{demo_dir}}
-    [ -f {{demo_dir}}/student-init/config.json ] || {{bin}}/openkd make-tiny {{demo_dir}}/student-init
-    {{bin}}/openkd generate --config configs/demo.yaml
-    {{bin}}/openkd train --config configs/demo.yaml
+    [ -f {{demo_dir}}/run/student-init/config.json ] \
+      || {{bin}}/openkd make-tiny {{demo_dir}}/run/student-init --prompts {{demo_dir}}/run/prompts.jsonl
+    {{bin}}/openkd run configs/recipes/demo_cpu.yaml
     echo
-    echo "teacher labels : {{demo_dir}}/teacher.jsonl"
-    echo "trained student: {{demo_dir}}/student"
+    echo "teacher labels : {{demo_dir}}/run/teacher.jsonl (held out: {{demo_dir}}/run/teacher.eval.jsonl)"
+    echo "trained student: {{demo_dir}}/run/student"
+    echo "eval report    : {{demo_dir}}/run/eval/report.json"
 
 # Run the test suite (what CI runs).
 test *args: setup

@@ -14,7 +14,14 @@ import sys
 
 from bench import proc
 from bench.context import Context
-from bench.generate_vllm import MAX_NEW_TOKENS, compare, openkd_stats
+from bench.generate_vllm import (
+    MAX_NEW_TOKENS,
+    compare,
+    openkd_stats,
+    own_work,
+    probed_openkd,
+    teacher_seconds,
+)
 from bench.results import Result
 
 NAME = "generate_openai"
@@ -34,7 +41,8 @@ METHOD = (
     "bench starts with the same engine flags. Row `same server`: `openkd generate --backend "
     "openai --base-url` and the baseline alternate against that one server, "
     f"{REPEATS} runs each, median of each: the client-side overhead without server-to-server "
-    "variation. The notes list every run's time."
+    "variation. The notes list every run's time. Third row: as in generate_vllm, openkd's "
+    "labelling loop vs its backend.generate calls in the same runs (all four openkd runs)."
 )
 
 
@@ -46,12 +54,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def openkd_openai(ctx: Context, model, prompts, *, base_url: str | None) -> tuple[int, float]:
+def openkd_openai(
+    ctx: Context, model, prompts, *, base_url: str | None
+) -> tuple[int, float, float]:
     out = ctx.path(NAME, "openkd", "teacher.jsonl")
+    stats = out.with_name("probe.json")
     where = ["--base-url", base_url] if base_url else ["--serve"]
     ctx.run(
         f"openkd generate --backend openai {where[0]}",
-        proc.openkd_command(
+        probed_openkd(
+            stats,
             "generate",
             "--backend",
             "openai",
@@ -74,7 +86,7 @@ def openkd_openai(ctx: Context, model, prompts, *, base_url: str | None) -> tupl
         ),
         log=f"{NAME}-openkd-{'url' if base_url else 'serve'}",
     )
-    return openkd_stats(out)
+    return (*openkd_stats(out), teacher_seconds(stats))
 
 
 def raw_openai(ctx: Context, model, prompts, base_url: str) -> tuple[int, float]:
@@ -150,8 +162,15 @@ def run(ctx: Context) -> list[Result]:
             NAME,
             "output tokens/s, --serve vs own server",
             "AsyncOpenAI client",
-            [served],
+            [served[:2]],
             theirs[:1],
         ),
-        compare(NAME, "output tokens/s, same server", "AsyncOpenAI client", ours, theirs),
+        compare(
+            NAME,
+            "output tokens/s, same server",
+            "AsyncOpenAI client",
+            [run[:2] for run in ours],
+            theirs,
+        ),
+        own_work(NAME, [served, *ours]),
     ]

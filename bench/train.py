@@ -39,7 +39,7 @@ METHOD = (
 
 
 def probe_command(stats: Path, module: str, *args: str | Path) -> list[str]:
-    return proc.python_module("bench.probe", stats, "-m", module, *map(str, args))
+    return proc.python_module("bench.probe", "train", stats, "-m", module, *map(str, args))
 
 
 def openkd_train(ctx: Context, name: str, labels: Path, *, steps: int, packing: bool) -> dict:
