@@ -28,7 +28,7 @@ NAME = "generate_openai"
 # Fewer than generate_vllm: a CPU vLLM server runs at most 128 sequences (64 in flight here).
 PROMPTS = 512
 CONCURRENCY = 64
-REPEATS = 3
+REPEATS = 2
 SERVER_TIMEOUT = 900
 METHOD = (
     f"{PROMPTS} toy prompts, {MAX_NEW_TOKENS} new tokens each, greedy, tiny float32 Llama, "

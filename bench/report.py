@@ -147,7 +147,7 @@ def _verdict(result: Result) -> str:
 def _machine_line(run_id: str, run: dict[str, Any]) -> str:
     m = run["machine"]
     gpus = "; ".join(m.get("gpus") or []) or "no GPU"
-    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(m.get("versions", {}).items()))
     load = ", ".join(str(x) for x in m.get("load_average", []))
     minutes, seconds = divmod(int(run.get("wall_seconds", 0)), 60)
     threads = f", OMP_NUM_THREADS={m['omp_num_threads']}" if m.get("omp_num_threads") else ""

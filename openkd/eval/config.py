@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from openkd import engine_fields as F
 from openkd.config import StageConfig
 from openkd.generate.config import Backend
 
@@ -87,37 +88,27 @@ class EvalConfig(StageConfig):
         "models).",
     )
     batch_size: int = Field(256, gt=0, description="Prompts per generation batch.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vLLM).")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
-    )
-    dtype: str = Field("auto", description="Weights dtype (auto, bfloat16, float32, ...).")
-    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max sequences per step.")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM (faster start).")
-    trust_remote_code: bool = Field(
-        False, description="Allow model repos to run their own code. Off unless you pass it."
-    )
+    tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
+    max_model_len: int | None = F.MAX_MODEL_LEN
+    gpu_memory_utilization: float = F.GPU_MEMORY_UTILIZATION
+    dtype: str = F.DTYPE
+    max_num_seqs: int | None = F.MAX_NUM_SEQS
+    enforce_eager: bool = F.ENFORCE_EAGER
+    trust_remote_code: bool = F.TRUST_REMOTE_CODE
     base_url: str | None = Field(
         None,
         description="OpenAI-compatible endpoint serving the one model on backend openai "
         "(--backend or --teacher-backend).",
     )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (never logged)."
-    )
-    concurrency: int = Field(64, gt=0, description="Requests in flight at once (openai).")
-    request_timeout: float = Field(600.0, gt=0, description="Seconds per request (openai).")
-    max_retries: int = Field(5, ge=0, description="Retries per request, with backoff.")
+    api_key_env: str = F.API_KEY_ENV
+    concurrency: int = F.CONCURRENCY
+    request_timeout: float = F.REQUEST_TIMEOUT
+    max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
         False, description="Start a vLLM server for each model as a child process and use it."
     )
-    serve_timeout: float = Field(
-        900.0, gt=0, description="Seconds to wait for a --serve server to become healthy."
-    )
-    serve_args: list[str] | None = Field(
-        None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."
-    )
+    serve_timeout: float = F.SERVE_TIMEOUT
+    serve_args: list[str] | None = F.SERVE_ARGS
 
     # Teacher-forced likelihood
     nll: bool = Field(

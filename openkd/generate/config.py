@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from openkd import engine_fields as F
 from openkd.config import StageConfig, cli_only
 
 Backend = Literal["vllm", "openai", "mock", "distilabel", "transformers"]
@@ -86,39 +87,29 @@ class GenerateConfig(StageConfig):
     batch_size: int = Field(
         256, gt=0, description="Prompts per batch; each finished batch is fsynced to disk."
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per teacher replica (vLLM).")
+    tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
     data_parallel_size: int = Field(1, ge=1, description="Teacher replicas (vLLM, --serve).")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
-    )
-    dtype: str = Field("auto", description="Teacher weights dtype for vLLM (auto, bfloat16, ...).")
-    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max sequences per step.")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM (faster start).")
-    trust_remote_code: bool = Field(
-        False, description="Allow model repos to run their own code. Off unless you pass it."
-    )
+    max_model_len: int | None = F.MAX_MODEL_LEN
+    gpu_memory_utilization: float = F.GPU_MEMORY_UTILIZATION
+    dtype: str = F.DTYPE
+    max_num_seqs: int | None = F.MAX_NUM_SEQS
+    enforce_eager: bool = F.ENFORCE_EAGER
+    trust_remote_code: bool = F.TRUST_REMOTE_CODE
 
     # OpenAI-compatible server
     base_url: str | None = Field(
         None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
     )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (never logged)."
-    )
-    concurrency: int = Field(64, gt=0, description="Requests in flight at once (openai).")
-    request_timeout: float = Field(600.0, gt=0, description="Seconds per request (openai).")
-    max_retries: int = Field(5, ge=0, description="Retries per request, with backoff.")
+    api_key_env: str = F.API_KEY_ENV
+    concurrency: int = F.CONCURRENCY
+    request_timeout: float = F.REQUEST_TIMEOUT
+    max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
         False, description="Start `vllm serve` for --teacher as a child process and use it."
     )
     serve_port: int = Field(0, ge=0, description="Port for --serve (0 picks a free one).")
-    serve_timeout: float = Field(
-        900.0, gt=0, description="Seconds to wait for the --serve server to become healthy."
-    )
-    serve_args: list[str] | None = Field(
-        None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."
-    )
+    serve_timeout: float = F.SERVE_TIMEOUT
+    serve_args: list[str] | None = F.SERVE_ARGS
 
     # Mock teacher
     mock_rule: MockRule = Field(

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from openkd import engine_fields as F
 from openkd.config import StageConfig, cli_only
 
 
@@ -46,9 +47,7 @@ class TrainConfig(StageConfig):
         description="Make this token the student's EOS (tokenizer, config, generation_config), "
         "e.g. the chat template's end-of-turn token when the two differ.",
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow model repos to run their own code. Off unless you pass it."
-    )
+    trust_remote_code: bool = F.TRUST_REMOTE_CODE
 
     # Optimisation
     max_length: int = Field(2048, gt=0, description="Longest tokenised example; longer are cut.")
