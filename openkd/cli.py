@@ -92,6 +92,11 @@ def make_tiny(
         None, help="MLP width (default: 2 x hidden size)."
     ),
     seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights."),
+    init_std: float = typer.Option(
+        0.02,
+        help="Std of the random weights; 0.3 makes greedy answers end at EOS after widely "
+        "varying lengths, like a real teacher's (for scheduling tests and benchmarks).",
+    ),
     prompts: Path | None = typer.Option(
         None, help="Also write toy-task prompts (a `prompt` column) to this JSONL file."
     ),
@@ -118,6 +123,7 @@ def make_tiny(
         heads=heads,
         kv_heads=kv_heads,
         seed=seed,
+        init_std=init_std,
     )
     path = build_tiny_model(out_dir, spec)
     if prompts is not None:

@@ -28,6 +28,8 @@ class StageConfig(BaseModel):
         extra="forbid", validate_assignment=True, use_attribute_docstrings=False
     )
     section: ClassVar[str]
+    # Keys of earlier versions that are gone, with what to do instead.
+    removed: ClassVar[dict[str, str]] = {}
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data, saved beside every output."""
@@ -47,7 +49,9 @@ def _normalise_keys(data: dict[str, Any]) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def read_section(path: Path, section: str, valid_keys: set[str]) -> dict[str, Any]:
+def read_section(
+    path: Path, section: str, valid_keys: set[str], removed: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Read one section of a YAML config file, rejecting unknown sections and keys by name."""
     if not path.is_file():
         raise ConfigError(
@@ -72,6 +76,11 @@ def read_section(path: Path, section: str, valid_keys: set[str]) -> dict[str, An
         raise ConfigError(f"{path}: section '{section}' must be a mapping of key: value")
     body = _normalise_keys(body)
     for key in body:
+        if key in (removed or {}):
+            raise ConfigError(
+                f"{path}: key '{key}' in section '{section}' is no longer used: "
+                f"{(removed or {})[key]}; delete it"
+            )
         if key not in valid_keys:
             hint = _did_you_mean(key, valid_keys)
             raise ConfigError(
@@ -90,7 +99,9 @@ def resolve(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -
     """Build a config: field defaults, then the YAML section, then flags the user actually passed."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        values.update(read_section(Path(config_file), cls.section, set(cls.model_fields)))
+        values.update(
+            read_section(Path(config_file), cls.section, set(cls.model_fields), cls.removed)
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return validate(cls, values, source=config_file)
 

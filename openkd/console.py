@@ -18,7 +18,8 @@ console = Console(stderr=True, highlight=False, quiet=not is_main_process())
 
 
 def info(message: str) -> None:
-    console.print(message)
+    # Unwrapped: a log line is one line, so it can be grepped in a Slurm log.
+    console.print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:

@@ -52,7 +52,8 @@ class Recipe:
 def read_recipe(path: Path) -> dict[str, dict[str, Any]]:
     """Each section's own keys (unknown sections and keys are ConfigErrors naming them)."""
     sections = {
-        name: read_section(path, name, set(cls.model_fields)) for name, cls in STAGES.items()
+        name: read_section(path, name, set(cls.model_fields), cls.removed)
+        for name, cls in STAGES.items()
     }
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     present = {name: body for name, body in sections.items() if name in data}

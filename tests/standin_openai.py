@@ -1,7 +1,10 @@
 """A scripted OpenAI-compatible server on 127.0.0.1 (stdlib only) for backend tests.
 
 Each chat request takes the next entry of `script` (the last one repeats): an int is an
-error status, a dict is a chat completion's fields. Requests are recorded for assertions.
+error status, a dict is a chat completion's fields. Requests are recorded for assertions,
+with the (monotonic, system-wide) time each request arrived and each answer was sent.
+`latency_of(prompt)` gives answers prompt-dependent lengths, so they finish out of order;
+`kill()` makes the server vanish mid-run, open connections included.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,6 +41,10 @@ class StandIn:
     echo: bool = False  # answer with the last user message instead of the script's text
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    latency_of: Callable[[str], float] | None = None  # seconds, from the last user message
+    arrived: list[tuple[float, str]] = field(default_factory=list)  # (time, prompt)
+    answered: list[tuple[float, str]] = field(default_factory=list)  # (time sent, prompt)
+    dead: bool = False
     in_flight: int = 0
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,17 +90,26 @@ class StandIn:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length))
+                prompt = request["messages"][-1]["content"]
+                if standin.dead:
+                    self.close_connection = True
+                    return
                 with standin.lock:
                     standin.requests.append(request)
+                    standin.arrived.append((time.monotonic(), prompt))
                     standin.headers.append({k.lower(): v for k, v in self.headers.items()})
                     standin.in_flight += 1
                     standin.max_in_flight = max(standin.max_in_flight, standin.in_flight)
                 try:
-                    time.sleep(standin.latency)
+                    latency = standin.latency_of(prompt) if standin.latency_of else standin.latency
+                    time.sleep(latency)
                     reply = standin.next_reply()
                 finally:
                     with standin.lock:
                         standin.in_flight -= 1
+                if standin.dead:  # killed while this request ran: no answer, connection gone
+                    self.close_connection = True
+                    return
                 if isinstance(reply, int):
                     headers = {}
                     if standin.retry_after and reply in (429, 503):
@@ -100,7 +117,7 @@ class StandIn:
                     message = f"scripted failure {reply}"
                     self._send(reply, {"error": {"message": message, "code": reply}}, headers)
                     return
-                text = request["messages"][-1]["content"] if standin.echo else reply["text"]
+                text = prompt if standin.echo else reply["text"]
                 self._send(
                     200,
                     {
@@ -123,11 +140,18 @@ class StandIn:
                         },
                     },
                 )
+                with standin.lock:
+                    standin.answered.append((time.monotonic(), prompt))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def kill(self) -> None:
+        """Vanish like a crashed server: requests in progress and later ones get no answer."""
+        self.dead = True
+        self.stop()
 
     def stop(self) -> None:
         if self.server is not None:

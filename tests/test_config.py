@@ -22,12 +22,12 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 def test_flag_overrides_yaml_and_yaml_overrides_default(tmp_path):
     cfg_file = _yaml(
         tmp_path,
-        "generate:\n  teacher: t\n  dataset: d\n  max_new_tokens: 64\n  batch_size: 7\n"
+        "generate:\n  teacher: t\n  dataset: d\n  max_new_tokens: 64\n  concurrency: 7\n"
         "train:\n  student: s\n  dataset: d\n",
     )
     cfg = resolve(GenerateConfig, cfg_file, {"max_new_tokens": 128})
     assert cfg.max_new_tokens == 128  # flag wins
-    assert cfg.batch_size == 7  # YAML wins over default
+    assert cfg.concurrency == 7  # YAML wins over default
     assert cfg.temperature == 0.0  # default: greedy
     train = resolve(TrainConfig, cfg_file, {})
     assert train.student == "s"

@@ -110,7 +110,7 @@ def _cfg(dataset: Path, out: Path, **extra: Any) -> GenerateConfig:
         "teacher": "stand-in-teacher",
         "dataset": str(dataset),
         "output": out,
-        "batch_size": 8,
+        "concurrency": 8,
         **extra,
     }
     return resolve(GenerateConfig, None, values)
@@ -162,7 +162,7 @@ def test_openai_llm_labels_filters_truncation_and_isolates_a_bad_prompt(
     assert meta["teacher"]["llm_class"] == "distilabel.models.OpenAILLM"
     assert meta["versions"]["distilabel"] and meta["versions"]["openai"]
     for path in out.parent.iterdir():
-        assert SECRET not in path.read_text(), path.name
+        assert SECRET not in path.read_bytes().decode("utf-8", errors="replace"), path.name
 
 
 def test_server_down_is_a_failure_per_prompt_and_a_rerun_recovers(

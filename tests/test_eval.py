@@ -35,7 +35,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
         "--output", out,
         "--max-new-tokens", MAX_NEW,
         "--keep-truncated",
-        "--batch-size", 16,
+        "--concurrency", 16,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = read_jsonl(out)
@@ -53,7 +53,7 @@ def evaluated(tmp_path_factory, tiny_model, labelled):
         "--student", tiny_model,
         "--dataset", labelled,
         "--backend", "transformers",
-        "--batch-size", 16,
+        "--concurrency", 16,
         "--output-dir", out_dir,
     )  # fmt: skip
     proc = run_cli(*args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from openkd.generate.backends.base import Sampling
+from openkd.generate.backends.base import Sampling, answer_in_order
 from openkd.generate.backends.transformers import first_stop, split_at_eos
 
 
@@ -45,8 +45,8 @@ def test_batched_left_padded_answers_equal_one_by_one(backend):
 
     prompts = [_chat(p) for p in make_prompts(6, seed=9, min_words=1, max_words=5)]
     sampling = Sampling(max_new_tokens=6)
-    together = backend.generate(prompts, sampling)
-    alone = [backend.generate([p], sampling)[0] for p in prompts]
+    together = answer_in_order(backend, prompts, sampling)
+    alone = [answer_in_order(backend, [p], sampling)[0] for p in prompts]
     assert [c.text for c in together] == [c.text for c in alone]
     for c in together:
         assert c.finish_reason == "length" and c.completion_tokens == 6 and c.prompt_tokens > 5
@@ -54,11 +54,11 @@ def test_batched_left_padded_answers_equal_one_by_one(backend):
 
 def test_stop_string_ends_the_answer(backend):
     sampling = Sampling(max_new_tokens=6)
-    free = backend.generate([_chat("Reverse the words: apple river")], sampling)[0]
+    free = answer_in_order(backend, [_chat("Reverse the words: apple river")], sampling)[0]
     assert len(free.text) > 1
     cut = free.text[1:3]
-    stopped = backend.generate(
-        [_chat("Reverse the words: apple river")], Sampling(max_new_tokens=6, stop=(cut,))
+    stopped = answer_in_order(
+        backend, [_chat("Reverse the words: apple river")], Sampling(max_new_tokens=6, stop=(cut,))
     )
     assert stopped[0].finish_reason == "stop"
     assert stopped[0].text == free.text[: free.text.index(cut)]
@@ -66,6 +66,6 @@ def test_stop_string_ends_the_answer(backend):
 
 def test_prompt_longer_than_the_context_fails_alone(backend):
     long_prompt = _chat(" ".join(["apple"] * 60))
-    out = backend.generate([long_prompt, _chat("hi")], Sampling(max_new_tokens=4))
+    out = answer_in_order(backend, [long_prompt, _chat("hi")], Sampling(max_new_tokens=4))
     assert out[0].failed and "context is 40" in out[0].error
     assert not out[1].failed and out[1].text is not None

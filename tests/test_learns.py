@@ -136,8 +136,8 @@ def test_student_learns_the_teacher(demo: DemoRun):
 def test_rerun_after_kill_relabels_nothing_and_resumes_training(demo: DemoRun):
     assert _label_files(demo.work) == demo.labels_before
     log = demo.rerun.stderr
-    assert "already done in teacher.jsonl, skipped" in log
-    assert "0 to label" in log
+    assert "rows already in teacher.jsonl are skipped" in log
+    assert "nothing to label" in log
     assert "resuming" in log and "checkpoint-" in log
     run_record = json.loads((demo.work / RUN / "student" / "openkd_run.json").read_text())
     assert run_record["status"] == "complete"
@@ -149,6 +149,6 @@ def test_third_run_reuses_every_stage(demo: DemoRun):
     again = run_cli("run", RECIPE, cwd=demo.work, timeout=900, env={"COLUMNS": "200"})
     assert again.returncode == 0, again.stderr[-5000:]
     assert _label_files(demo.work) == demo.labels_before
-    assert "0 to label" in again.stderr
+    assert "nothing to label" in again.stderr
     assert "reusing" in again.stderr
     assert report.stat().st_mtime_ns == before

@@ -7,7 +7,7 @@ import pytest
 from openkd.config import resolve
 from openkd.errors import OpenkdError
 from openkd.generate.backends import make_backend
-from openkd.generate.backends.base import Sampling
+from openkd.generate.backends.base import Sampling, answer_in_order
 from openkd.generate.config import GenerateConfig
 
 
@@ -30,7 +30,7 @@ def _user(text: str) -> list[dict]:
 )
 def test_rules_answer_the_last_user_message(rule, prompt, answer):
     with _backend(mock_rule=rule) as teacher:
-        (done,) = teacher.generate([_user(prompt)], Sampling())
+        (done,) = answer_in_order(teacher, [_user(prompt)], Sampling())
     assert (done.text, done.finish_reason, done.failed) == (answer, "stop", False)
     assert done.completion_tokens == len(answer.split())
     assert done.prompt_tokens == 1 + len(prompt.split())  # system + user words
@@ -38,7 +38,8 @@ def test_rules_answer_the_last_user_message(rule, prompt, answer):
 
 def test_limits_stop_strings_failures_and_forced_truncation():
     with _backend(mock_fail="boom", mock_truncate="slow") as teacher:
-        cut, stopped, failed, forced = teacher.generate(
+        cut, stopped, failed, forced = answer_in_order(
+            teacher,
             [
                 _user("Reverse the words: a b c d e"),
                 _user("Reverse the words: x y STOP z"),

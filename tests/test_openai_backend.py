@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.backends.base import FINISH_ERROR, Sampling
+from openkd.generate.backends.base import FINISH_ERROR, Sampling, answer_in_order
 from openkd.generate.backends.openai import OpenAIBackend
 from openkd.generate.config import GenerateConfig
 from tests.standin_openai import StandIn, completion
@@ -42,7 +42,7 @@ def make_backend(base_url: str, **overrides) -> OpenAIBackend:
 def test_retries_500_then_keeps_length_and_usage(standin: StandIn) -> None:
     standin.script = [500, 500, completion("partial answ", "length", 11, 16)]
     with make_backend(standin.base_url) as backend:
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
     assert not result.failed
     assert (result.text, result.finish_reason) == ("partial answ", "length")
     assert (result.prompt_tokens, result.completion_tokens) == (11, 16)
@@ -58,7 +58,7 @@ def test_retries_500_then_keeps_length_and_usage(standin: StandIn) -> None:
 def test_always_500_becomes_failure_with_reason(standin: StandIn) -> None:
     standin.script = [500]
     with make_backend(standin.base_url, max_retries=2) as backend:
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
     assert result.failed and result.text is None
     assert result.finish_reason == FINISH_ERROR
     assert "HTTP 500" in result.error and "scripted failure 500" in result.error
@@ -69,7 +69,7 @@ def test_always_500_becomes_failure_with_reason(standin: StandIn) -> None:
 def test_client_error_is_not_retried(standin: StandIn) -> None:
     standin.script = [400, completion()]
     with make_backend(standin.base_url) as backend:
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
     assert result.failed and "HTTP 400" in result.error
     assert len(standin.requests) == 1
 
@@ -79,7 +79,7 @@ def test_429_waits_for_retry_after(standin: StandIn) -> None:
     standin.retry_after = "0.3"
     with make_backend(standin.base_url) as backend:
         t0 = time.monotonic()
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
         waited = time.monotonic() - t0
     assert result.text == "fine"
     assert waited >= 0.3
@@ -89,7 +89,7 @@ def test_connection_errors_are_retried_then_fail(standin: StandIn) -> None:
     backend = make_backend(standin.base_url, max_retries=1)
     with backend:
         standin.stop()  # the server goes away after start-up succeeded
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
     assert result.failed
     assert "Connection error" in result.error and "gave up after 2 attempts" in result.error
 
@@ -98,7 +98,7 @@ def test_request_timeout_fails_the_request(standin: StandIn) -> None:
     standin.latency = 2.0
     with make_backend(standin.base_url, request_timeout=0.2, max_retries=0) as backend:
         t0 = time.monotonic()
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
         assert time.monotonic() - t0 < 1.5
     assert result.failed and "timed out" in result.error
 
@@ -119,8 +119,8 @@ def test_batch_runs_concurrently_in_order_on_one_loop(standin: StandIn) -> None:
     batch = [[{"role": "user", "content": f"prompt {i}"}] for i in range(8)]
     with make_backend(standin.base_url, concurrency=2) as backend:
         loop = backend._loop
-        first = backend.generate(batch, GREEDY)
-        second = backend.generate(batch[:2], GREEDY)
+        first = answer_in_order(backend, batch, GREEDY)
+        second = answer_in_order(backend, batch[:2], GREEDY)
         assert backend._loop is loop and not loop.is_closed()
     assert [r.text for r in first] == [f"prompt {i}" for i in range(8)]
     assert [r.text for r in second] == ["prompt 0", "prompt 1"]
@@ -168,7 +168,7 @@ def test_api_key_from_named_env_var_never_in_errors(
     monkeypatch.setenv("TEACHER_KEY", "sk-secret-123")
     standin.script = [401]
     with make_backend(standin.base_url, api_key_env="TEACHER_KEY") as backend:
-        [result] = backend.generate([CONV], GREEDY)
+        [result] = answer_in_order(backend, [CONV], GREEDY)
         assert "sk-secret-123" not in repr(backend.versions())
     assert standin.headers[0]["authorization"] == "Bearer sk-secret-123"
     assert result.failed and "HTTP 401" in result.error
@@ -178,7 +178,7 @@ def test_api_key_from_named_env_var_never_in_errors(
 def test_unset_key_sends_dummy(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with make_backend(standin.base_url) as backend:
-        backend.generate([CONV], GREEDY)
+        answer_in_order(backend, [CONV], GREEDY)
         assert backend.versions()["teacher_server"] == "standin-1"
     assert {h["authorization"] for h in standin.headers} == {"Bearer EMPTY"}
 
@@ -189,4 +189,4 @@ def test_close_is_idempotent(standin: StandIn) -> None:
         pass
     backend.close()
     with pytest.raises(OpenkdError, match="not started"):
-        backend.generate([CONV], GREEDY)
+        answer_in_order(backend, [CONV], GREEDY)

@@ -112,7 +112,7 @@ def mock_config(path: Path, prompts: Path, output: Path, **extra) -> Path:
         "teacher": "mock-teacher",
         "dataset": str(prompts),
         "output": str(output),
-        "batch_size": 8,
+        "concurrency": 8,
         **extra,
     }
     path.write_text(yaml.safe_dump({"generate": section}))
@@ -179,7 +179,7 @@ def test_array_task_requeues_itself_at_the_time_limit_warning_and_resumes(
     stubs = make_stubs(tmp_path / "bin", ["scontrol"])
     output = tmp_path / "out" / "teacher.jsonl"
     shard = output.with_name("teacher.shard-0-of-1.jsonl")
-    config = mock_config(tmp_path / "c.yaml", prompts, output, batch_size=4, mock_latency=0.02)
+    config = mock_config(tmp_path / "c.yaml", prompts, output, concurrency=4, mock_latency=0.02)
     env = {
         **os.environ,
         "PATH": f"{stubs}{os.pathsep}{VENV_BIN}{os.pathsep}/usr/bin:/bin",
@@ -220,7 +220,7 @@ def test_array_task_requeues_itself_at_the_time_limit_warning_and_resumes(
     # The requeued run resumes: only the remaining prompts are labelled.
     proc = run_script(SLURM / "generate_array.sbatch", env, stubs)
     assert proc.returncode == 0, proc.stderr
-    assert f"{len(done):,} already done" in proc.stderr
+    assert f"{len(done):,} rows already in teacher.shard-0-of-1.jsonl are skipped" in proc.stderr
     final = ids(shard)
     assert final[: len(done)] == done
     expected = {row["id"] for row in unsharded["train"] + unsharded["eval"]}

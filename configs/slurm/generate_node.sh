@@ -40,11 +40,14 @@ fi
 settings=$(openkd generate --config "$CONFIG" --dry-run | python -c '
 import shlex, sys, yaml
 cfg = yaml.safe_load(sys.stdin)["generate"]
+from openkd.generate.engine import as_cli_flags
 for key in ("teacher", "dtype", "gpu_memory_utilization", "seed", "max_model_len", "max_num_seqs",
             "revision", "enforce_eager", "trust_remote_code"):
     value = cfg[key]
     value = ("1" if value else "") if isinstance(value, bool) else "" if value is None else str(value)
     print(f"{key.upper()}={shlex.quote(value)}")
+engine = as_cli_flags(cfg.get("vllm_args") or {})  # vllm_args, as --serve passes them
+print("ENGINE_ARGS=(" + shlex.join(engine) + ")")
 ')
 eval "$settings"
 LOG=logs/vllm-server-${SLURM_JOB_ID:-local}-$(hostname).log
@@ -61,7 +64,7 @@ python -m vllm.entrypoints.openai.api_server \
   ${REVISION:+--revision "$REVISION"} \
   ${ENFORCE_EAGER:+--enforce-eager} \
   ${TRUST_REMOTE_CODE:+--trust-remote-code} \
-  ${VLLM_ARGS:-} >"$LOG" 2>&1 &
+  "${ENGINE_ARGS[@]}" ${VLLM_ARGS:-} >"$LOG" 2>&1 &
 server_pid=$!
 stop_server() {
   kill "$server_pid" 2>/dev/null || true

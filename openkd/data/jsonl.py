@@ -66,10 +66,16 @@ def repair_torn_tail(path: Path) -> int:
     return size - keep
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, row) for each non-blank line; a bad line is an OpenkdError naming it."""
+def iter_jsonl(
+    path: Path, *, start: int = 0, first_line: int = 1
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, row) for each non-blank line; a bad line is an OpenkdError naming it.
+
+    `start` is a byte offset at a line boundary to read from, `first_line` its line number.
+    """
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        fh.seek(start)
+        for lineno, raw in enumerate(fh, first_line):
             if not raw.strip():
                 continue
             try:

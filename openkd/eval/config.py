@@ -87,7 +87,7 @@ class EvalConfig(StageConfig):
         description="Backend the student answers with: vllm, openai, transformers (small CPU "
         "models).",
     )
-    batch_size: int = Field(256, gt=0, description="Prompts per generation batch.")
+    concurrency: int | None = F.CONCURRENCY
     tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
     max_model_len: int | None = F.MAX_MODEL_LEN
     gpu_memory_utilization: float = F.GPU_MEMORY_UTILIZATION
@@ -101,7 +101,6 @@ class EvalConfig(StageConfig):
         "(--backend or --teacher-backend).",
     )
     api_key_env: str = F.API_KEY_ENV
-    concurrency: int = F.CONCURRENCY
     request_timeout: float = F.REQUEST_TIMEOUT
     max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
@@ -120,6 +119,11 @@ class EvalConfig(StageConfig):
     nll_max_length: int = Field(
         4096, gt=0, description="Longest prompt+answer scored for --nll, in tokens; longer are cut."
     )
+
+    removed: ClassVar[dict[str, str]] = {
+        "batch_size": "models answer through a stream, not batches; --concurrency sets how "
+        "many requests are in flight",
+    }
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

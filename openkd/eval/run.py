@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from openkd import console
-from openkd.data.schema import FINISH_STOP, Message
+from openkd.data.schema import FINISH_STOP
 from openkd.errors import ConfigError, OpenkdError
 from openkd.eval import report as rp
 from openkd.eval.config import EvalConfig
@@ -186,7 +186,7 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
         **{
             key: getattr(cfg, key)
             for key in (
-                "batch_size",
+                "concurrency",
                 "tensor_parallel_size",
                 "max_model_len",
                 "gpu_memory_utilization",
@@ -195,7 +195,6 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
                 "enforce_eager",
                 "trust_remote_code",
                 "api_key_env",
-                "concurrency",
                 "request_timeout",
                 "max_retries",
                 "serve_timeout",
@@ -222,27 +221,19 @@ def _answer(
     """Every example answered by `model`, in order, through the configured backend."""
     from openkd.eval.progress import bar
     from openkd.generate.backends import make_backend
+    from openkd.generate.backends.base import answer_in_order
 
     gen_cfg = _generate_config(cfg, role, model, sampling)
     console.info(f"{role}: loading {model} ({gen_cfg.backend})")
-    out: list[Completion] = []
     with make_backend(gen_cfg) as backend:
         t0 = time.monotonic()
         with bar(f"{role} answering", len(examples)) as advance:
-            for start in range(0, len(examples), cfg.batch_size):
-                batch: list[list[Message]] = [
-                    ex.prompt for ex in examples[start : start + cfg.batch_size]
-                ]
-                completions = backend.generate(batch, sampling)
-                if len(completions) != len(batch):
-                    raise OpenkdError(
-                        f"the {gen_cfg.backend} backend returned {len(completions)} answers for "
-                        f"{len(batch)} prompts; this is a bug in the backend, please report it"
-                    )
-                out.extend(completions)
-                tokens = sum(c.completion_tokens for c in completions)
-                timing.tokens += tokens
-                advance(len(batch), tokens)
+
+            def landed(completion: Completion) -> None:
+                timing.tokens += completion.completion_tokens
+                advance(1, completion.completion_tokens)
+
+            out = answer_in_order(backend, [ex.prompt for ex in examples], sampling, landed)
         timing.seconds = time.monotonic() - t0
         timing.versions = backend.versions()
     return out

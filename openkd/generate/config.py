@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from openkd import engine_fields as F
 from openkd.config import StageConfig, cli_only
@@ -84,8 +84,12 @@ class GenerateConfig(StageConfig):
         "vllm",
         description="Teacher backend: vllm, openai, mock, distilabel, transformers (small CPU models).",
     )
-    batch_size: int = Field(
-        256, gt=0, description="Prompts per batch; each finished batch is fsynced to disk."
+    concurrency: int | None = F.CONCURRENCY
+    commit_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between fsyncs of the output (and at exit): a kill loses at most "
+        "the answers that finished in the last interval.",
     )
     tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
     data_parallel_size: int = Field(1, ge=1, description="Teacher replicas (vLLM, --serve).")
@@ -95,13 +99,13 @@ class GenerateConfig(StageConfig):
     max_num_seqs: int | None = F.MAX_NUM_SEQS
     enforce_eager: bool = F.ENFORCE_EAGER
     trust_remote_code: bool = F.TRUST_REMOTE_CODE
+    vllm_args: dict[str, Any] = F.VLLM_ARGS
 
     # OpenAI-compatible server
     base_url: str | None = Field(
         None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
     )
     api_key_env: str = F.API_KEY_ENV
-    concurrency: int = F.CONCURRENCY
     request_timeout: float = F.REQUEST_TIMEOUT
     max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
@@ -115,7 +119,12 @@ class GenerateConfig(StageConfig):
     mock_rule: MockRule = Field(
         "reverse", description="Mock answer rule: reverse (words), sum (numbers), echo."
     )
-    mock_latency: float = Field(0.0, ge=0.0, description="Mock seconds per request.")
+    mock_latency: float = Field(
+        0.0,
+        ge=0.0,
+        description="Mock seconds per answer token: answers take time in proportion to their "
+        "length, --concurrency at once, so they finish out of order like a real engine's.",
+    )
     mock_fail: str | None = Field(None, description="Regex: mock fails prompts that match it.")
     mock_truncate: str | None = Field(
         None, description="Regex: mock answers to matching prompts end with finish_reason=length."
@@ -130,6 +139,13 @@ class GenerateConfig(StageConfig):
         description="Keyword arguments for --llm-class (YAML only).",
         json_schema_extra=cli_only(),
     )
+
+    removed: ClassVar[dict[str, str]] = {
+        "batch_size": "stage 1 streams answers and has no batches; --concurrency sets how many "
+        "requests are in flight",
+    }
+
+    _vllm_args = field_validator("vllm_args", mode="before")(F.parse_json_mapping)
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
@@ -150,6 +166,8 @@ class GenerateConfig(StageConfig):
             problems.append(
                 "--serve starts an OpenAI-compatible server; use it with --backend openai"
             )
+        if self.vllm_args and not (self.backend == "vllm" or self.serve):
+            problems.append("--vllm-args configures a vLLM engine: use --backend vllm or --serve")
         if self.backend == "distilabel" and not self.llm_class:
             problems.append(
                 "--backend distilabel needs --llm-class (e.g. distilabel.models.OpenAILLM)"

@@ -27,6 +27,48 @@ GENERATION_CONFIG_KEYS = (
 )
 
 
+# Engine options openkd sets from its own flags; --vllm-args must not set them a second way.
+OWN_OPTIONS = {
+    "model": "--teacher",
+    "revision": "--revision",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "data_parallel_size": "--data-parallel-size",
+    "dtype": "--dtype",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "enforce_eager": "--enforce-eager",
+    "trust_remote_code": "--trust-remote-code",
+    "seed": "--seed",
+    "max_model_len": "--max-model-len",
+    "max_num_seqs": "--max-num-seqs",
+}
+
+
+def check_vllm_args(vllm_args: dict[str, Any]) -> None:
+    """Every --vllm-args key must be a vLLM engine option openkd does not set itself."""
+    if not vllm_args:
+        return
+    for key in vllm_args:
+        if key in OWN_OPTIONS:
+            raise ConfigError(
+                f"--vllm-args sets '{key}', which openkd sets from {OWN_OPTIONS[key]}; "
+                f"pass {OWN_OPTIONS[key]} instead"
+            )
+    import dataclasses
+    import difflib
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in vllm_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"--vllm-args: '{key}' is not a vLLM engine option{hint}; see "
+                "`vllm serve --help` for them (written with underscores, e.g. kv_cache_dtype)"
+            )
+
+
 def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (and, as flags, for the vLLM server)."""
     options: dict[str, Any] = {
@@ -43,6 +85,7 @@ def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
         options["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:
         options["max_num_seqs"] = cfg.max_num_seqs
+    options.update(cfg.vllm_args)
     return options
 
 
@@ -50,14 +93,16 @@ def as_cli_flags(options: dict[str, Any]) -> list[str]:
     """`{"max_model_len": 512, "enforce_eager": True}` -> `--max-model-len 512 --enforce-eager`.
 
     Booleans are always explicit (`--no-trust-remote-code`), so the command in the server log
-    says exactly what ran.
+    says exactly what ran; mappings and lists go as JSON, as vLLM's parser reads them.
     """
     flags: list[str] = []
     for key, value in options.items():
         name = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(name if value else "--no-" + name[2:])
-        else:
+        elif isinstance(value, dict | list):
+            flags += [name, json.dumps(value)]
+        elif value is not None:
             flags += [name, str(value)]
     return flags
 
@@ -117,6 +162,7 @@ def preflight(cfg: GenerateConfig) -> None:
     from openkd.generate.gpus import check_parallel_fits
 
     check_teacher(cfg.teacher)
+    check_vllm_args(cfg.vllm_args)
     check_answer_fits(cfg.max_new_tokens, cfg.max_model_len, "--max-model-len")
     check_parallel_fits(cfg.tensor_parallel_size, cfg.data_parallel_size)
 

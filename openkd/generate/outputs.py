@@ -8,6 +8,8 @@ For `--output data/teacher.jsonl`:
     data/teacher.failed.jsonl     prompts the teacher failed on, with the reason (retried on rerun)
     data/teacher.meta.json        provenance: teacher, sampling, versions, counts, config
     data/teacher.README.md        dataset card (uploaded as README.md on --push-to-hub)
+    data/teacher.index            resume index: how far the ids file covers each row file
+    data/teacher.ids              the ids of every row, 16 bytes each (derived; safe to delete)
 
 The card is `<stem>.README.md`, never `README.md`: the output directory is often a project
 directory whose own README must not be clobbered, and shards of one run share a directory.
@@ -26,6 +28,8 @@ from pathlib import Path
 from openkd.errors import OpenkdError
 
 SIBLING_SUFFIXES = (".eval.jsonl", ".truncated.jsonl", ".failed.jsonl")
+# The files holding labelled rows; a row in any of them is done and never labelled again.
+ROW_KINDS = ("train", "eval", "truncated")
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,38 @@ class OutputFiles:
         return self._sibling(".lock")
 
     @property
+    def index(self) -> Path:
+        return self._sibling(".index")
+
+    @property
+    def ids(self) -> Path:
+        return self._sibling(".ids")
+
+    @property
     def row_files(self) -> tuple[Path, Path, Path]:
         """Files whose rows count as done on resume."""
         return (self.output, self.eval, self.truncated)
 
+    def kind_path(self, kind: str) -> Path:
+        """The file of one row kind: train, eval, truncated or failed."""
+        return {
+            "train": self.output,
+            "eval": self.eval,
+            "truncated": self.truncated,
+            "failed": self.failed,
+        }[kind]
+
     def all(self) -> tuple[Path, ...]:
-        return (self.output, self.eval, self.truncated, self.failed, self.meta, self.card)
+        return (
+            self.output,
+            self.eval,
+            self.truncated,
+            self.failed,
+            self.meta,
+            self.card,
+            self.index,
+            self.ids,
+        )
 
 
 def is_sibling(path: Path) -> bool:

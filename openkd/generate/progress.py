@@ -36,17 +36,16 @@ class RateColumn(ProgressColumn):
 
 
 class LabelProgress:
-    """Advance by rows and tokens; the bar shows both rates."""
+    """The bar counts rows decided (labelled, failed, skipped as done or repeated); the rates
+    count answers and their tokens only."""
 
     def __init__(self, progress: Progress, total: int) -> None:
         self._progress = progress
-        self._task = progress.add_task("labelling", total=total, tokens=0)
-        self._tokens = 0
+        self._task = progress.add_task("labelling", total=total, answers=0, tokens=0)
         self.started = time.monotonic()
 
-    def advance(self, rows: int, tokens: int) -> None:
-        self._tokens += tokens
-        self._progress.update(self._task, advance=rows, tokens=self._tokens)
+    def update(self, decided: int, answers: int, tokens: int) -> None:
+        self._progress.update(self._task, completed=decided, answers=answers, tokens=tokens)
 
 
 @contextlib.contextmanager
@@ -55,7 +54,7 @@ def labelling(total: int) -> Iterator[LabelProgress]:
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        RateColumn(None, "rows"),
+        RateColumn("answers", "rows"),
         RateColumn("tokens", "tok"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),

@@ -1,64 +1,268 @@
-"""What an earlier run left: ids already labelled, their counts, and the prompts that failed.
+"""What earlier runs left, read in seconds at any size: ids labelled, their counts, failures.
 
-Reading the files also repairs them: a last line torn by a kill is cut away first, so the
-next append starts on a clean line.
+Two derived files beside the output make a rerun fast (both are safe to delete):
+
+    <stem>.ids    the 16-byte id of every row written, in commit order
+    <stem>.index  JSON: how far into each row file those ids reach (bytes), the file's identity
+                  there (inode, CRC-32 of the 4 KiB before that offset), per-kind counts, and the
+                  selection a completed pass labelled in full
+
+Rerunning a finished 1M-row run reads 16 MB of ids instead of parsing 1M JSON rows. Rows
+appended after the index was last written (a kill between the two fsyncs) are parsed from the
+files' tails; a file that shrank, was replaced or edited makes the index stale, and it is rebuilt
+from the files. Reading also repairs: a last line torn by a kill is cut away first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from openkd.data.jsonl import iter_jsonl, repair_torn_tail
+from openkd.data.jsonl import fsync_dir, iter_jsonl, repair_torn_tail, write_text_atomic
 from openkd.errors import OpenkdError
-from openkd.generate.metadata import tally
-from openkd.generate.outputs import OutputFiles
+from openkd.generate.ids import KEY_BYTES, KEY_DTYPE, to_keys
+from openkd.generate.outputs import ROW_KINDS, OutputFiles
+
+if TYPE_CHECKING:
+    import numpy as np
+
+INDEX_FORMAT = "openkd.index/1"
+CHECK_BYTES = 4096
+
+
+@dataclass
+class Tally:
+    """Rows and tokens of one row file."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        self.prompt_tokens += int(row.get("prompt_tokens") or 0)
+        self.completion_tokens += int(row.get("completion_tokens") or 0)
+
+
+@dataclass
+class FileMark:
+    """How far the index covers one file, and what the file looked like there."""
+
+    size: int = 0
+    inode: int = 0
+    crc: int = 0
+
+    @classmethod
+    def of(cls, path: Path) -> FileMark:
+        """The mark of `path` as it is now (size 0 when it does not exist)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return cls()
+        return cls(size=st.st_size, inode=st.st_ino, crc=_tail_crc(path, st.st_size))
+
+    def matches(self, path: Path) -> bool:
+        """True when `path` still starts with what this mark covered."""
+        if self.size == 0:
+            return True
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        return (
+            st.st_size >= self.size
+            and st.st_ino == self.inode
+            and _tail_crc(path, self.size) == self.crc
+        )
+
+
+def _tail_crc(path: Path, end: int) -> int:
+    with open(path, "rb") as fh:
+        start = max(0, end - CHECK_BYTES)
+        fh.seek(start)
+        return zlib.crc32(fh.read(end - start))
+
+
+@dataclass
+class Index:
+    """The contents of `<stem>.index`."""
+
+    marks: dict[str, FileMark] = field(default_factory=lambda: {k: FileMark() for k in ROW_KINDS})
+    counts: dict[str, Tally] = field(default_factory=lambda: {k: Tally() for k in ROW_KINDS})
+    ids: int = 0  # ids in <stem>.ids that the marks cover
+    # The last selection a pass labelled completely (no failures), for a fast no-op rerun.
+    selection: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        data = {
+            "format": INDEX_FORMAT,
+            "ids": self.ids,
+            "files": {k: asdict(m) for k, m in self.marks.items()},
+            "counts": {k: asdict(t) for k, t in self.counts.items()},
+            "selection": self.selection,
+        }
+        return json.dumps(data, indent=1) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> Index | None:
+        """The index at `path`, or None when it is missing or unusable (it is then rebuilt)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != INDEX_FORMAT:
+                return None
+            return cls(
+                marks={k: FileMark(**data["files"][k]) for k in ROW_KINDS},
+                counts={k: Tally(**data["counts"][k]) for k in ROW_KINDS},
+                ids=int(data["ids"]),
+                selection=data.get("selection"),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        write_text_atomic(path, self.to_json())
 
 
 @dataclass
 class ResumeState:
-    done: set[str] = field(default_factory=set)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: np.ndarray  # sorted unique 16-byte keys of every labelled row
+    index: Index  # up to date with the row files on disk
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier, not yet answered
     repaired: list[tuple[Path, int]] = field(default_factory=list)
+    rebuilt: bool = False  # the index was missing or stale and was rebuilt from the files
 
     @property
     def has_rows(self) -> bool:
-        return bool(self.done)
+        return bool(len(self.done))
+
+    @property
+    def counts(self) -> dict[str, Tally]:
+        return self.index.counts
 
 
-def _scan(path: Path, done: set[str]) -> dict[str, int]:
-    counts = tally()
-    if not path.is_file():
-        return counts
-    for lineno, row in iter_jsonl(path):
-        rid = row.get("id")
-        if not isinstance(rid, str):
-            raise OpenkdError(
-                f"{path}:{lineno}: row has no 'id'; this is not an openkd output, "
-                "pass --overwrite or another --output"
-            )
-        if rid in done:
-            continue
-        done.add(rid)
-        counts["rows"] += 1
-        counts["prompt_tokens"] += int(row.get("prompt_tokens") or 0)
-        counts["completion_tokens"] += int(row.get("completion_tokens") or 0)
-    return counts
+def empty_state() -> ResumeState:
+    import numpy as np
+
+    return ResumeState(done=np.empty(0, dtype=KEY_DTYPE), index=Index())
 
 
 def load_state(files: OutputFiles) -> ResumeState:
-    state = ResumeState()
+    """Repair torn tails, read the index (rebuilding it if stale), and the failures file."""
+    import numpy as np
+
+    repaired = []
     for path in (*files.row_files, files.failed):
         cut = repair_torn_tail(path)
         if cut:
-            state.repaired.append((path, cut))
-    for kind, path in zip(("train", "eval", "truncated"), files.row_files, strict=True):
-        state.counts[kind] = _scan(path, state.done)
-    if files.failed.is_file():
-        for _, row in iter_jsonl(files.failed):
-            rid = row.get("id")
-            if isinstance(rid, str) and rid not in state.done:
-                state.failed[rid] = row
+            repaired.append((path, cut))
+    index = Index.read(files.index)
+    known = b""
+    if index is not None and all(index.marks[k].matches(files.kind_path(k)) for k in ROW_KINDS):
+        known = _read_ids(files.ids, index.ids)
+    rebuilt = index is None or len(known) != index.ids * KEY_BYTES
+    if rebuilt:
+        index, known = Index(), b""
+    new_ids: list[str] = []
+    for kind in ROW_KINDS:
+        path = files.kind_path(kind)
+        if not path.is_file() or path.stat().st_size == index.marks[kind].size:
+            continue
+        first_line = index.counts[kind].rows + 1  # exact unless the file has blank lines
+        for lineno, row in iter_jsonl(path, start=index.marks[kind].size, first_line=first_line):
+            new_ids.append(_row_id(row, path, lineno))
+            index.counts[kind].add(row)
+        index.marks[kind] = FileMark.of(path)
+    if new_ids or rebuilt:
+        index.selection = None
+        added = to_keys(new_ids).tobytes() if new_ids else b""
+        _save_ids(files, known, added, replace=rebuilt)
+        known += added
+        index.ids = len(known) // KEY_BYTES
+        if index.ids or files.index.exists():
+            index.write(files.index)
+    done = np.unique(np.frombuffer(known, dtype=KEY_DTYPE))
+    state = ResumeState(
+        done=done, index=index, repaired=repaired, rebuilt=rebuilt and bool(done.size)
+    )
+    state.failed = _read_failed(files.failed, done)
     return state
+
+
+def _is_key(rid: str) -> bool:
+    if len(rid) != 2 * KEY_BYTES:
+        return False
+    try:
+        bytes.fromhex(rid)
+    except ValueError:
+        return False
+    return True
+
+
+def _row_id(row: dict[str, Any], path: Path, lineno: int) -> str:
+    rid = row.get("id")
+    if not isinstance(rid, str) or not _is_key(rid):
+        raise OpenkdError(
+            f"{path}:{lineno}: row has no openkd 'id'; this is not an openkd output, "
+            "pass --overwrite or another --output"
+        )
+    return rid
+
+
+def _read_ids(path: Path, count: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(count * KEY_BYTES)
+    except FileNotFoundError:
+        return b""
+
+
+def _save_ids(files: OutputFiles, known: bytes, added: bytes, *, replace: bool) -> None:
+    """Make `<stem>.ids` hold exactly `known + added`, durably."""
+    if replace:
+        tmp = files.ids.with_name(files.ids.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(known + added)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, files.ids)
+        fsync_dir(files.ids.parent)
+        return
+    append_ids(files.ids, added, at=len(known))
+
+
+def append_ids(path: Path, keys: bytes, *, at: int) -> None:
+    """Write `keys` at byte `at` of the ids file (dropping anything after it) and fsync."""
+    new = not path.exists()
+    with open(path, "r+b" if not new else "wb") as fh:
+        fh.truncate(at)
+        fh.seek(at)
+        fh.write(keys)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        fsync_dir(path.parent)
+
+
+def _read_failed(path: Path, done: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Failures of earlier runs that no later run answered (the last report of each wins)."""
+    import numpy as np
+
+    if not path.is_file():
+        return {}
+    rows: dict[str, dict[str, Any]] = {}
+    for _, row in iter_jsonl(path):
+        rid = row.get("id")
+        if isinstance(rid, str) and _is_key(rid):
+            rows[rid] = row
+    if not rows or not len(done):
+        return rows
+    ids = list(rows)
+    keys = to_keys(ids)
+    at = np.searchsorted(done, keys)
+    at[at == len(done)] = 0
+    answered = done[at] == keys
+    return {rid: rows[rid] for rid, hit in zip(ids, answered, strict=True) if not hit}

@@ -1,10 +1,11 @@
 """`openkd generate`: label every selected prompt with the teacher, crash-safely and resumably.
 
 Order matters: everything that can be checked without a teacher (flags, teacher path, output
-directory, dataset, columns, template, every prompt) is checked first, because engine starts
-are expensive. Then the teacher answers batch by batch; each batch is appended and fsynced
-before the next starts, so a kill loses at most the batch in flight, and a rerun with the
-same arguments skips every id already on disk.
+directory, dataset, columns, template, the first prompts) is checked first, because engine
+starts are expensive. Then prompts stream from the dataset into the teacher, which is kept
+full, and each answer is written as it lands (`label.py`); commits every `--commit-interval`
+seconds bound what a kill can lose, and a rerun with the same arguments skips every id
+already on disk.
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
-from openkd.data.jsonl import JsonlAppender, write_jsonl_atomic, write_text_atomic
+from openkd.data.jsonl import write_jsonl_atomic, write_text_atomic
 from openkd.data.prompts import PromptBuilder
-from openkd.data.schema import FINISH_LENGTH, Message, is_complete, make_record, record_id
-from openkd.data.sources import iter_rows, load_source, looks_like_path, selection
+from openkd.data.sources import load_source, looks_like_path, selection
 from openkd.errors import OpenkdError
 from openkd.generate import metadata as md
-from openkd.generate.backends.base import Completion, Sampling
+from openkd.generate.backends.base import Sampling
 from openkd.generate.card import render_card
+from openkd.generate.ids import RecordIds
+from openkd.generate.label import LabelCounts, Routing, label
 from openkd.generate.outputs import (
     OutputFiles,
     check_writable,
@@ -33,13 +35,13 @@ from openkd.generate.outputs import (
     remove_all,
     resolve_output,
 )
-from openkd.generate.plan import Plan, in_eval_split, make_plan
-from openkd.generate.resume import ResumeState, load_state
+from openkd.generate.resume import ResumeState, empty_state, load_state
+from openkd.generate.source import PromptSource, SourceCounts
+from openkd.generate.writer import OutputWriter
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from openkd.generate.backends.base import Backend
     from openkd.generate.config import GenerateConfig
 
 # Backends that load --teacher on this machine, where a missing local path is a typo.
@@ -66,28 +68,8 @@ def check_teacher(cfg: GenerateConfig) -> None:
 
 
 @dataclass
-class RunCounts:
-    """What this invocation did (the metadata keeps totals over all runs)."""
-
-    selected: int = 0
-    already_done: int = 0
-    duplicates: int = 0
-    pending: int = 0
-    answered: int = 0
-    train: int = 0
-    eval: int = 0
-    truncated: int = 0
-    empty: int = 0
-    filtered: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    labelling_seconds: float = 0.0
-
-
-@dataclass
 class Job:
-    """Everything the labelling loop needs, resolved and validated."""
+    """Everything the labelling needs, resolved and validated."""
 
     cfg: GenerateConfig
     files: OutputFiles
@@ -96,58 +78,53 @@ class Job:
     dataset: Dataset
     builder: PromptBuilder
 
-    def record_id(self, messages: list[Message]) -> str:
-        return record_id(messages, self.teacher, self.sampling.as_dict())
+
+@dataclass
+class Outcome:
+    """How this invocation ended, for the metadata, the summary and the exit status."""
+
+    status: str  # complete, incomplete (failed or invalid prompts), stopped
+    started_at: str
+    started_wall: float
+    backend_versions: dict[str, str]
+    failed_rows: int = 0  # failures on file after this run (earlier ones included)
 
 
 def run(cfg: GenerateConfig) -> None:
     started_wall, started_at = time.monotonic(), md.now()
     job = prepare(cfg)
     files = job.files
+    found = LabelCounts()
     with exclusive(files):
         state, previous = _resume(job)
-        plan = _plan(job, state)
-        # Earlier failures outside this selection (other teacher, fewer --max-samples) are stale.
-        state.failed = {k: v for k, v in state.failed.items() if k in plan.watched}
-        if cfg.overwrite:  # only now: a bad prompt found while planning must not cost old data
+        source = _source(job, state)
+        first = source.peek()  # the first rows are built (and checked) before any teacher
+        backend = None
+        if first is not None:
+            from openkd.generate.backends import make_backend
+
+            backend = make_backend(cfg)  # checks its settings; loads nothing yet
+        if cfg.overwrite:  # only now: a bad prompt found by peek must not cost old data
             for path in remove_all(files):
                 console.info(f"--overwrite: removed {path}")
-        _announce(job, plan, state)
-        counts = RunCounts(
-            selected=plan.selected,
-            already_done=plan.already_done,
-            duplicates=plan.duplicates,
-            pending=len(plan.pending),
-        )
+        _announce(job, source, state)
         meta = _initial_meta(job, previous, state, started_at)
         md.write_meta(files.meta, meta)
-        failures: dict[str, dict[str, Any]] = {}
-        status = "stopped"  # until the labelling loop returns normally
-        backend_versions: dict[str, str] = {}
+        writer = OutputWriter(files, state.index, cfg.commit_interval)
+        outcome = Outcome("stopped", started_at, started_wall, {})
         try:
-            if len(plan.pending):
-                from openkd.generate.backends import make_backend
-
-                backend = make_backend(cfg)
+            if backend is not None:
                 with _terminate_as_interrupt(), backend:
-                    _label(job, backend, plan, state, counts, failures)
-                    backend_versions = backend.versions()
-            status = "complete"
+                    console.info(f"keeping {backend.in_flight():,} requests in flight")
+                    label(backend, source, job.sampling, writer, _routing(cfg, state), found)
+                    outcome.backend_versions = backend.versions()
+            outcome.status = "complete"
         finally:
-            failed_rows = _finish_failed(files, state, failures)
-            if status == "complete" and failed_rows:
-                status = "incomplete"
-            run_info = _RunInfo(status, started_at, started_wall, backend_versions)
-            _finish_meta(job, meta, state, counts, failed_rows, run_info)
-    _summary(job, counts, failed_rows, time.monotonic() - started_wall)
-    _warn_if_truncating(job, counts)
+            _finish(job, state, source, writer, found, meta, outcome)
+    _summary(job, source.counts, found, outcome)
+    _warn_if_truncating(job, found)
     console.stdout_line(str(files.output))
-    if counts.failed:
-        push_note = "; the Hub push was skipped" if cfg.push_to_hub else ""
-        raise OpenkdError(
-            f"{counts.failed:,} of {counts.pending:,} prompts failed (reasons in {files.failed})"
-            f"{push_note}; rerun the same command to retry them"
-        )
+    _raise_if_incomplete(job, source.counts, found)
     if cfg.push_to_hub:
         _push(job, meta)
 
@@ -183,14 +160,18 @@ def prepare(cfg: GenerateConfig) -> Job:
 def _resume(job: Job) -> tuple[ResumeState, dict[str, Any] | None]:
     """What earlier runs left (nothing with --overwrite), after checking it is compatible."""
     if job.cfg.overwrite:
-        return ResumeState(), None
-    state = load_state(job.files)
-    for path, cut in state.repaired:
-        console.warn(f"{path}: cut {cut} bytes of a line torn by an earlier kill")
+        return empty_state(), None
     previous = md.read_meta(job.files.meta)
     expected = md.fingerprint(job.cfg.teacher, job.cfg.revision, job.sampling.as_dict())
-    md.check_compatible(previous, expected, job.files.output, state.has_rows)
-    set_aside = state.counts.get("truncated", {}).get("rows", 0)
+    has_rows = any(p.is_file() and p.stat().st_size for p in job.files.row_files)
+    md.check_compatible(previous, expected, job.files.output, has_rows)
+    state = load_state(job.files)
+    for path, cut in state.repaired:
+        console.warn(
+            f"{path}: cut {cut} bytes of a torn last line (an earlier run was killed or ran "
+            "out of disk)"
+        )
+    set_aside = state.counts["truncated"].rows
     if job.cfg.keep_truncated and set_aside:
         console.warn(
             f"{set_aside:,} answers set aside earlier stay in {job.files.truncated.name} "
@@ -214,43 +195,44 @@ def _quiet_load(cfg: GenerateConfig) -> Dataset:
         log.setLevel(level)
 
 
-def _plan(job: Job, state: ResumeState) -> Plan:
-    from openkd.generate.progress import reading
-
+def _source(job: Job, state: ResumeState) -> PromptSource:
     cfg = job.cfg
     positions = selection(
         len(job.dataset), max_samples=cfg.max_samples, shuffle_seed=cfg.shuffle_seed
     )
-    with reading(len(positions)) as advance:
-        return make_plan(
-            job.dataset,
-            job.builder,
-            positions,
-            key=job.record_id,
-            shard=cfg.shard_index,
-            done=state.done,
-            watch=set(state.failed),
-            on_batch=advance,
-        )
+    return PromptSource(
+        job.dataset,
+        job.builder,
+        positions,
+        ids=RecordIds(job.teacher, job.sampling.as_dict()),
+        shard=cfg.shard_index,
+        done=state.done,
+        failed=frozenset(state.failed),
+    )
 
 
-def _announce(job: Job, plan: Plan, state: ResumeState) -> None:
+def _routing(cfg: GenerateConfig, state: ResumeState) -> Routing:
+    return Routing(
+        eval_fraction=cfg.eval_fraction,
+        keep_truncated=cfg.keep_truncated,
+        earlier_failures=frozenset(state.failed),
+    )
+
+
+def _announce(job: Job, source: PromptSource, state: ResumeState) -> None:
     where = f" (shard {job.cfg.shard})" if job.cfg.shard else ""
-    parts = [f"{plan.selected:,} prompts{where}"]
-    if plan.duplicates:
-        parts.append(f"{plan.duplicates:,} repeated prompts labelled once")
-    if plan.already_done:
-        parts.append(f"{plan.already_done:,} already done in {job.files.output.name}, skipped")
-    parts.append(f"{len(plan.pending):,} to label with {job.cfg.teacher} ({job.cfg.backend})")
+    parts = [f"{source.total:,} prompts selected{where}"]
+    if state.has_rows:
+        parts.append(f"{len(state.done):,} rows already in {job.files.output.name} are skipped")
+    if state.failed:
+        parts.append(f"{len(state.failed):,} earlier failures are retried")
     console.info("; ".join(parts))
-    if plan.selected == 0:
-        console.warn("no prompts selected; check --max-samples and --shard")
-    elif state.has_rows and not plan.already_done:
-        console.warn(
-            f"none of the {len(state.done):,} rows already in {job.files.output.name} match "
-            "this run's prompts (changed --prompt-template, --system-prompt or --dataset?); "
-            "new rows are appended to them"
-        )
+    if source.total == 0:
+        console.warn("no prompts selected; check --max-samples")
+    elif source.peek() is None:
+        console.info(f"nothing to label: every selected prompt is in {job.files.output.name}")
+    else:
+        console.info(f"teacher: {job.cfg.teacher} ({job.cfg.backend} backend)")
 
 
 @contextlib.contextmanager
@@ -271,115 +253,52 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _route(job: Job, record: dict[str, Any], rid: str) -> str:
-    if not is_complete(record) and not job.cfg.keep_truncated:
-        return "truncated"
-    return "eval" if in_eval_split(rid, job.cfg.eval_fraction) else "train"
+# --- the end of a run: whatever happened, commit, record and summarise -----------------------
 
 
-def _label(
+def _finish(
     job: Job,
-    backend: Backend,
-    plan: Plan,
     state: ResumeState,
-    counts: RunCounts,
-    failures: dict[str, dict[str, Any]],
+    source: PromptSource,
+    writer: OutputWriter,
+    found: LabelCounts,
+    meta: dict[str, Any],
+    outcome: Outcome,
 ) -> None:
-    from openkd.generate.progress import labelling
+    """Commit what finished, compact the failures file, finish the metadata and card.
 
-    files = job.files
-    paths = {"train": files.output, "eval": files.eval, "truncated": files.truncated}
-    writers = {kind: JsonlAppender(path) for kind, path in paths.items()}
-    started = time.monotonic()
+    Runs on every exit; when the run is already failing (a write error, Ctrl-C), a second
+    error here is reported as a warning so the first one stays the message the user sees.
+    """
+    failing = outcome.status != "complete"
     try:
-        with labelling(len(plan.pending)) as bar:
-            for rows in iter_rows(
-                job.dataset, plan.pending, job.builder.columns, job.cfg.batch_size
-            ):
-                batch = [(index, job.builder.build(row, index)) for index, row in rows]
-                completions = backend.generate([messages for _, messages in batch], job.sampling)
-                if len(completions) != len(batch):
-                    raise OpenkdError(
-                        f"the {job.cfg.backend} backend returned {len(completions)} answers for "
-                        f"{len(batch)} prompts; this is a bug in the backend, please report it"
-                    )
-                out = _sort_answers(job, batch, completions, state, counts, failures)
-                tokens = sum(r["completion_tokens"] for recs in out.values() for r in recs)
-                for kind, records in out.items():
-                    writers[kind].write_batch(records)
-                bar.advance(len(batch), tokens)
+        writer.commit()
+        writer.close()
+        outcome.failed_rows = _finish_failed(job.files, state, found, outcome.status)
+        if outcome.status == "complete" and (outcome.failed_rows or source.counts.invalid):
+            outcome.status = "incomplete"
+        _finish_meta(job, meta, state, source.counts, found, outcome)
+    except OpenkdError as err:
+        if not failing:
+            raise
+        console.warn(f"could not finish the output files: {err}")
+    except OSError as err:
+        if not failing:
+            raise
+        console.warn(f"could not finish the output files: {err}")
     finally:
-        counts.labelling_seconds = time.monotonic() - started
-        for writer in writers.values():
-            writer.close()
+        writer.close()
+        if failing:
+            _summary(job, source.counts, found, outcome)
 
 
-def _sort_answers(
-    job: Job,
-    batch: list[tuple[int, list[Message]]],
-    completions: list[Completion],
-    state: ResumeState,
-    counts: RunCounts,
-    failures: dict[str, dict[str, Any]],
-) -> dict[str, list[dict[str, Any]]]:
-    """Records per destination file (train, eval, truncated); failures go to `failures`."""
-    out: dict[str, list[dict[str, Any]]] = {"train": [], "eval": [], "truncated": []}
-    for (index, messages), completion in zip(batch, completions, strict=True):
-        rid = job.record_id(messages)
-        if completion.failed:
-            failures[rid] = _failure_row(rid, messages, index, completion)
-            counts.failed += 1
-            continue
-        state.failed.pop(rid, None)
-        record = make_record(
-            id=rid,
-            prompt=messages,
-            text=completion.text or "",
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            source_index=index,
-        )
-        kind = _route(job, record, rid)
-        out[kind].append(record)
-        _count(counts, state, record, kind)
-    return out
-
-
-def _count(counts: RunCounts, state: ResumeState, record: dict[str, Any], kind: str) -> None:
-    counts.answered += 1
-    counts.prompt_tokens += record["prompt_tokens"]
-    counts.completion_tokens += record["completion_tokens"]
-    if record["finish_reason"] == FINISH_LENGTH:
-        counts.truncated += 1
-    elif not is_complete(record):
-        counts.empty += 1
-    if kind == "truncated":
-        counts.filtered += 1
-    else:
-        setattr(counts, kind, getattr(counts, kind) + 1)
-    tally = state.counts.setdefault(kind, md.tally())
-    tally["rows"] += 1
-    tally["prompt_tokens"] += record["prompt_tokens"]
-    tally["completion_tokens"] += record["completion_tokens"]
-
-
-def _failure_row(
-    rid: str, messages: list[Message], index: int, completion: Completion
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "prompt": messages,
-        "source_index": index,
-        "error": completion.error or "the teacher returned no text",
-    }
-
-
-def _finish_failed(
-    files: OutputFiles, state: ResumeState, failures: dict[str, dict[str, Any]]
-) -> int:
-    """Rewrite the failed file in one step: earlier failures not retried yet plus this run's."""
-    rows = {**state.failed, **failures}
+def _finish_failed(files: OutputFiles, state: ResumeState, found: LabelCounts, status: str) -> int:
+    """Rewrite the failures file in one step: this run's failures, and earlier ones still
+    unanswered (after a complete pass, earlier ones it did not meet are stale and dropped)."""
+    rows = {} if status == "complete" else dict(state.failed)
+    for rid in found.recovered:
+        rows.pop(rid, None)
+    rows.update(found.failures)
     if rows:
         write_jsonl_atomic(files.failed, rows.values())
     elif files.failed.exists():
@@ -392,6 +311,7 @@ def _initial_meta(
 ) -> dict[str, Any]:
     cfg = job.cfg
     config = md.redact(cfg.to_yaml_dict())
+    counts = _counts(state, len(state.failed))
     return {
         "format": md.FORMAT,
         "output": job.files.output.name,
@@ -431,61 +351,60 @@ def _initial_meta(
             "card": job.files.card.name,
         },
         "versions": md.library_versions({}),
-        "counts": {**state.counts, "failed": {"rows": len(state.failed)}},
-        "tokens": md.totals(state.counts),
+        "counts": counts,
+        "tokens": md.totals(counts),
         "runs": list((previous or {}).get("runs", []))[-md.MAX_RUNS + 1 :],
         "config": config,
     }
 
 
-@dataclass
-class _RunInfo:
-    """How this invocation ended, for its entry in the metadata's run history."""
-
-    status: str
-    started_at: str
-    started_wall: float
-    backend_versions: dict[str, str]
+def _counts(state: ResumeState, failed_rows: int) -> dict[str, dict[str, int]]:
+    return {
+        **{kind: asdict(tally) for kind, tally in state.counts.items()},
+        "failed": {"rows": failed_rows},
+    }
 
 
 def _finish_meta(
     job: Job,
     meta: dict[str, Any],
     state: ResumeState,
-    counts: RunCounts,
-    failed_rows: int,
-    info: _RunInfo,
+    seen: SourceCounts,
+    found: LabelCounts,
+    outcome: Outcome,
 ) -> None:
-    wall = time.monotonic() - info.started_wall
-    busy = counts.labelling_seconds
+    wall = time.monotonic() - outcome.started_wall
+    busy = found.seconds
+    rows_rate = round(found.answered / busy, 3) if busy > 0 else None
+    tokens_rate = round(found.completion_tokens / busy, 3) if busy > 0 else None
     run_entry = {
-        "started_at": info.started_at,
+        "started_at": outcome.started_at,
         "finished_at": md.now(),
-        "status": info.status,
+        "status": outcome.status,
         "backend": job.cfg.backend,
-        "selected": counts.selected,
-        "already_done": counts.already_done,
-        "duplicates": counts.duplicates,
-        "labelled": counts.answered,
-        "failed": counts.failed,
-        "prompt_tokens": counts.prompt_tokens,
-        "completion_tokens": counts.completion_tokens,
+        "selected": seen.selected,
+        "already_done": seen.already_done,
+        "duplicates": seen.duplicates,
+        "invalid": seen.invalid,
+        "labelled": found.answered,
+        "failed": found.failed,
+        "prompt_tokens": found.prompt_tokens,
+        "completion_tokens": found.completion_tokens,
         "wall_seconds": round(wall, 3),
         "labelling_seconds": round(busy, 3),
-        "rows_per_second": round(counts.answered / busy, 3) if busy > 0 else None,
-        "completion_tokens_per_second": round(counts.completion_tokens / busy, 3)
-        if busy > 0
-        else None,
+        "rows_per_second": rows_rate,
+        "completion_tokens_per_second": tokens_rate,
     }
+    counts = _counts(state, outcome.failed_rows)
     meta.update(
-        status=info.status,
+        status=outcome.status,
         finished_at=md.now(),
-        versions=md.library_versions(info.backend_versions),
-        counts={**state.counts, "failed": {"rows": failed_rows}},
-        tokens=md.totals(state.counts),
+        versions=md.library_versions(outcome.backend_versions),
+        counts=counts,
+        tokens=md.totals(counts),
         throughput={
-            "rows_per_second": run_entry["rows_per_second"],
-            "completion_tokens_per_second": run_entry["completion_tokens_per_second"],
+            "rows_per_second": rows_rate,
+            "completion_tokens_per_second": tokens_rate,
         },
     )
     meta["runs"].append(run_entry)
@@ -493,44 +412,63 @@ def _finish_meta(
     write_text_atomic(job.files.card, render_card(meta, name=job.files.stem.name))
 
 
-def _summary(job: Job, counts: RunCounts, failed_rows: int, wall: float) -> None:
-    busy = counts.labelling_seconds
+def _summary(job: Job, seen: SourceCounts, found: LabelCounts, outcome: Outcome) -> None:
+    busy = found.seconds
     kept = "kept" if job.cfg.keep_truncated else "set aside"
+    wall = time.monotonic() - outcome.started_wall
     rows = [
-        ("prompts selected", console.fmt_int(counts.selected)),
-        ("already done (skipped)", console.fmt_int(counts.already_done)),
-        ("repeated prompts (labelled once)", console.fmt_int(counts.duplicates)),
-        ("labelled now", console.fmt_int(counts.answered)),
-        ("  -> train rows", console.fmt_int(counts.train)),
+        ("prompts selected", console.fmt_int(seen.selected)),
+        ("already done (skipped)", console.fmt_int(seen.already_done)),
+        ("repeated prompts (labelled once)", console.fmt_int(seen.duplicates)),
+        ("labelled now", console.fmt_int(found.answered)),
+        ("  -> train rows", console.fmt_int(found.train)),
     ]
     if job.cfg.eval_fraction:
-        rows.append(("  -> eval rows", console.fmt_int(counts.eval)))
+        rows.append(("  -> eval rows", console.fmt_int(found.eval)))
     rows += [
-        (f"truncated at --max-new-tokens ({kept})", console.fmt_int(counts.truncated)),
-        (f"empty answers ({kept})", console.fmt_int(counts.empty)),
-        ("failed (retried on rerun)", console.fmt_int(counts.failed)),
-        ("prompt tokens", console.fmt_int(counts.prompt_tokens)),
-        ("completion tokens", console.fmt_int(counts.completion_tokens)),
+        (f"truncated at --max-new-tokens ({kept})", console.fmt_int(found.truncated)),
+        (f"empty answers ({kept})", console.fmt_int(found.empty)),
+        ("failed (retried on rerun)", console.fmt_int(found.failed)),
+    ]
+    if seen.invalid:
+        rows.append(("prompts that could not be built", console.fmt_int(seen.invalid)))
+    rows += [
+        ("prompt tokens", console.fmt_int(found.prompt_tokens)),
+        ("completion tokens", console.fmt_int(found.completion_tokens)),
         ("wall time", f"{wall:,.1f} s"),
-        ("rows/s", console.fmt_rate(counts.answered / busy) if busy > 0 else "-"),
+        ("rows/s", console.fmt_rate(found.answered / busy) if busy > 0 else "-"),
         (
             "completion tokens/s",
-            console.fmt_rate(counts.completion_tokens / busy) if busy > 0 else "-",
+            console.fmt_rate(found.completion_tokens / busy) if busy > 0 else "-",
         ),
     ]
-    if failed_rows != counts.failed:
-        rows.append(("failed rows on file", console.fmt_int(failed_rows)))
-    console.summary_table(f"openkd generate: {job.files.output}", rows)
+    if outcome.failed_rows != found.failed:
+        rows.append(("failed rows on file", console.fmt_int(outcome.failed_rows)))
+    console.summary_table(f"openkd generate: {job.files.output} ({outcome.status})", rows)
 
 
-def _warn_if_truncating(job: Job, counts: RunCounts) -> None:
+def _warn_if_truncating(job: Job, found: LabelCounts) -> None:
     """Many answers cut at the limit usually means --max-new-tokens is too small for the task."""
-    if counts.answered and counts.truncated / counts.answered > 0.05:
-        share = 100 * counts.truncated / counts.answered
+    if found.answered and found.truncated / found.answered > 0.05:
+        share = 100 * found.truncated / found.answered
         console.warn(
             f"{share:.0f}% of answers hit --max-new-tokens {job.cfg.max_new_tokens}"
             + ("" if job.cfg.keep_truncated else " and were set aside")
             + "; consider a larger --max-new-tokens"
+        )
+
+
+def _raise_if_incomplete(job: Job, seen: SourceCounts, found: LabelCounts) -> None:
+    push_note = "; the Hub push was skipped" if job.cfg.push_to_hub else ""
+    if found.failed:
+        raise OpenkdError(
+            f"{found.failed:,} of {found.finished:,} prompts failed (reasons in "
+            f"{job.files.failed}){push_note}; rerun the same command to retry them"
+        )
+    if seen.invalid:
+        raise OpenkdError(
+            f"{seen.invalid:,} prompts could not be built and were skipped (first: "
+            f"{seen.problems[0]}){push_note}; fix or filter those rows and rerun the same command"
         )
 
 

@@ -1,20 +1,35 @@
-"""The one small interface every teacher backend implements.
+"""The one small interface every teacher backend implements: a stream of answers.
 
-A backend takes a batch of chat conversations and returns one `Completion` per conversation,
-in the same order. A request that failed after the backend's own retries comes back as a
-`Completion` with `error` set (never raised), so one bad prompt cannot lose a batch; problems
-that make the whole backend unusable (model path missing, server unreachable) raise
-`OpenkdError` from `start()` or `generate()`.
+A backend takes an iterator of `Request`s and yields `(request, completion)` as each answer
+finishes, in finish order, keeping enough requests inside the engine and refilling it as
+answers complete, so the teacher never waits for a batch's slowest answer. It pulls requests
+lazily: a dataset of any size flows through it without being held in memory.
+
+A request that failed after the backend's own retries comes back as a `Completion` with
+`error` set (never raised), so one bad prompt costs one answer. Problems that make the whole
+teacher unusable raise `OpenkdError` from `start()` or from the stream: a model path that
+does not exist, or `TeacherUnavailable` when the engine died or the server stopped answering.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 from openkd.data.schema import Message
+from openkd.errors import OpenkdError
 
 FINISH_ERROR = "error"
+
+
+class TeacherUnavailable(OpenkdError):
+    """The teacher cannot answer any more requests (engine dead, server unreachable).
+
+    The run stops sending, keeps what finished, and exits non-zero; a rerun continues.
+    """
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,15 @@ class Sampling:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One conversation for the teacher. `id` and `index` are the caller's, passed back as is."""
+
+    id: str
+    messages: list[Message]
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,9 @@ class Completion:
         return cls(text=None, finish_reason=FINISH_ERROR, error=reason)
 
 
+Answer = tuple[Request, Completion]
+
+
 class Backend(Protocol):
     """A teacher. Use as a context manager: `with make_backend(cfg) as teacher: ...`."""
 
@@ -60,9 +87,16 @@ class Backend(Protocol):
     def start(self) -> None:
         """Load the model or connect; raise OpenkdError with the fix if that is impossible."""
 
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
-        """One Completion per conversation, same order."""
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
+        """Each request answered once, yielded as soon as its answer is complete."""
         ...
+
+    def in_flight(self) -> int:
+        """How many requests the stream keeps inside the teacher at once."""
+        ...
+
+    def stop(self) -> None:
+        """Ask a running stream (in another thread) to return soon; thread-safe."""
 
     def close(self) -> None:
         """Free the engine, stop child processes. Safe to call twice."""
@@ -73,12 +107,18 @@ class Backend(Protocol):
 
 
 class BackendBase:
-    """Context-manager plumbing shared by the concrete backends."""
+    """Context-manager plumbing and the stop flag shared by the concrete backends."""
 
     name = "base"
 
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+
     def start(self) -> None:
         return None
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def close(self) -> None:
         return None
@@ -92,3 +132,48 @@ class BackendBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BatchedBackend(BackendBase):
+    """The default adapter for teachers without continuous batching (`model.generate`, a
+    synchronous distilabel class): requests are answered `in_flight()` at a time and yielded
+    as each group returns. Subclasses implement `generate_batch`."""
+
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+    def generate_batch(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+        """One Completion per conversation, same order."""
+        raise NotImplementedError
+
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
+        pending = iter(requests)
+        while not self.stopping.is_set():
+            group = list(islice(pending, self.in_flight()))
+            if not group:
+                return
+            answers = self.generate_batch([r.messages for r in group], sampling)
+            if len(answers) != len(group):
+                raise OpenkdError(
+                    f"the {self.name} backend returned {len(answers)} answers for {len(group)} "
+                    "prompts; this is a bug in the backend, please report it"
+                )
+            yield from zip(group, answers, strict=True)
+
+
+def answer_in_order(
+    backend: Backend,
+    conversations: list[list[Message]],
+    sampling: Sampling,
+    on_answer: Callable[[Completion], None] | None = None,
+) -> list[Completion]:
+    """Every conversation's answer, in input order, through the same streaming path as
+    `openkd generate` (for callers that answer a fixed list: eval, tests)."""
+    requests = (Request(id=str(i), messages=m, index=i) for i, m in enumerate(conversations))
+    answers: list[Completion | None] = [None] * len(conversations)
+    for request, completion in backend.stream(requests, sampling):
+        answers[request.index] = completion
+        if on_answer is not None:
+            on_answer(completion)
+    missing = "the teacher stopped before answering"
+    return [a if a is not None else Completion.failure(missing) for a in answers]

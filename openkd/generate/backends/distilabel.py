@@ -10,7 +10,8 @@ used. Facts about distilabel 1.5.3 this adapter relies on:
   - a `None` generation (e.g. an unreachable server inside a Task) is a failure, not an answer;
   - `AsyncLLM.generate` gathers requests without `return_exceptions`, so one bad prompt
     fails the whole batch; for async classes each prompt is sent with `agenerate` instead,
-    at most `--concurrency` at a time, and failures stay per prompt;
+    in a sliding window of `--concurrency` requests over the whole dataset (the next prompt
+    goes out as soon as an answer lands), and failures stay per prompt;
   - sampling arguments differ by class (`max_new_tokens` vs Anthropic's `max_tokens`,
     `stop` vs `stop_sequences`); each setting goes to the name the class accepts;
   - `distilabel.models.vLLM` breaks on vLLM's V1 engine; use `--backend vllm` for that.
@@ -22,12 +23,14 @@ import asyncio
 import importlib
 import inspect
 import os
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError
-from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.backends.base import Answer, BatchedBackend, Completion, Request, Sampling
 from openkd.generate.metadata import package_version
 
 if TYPE_CHECKING:
@@ -85,16 +88,21 @@ _VLLM_HINT = (
 )
 
 
-class DistilabelBackend(BackendBase):
+DEFAULT_IN_FLIGHT = 64  # hosted APIs rate-limit; raise --concurrency where yours allows more
+POLL_SECONDS = 0.25
+
+
+class DistilabelBackend(BatchedBackend):
     """A distilabel `LLM` behind openkd's backend interface."""
 
     name = "distilabel"
 
     def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
         assert cfg.llm_class is not None
         self.class_path = cfg.llm_class
         self.cls = import_llm_class(cfg.llm_class)
-        self.concurrency = cfg.concurrency
+        self.concurrency = cfg.concurrency or DEFAULT_IN_FLIGHT
         kwargs = _constructor_kwargs(self.cls, cfg)
         try:
             self.llm = self.cls(**kwargs)
@@ -130,27 +138,55 @@ class DistilabelBackend(BackendBase):
             found["openai"] = package_version("openai")
         return {k: v for k, v in found.items() if v}
 
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
-        arguments = self._generation_arguments(sampling)
+    def in_flight(self) -> int:
+        return self.concurrency
+
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
         from distilabel.models.llms.base import AsyncLLM
 
         if isinstance(self.llm, AsyncLLM) and not self.llm.use_offline_batch_generation:
-            outputs = self.llm.event_loop.run_until_complete(self._each(batch, arguments))
+            yield from self._window(iter(requests), sampling)
         else:
-            outputs = self._together(batch, arguments)
+            yield from super().stream(requests, sampling)
+
+    def generate_batch(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+        outputs = self._together(batch, self._generation_arguments(sampling))
         return [_completion(out, sampling) for out in outputs]
 
-    async def _each(self, batch: list[list[Message]], arguments: dict[str, Any]) -> list[Any]:
-        limit = asyncio.Semaphore(self.concurrency)
+    def _window(self, pending: Iterator[Request], sampling: Sampling) -> Iterator[Answer]:
+        """A sliding window of `agenerate` calls on the class's own event loop."""
+        arguments = self._generation_arguments(sampling)
+        loop = self.llm.event_loop
         with_n = getattr(self.llm, "_num_generations_param_supported", True)
+        running: dict[asyncio.Future[Any], Request] = {}
 
         async def one(messages: list[Message]) -> Any:
-            async with limit:
+            try:
                 if with_n:
                     return await self.llm.agenerate(input=messages, num_generations=1, **arguments)
                 return await self.llm.agenerate(input=messages, **arguments)
+            except Exception as exc:  # stays with its prompt
+                return exc
 
-        return await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
+        async def finished() -> set[Any]:
+            done, _ = await asyncio.wait(
+                set(running), timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            return done
+
+        try:
+            while not self.stopping.is_set():
+                for request in islice(pending, self.concurrency - len(running)):
+                    running[loop.create_task(one(request.messages))] = request
+                if not running:
+                    return
+                for task in loop.run_until_complete(finished()):
+                    yield running.pop(task), _completion(task.result(), sampling)
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                loop.run_until_complete(asyncio.gather(*running, return_exceptions=True))
 
     def _together(self, batch: list[list[Message]], arguments: dict[str, Any]) -> list[Any]:
         """One call for the batch; if it raises, one call per prompt so failures stay local."""

@@ -1,8 +1,12 @@
 """A deterministic offline teacher: answers by a learnable rule, fails or truncates on request.
 
-It exercises everything around a real teacher (batching, resume, failures, truncation
+It exercises everything around a real teacher (streaming, resume, failures, truncation
 filtering, token accounting) in seconds and without a model. Answers use the toy tasks in
 `openkd.testing.tasks` on the last user message, so a student trained on them can be scored.
+
+With `--mock-latency S` it behaves like a continuous-batching engine: at most `--concurrency`
+answers decode at once, each takes S seconds per answer token, and a freed slot takes the next
+request at once, so answers finish out of order (a long answer never holds up a short one).
 
 Lengths are counted in whitespace-separated words, or in the teacher tokenizer's tokens when
 `--teacher` is a local model directory (only the tokenizer is loaded).
@@ -10,21 +14,23 @@ Lengths are counted in whitespace-separated words, or in the teacher tokenizer's
 
 from __future__ import annotations
 
+import heapq
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError
-from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.backends.base import Answer, BackendBase, Completion, Request, Sampling
 from openkd.testing.tasks import reverse_words, sum_numbers
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DEFAULT_SLOTS = 256
 
 RULES: dict[str, Callable[[str], str]] = {
     "reverse": reverse_words,
@@ -61,8 +67,10 @@ class MockBackend(BackendBase):
     name = "mock"
 
     def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
         self.rule = RULES[cfg.mock_rule]
         self.latency = cfg.mock_latency
+        self.slots = cfg.concurrency or DEFAULT_SLOTS
         self.fail = _regex("--mock-fail", cfg.mock_fail)
         self.truncate = _regex("--mock-truncate", cfg.mock_truncate)
         self.teacher = cfg.teacher
@@ -85,13 +93,38 @@ class MockBackend(BackendBase):
 
         return {"transformers": transformers.__version__}
 
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
-        out = []
-        for messages in batch:
-            if self.latency:
-                time.sleep(self.latency)
-            out.append(self._answer(messages, sampling))
-        return out
+    def in_flight(self) -> int:
+        return self.slots if self.latency else 1
+
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
+        if not self.latency:
+            for request in requests:
+                if self.stopping.is_set():
+                    return
+                yield request, self._answer(request.messages, sampling)
+            return
+        yield from self._decode(iter(requests), sampling)
+
+    def _decode(self, pending: Iterator[Request], sampling: Sampling) -> Iterator[Answer]:
+        """Answers in the order a `slots`-wide engine would finish them, in real time."""
+        running: list[tuple[float, int, Request, Completion]] = []
+        order = 0
+        while not self.stopping.is_set():
+            while len(running) < self.slots:
+                request = next(pending, None)
+                if request is None:
+                    break
+                answer = self._answer(request.messages, sampling)
+                ends = time.monotonic() + self.latency * max(1, answer.completion_tokens)
+                heapq.heappush(running, (ends, order, request, answer))
+                order += 1
+            if not running:
+                return
+            delay = running[0][0] - time.monotonic()
+            if delay > 0 and self.stopping.wait(delay):
+                return
+            _, _, request, answer = heapq.heappop(running)
+            yield request, answer
 
     def _answer(self, messages: list[Message], sampling: Sampling) -> Completion:
         prompt = last_user_message(messages)

@@ -1,9 +1,13 @@
 """The teacher behind any OpenAI-compatible endpoint (`--backend openai`), or a vLLM server
 that openkd starts for the run (`--serve`).
 
-One event loop and one async client live as long as the backend; `generate` runs a batch
-concurrently under a semaphore. Retries are done here, not by the client, so the schedule
-(exponential backoff with seeded jitter, honouring Retry-After) is deterministic and tested.
+One event loop, one async client and one connection pool (sized to the in-flight limit) live
+as long as the backend. `stream` keeps a sliding window of requests over the whole dataset:
+as soon as one answer lands, the next prompt is sent, so the server's batch stays full.
+Retries are done here, not by the client, so the schedule (exponential backoff with seeded
+jitter, honouring Retry-After) is deterministic and tested. When requests keep failing to
+connect, the server is gone: the stream raises `TeacherUnavailable` instead of marking every
+remaining prompt failed, and what finished is kept.
 """
 
 from __future__ import annotations
@@ -11,11 +15,19 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.backends.base import (
+    Answer,
+    BackendBase,
+    Completion,
+    Request,
+    Sampling,
+    TeacherUnavailable,
+)
 from openkd.generate.engine import check_answer_fits
 
 if TYPE_CHECKING:
@@ -27,6 +39,22 @@ if TYPE_CHECKING:
 NO_KEY = "EMPTY"
 RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 MAX_MESSAGE = 300
+# In flight by default: vLLM serve's max_num_seqs on most GPUs (1024 on H100/H200-class ones,
+# so a --serve'd server gets that many per replica); more than the server runs just queue there.
+DEFAULT_IN_FLIGHT = 256
+SERVED_IN_FLIGHT = 1024
+# Requests in a row that could not connect, each after its retries: the server is gone.
+UNREACHABLE_AFTER = 8
+POLL_SECONDS = 0.25  # how often a waiting stream looks at the stop flag
+
+
+def unreachable(err: BaseException) -> bool:
+    """The server could not be reached at all (not a slow answer, not an HTTP error)."""
+    import openai
+
+    return isinstance(err, openai.APIConnectionError) and not isinstance(
+        err, openai.APITimeoutError
+    )
 
 
 def retryable(err: BaseException) -> bool:
@@ -77,14 +105,22 @@ class OpenAIBackend(BackendBase):
     connect_timeout = 10.0
 
     def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self.base_url = cfg.base_url
         self.served: ServedTeacher | None = None
         self.server_version: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
-        self._semaphore: asyncio.Semaphore | None = None
         self._rng = random.Random(cfg.seed)
+
+    def in_flight(self) -> int:
+        if self.cfg.concurrency:
+            return self.cfg.concurrency
+        if self.cfg.serve:
+            per_replica = 2 * self.cfg.max_num_seqs if self.cfg.max_num_seqs else SERVED_IN_FLIGHT
+            return per_replica * self.cfg.data_parallel_size
+        return DEFAULT_IN_FLIGHT
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -111,19 +147,24 @@ class OpenAIBackend(BackendBase):
             self.base_url, api_key = self.served.base_url, self.served.api_key
         if not self.base_url:
             raise ConfigError("--backend openai needs --base-url URL or --serve")
+        import httpx
+        from openai import DefaultAsyncHttpxClient
+
         self._loop = asyncio.new_event_loop()
+        slots = self.in_flight()
+        pool = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
         self._client = AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key,
             max_retries=0,
             timeout=self.cfg.request_timeout,
+            http_client=DefaultAsyncHttpxClient(limits=pool, timeout=self.cfg.request_timeout),
         )
-        self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
         self._run(self._check_endpoint())
 
     def close(self) -> None:
         loop, client = self._loop, self._client
-        self._loop = self._client = self._semaphore = None
+        self._loop = self._client = None
         try:
             if loop is not None and not loop.is_closed():
                 pending = asyncio.all_tasks(loop)
@@ -198,42 +239,84 @@ class OpenAIBackend(BackendBase):
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
-        if self._client is None:
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
+        if self._client is None or self._loop is None:
             raise OpenkdError("the openai teacher is not started; use it as `with backend: ...`")
-        return self._run(self._generate_batch(batch, sampling))
+        pending = iter(requests)
+        running: dict[asyncio.Future[Completion], Request] = {}
+        # Requests that could not connect, held back: if the server is gone they are not
+        # failures of their prompts, just unfinished work for the rerun.
+        unsure: list[Answer] = []
+        limit = self.in_flight()
+        try:
+            while True:
+                while len(running) < limit and not self.stopping.is_set():
+                    request = next(pending, None)
+                    if request is None:
+                        break
+                    task = self._loop.create_task(self._complete(request.messages, sampling))
+                    running[task] = request
+                if not running or self.stopping.is_set():
+                    yield from unsure
+                    return
+                done = self._run(self._finished(set(running)))
+                for task in done:
+                    request = running.pop(task)
+                    completion, connect_failed = task.result()
+                    if connect_failed:
+                        unsure.append((request, completion))
+                        if len(unsure) >= UNREACHABLE_AFTER:
+                            raise TeacherUnavailable(
+                                f"the teacher server at {self.base_url} stopped answering "
+                                f"({completion.error}); finished answers are kept: bring the "
+                                "server back and rerun the same command to continue"
+                            )
+                        continue
+                    yield from unsure
+                    unsure.clear()
+                    yield request, completion
+        finally:
+            self._cancel(running)
 
-    async def _generate_batch(
-        self, batch: list[list[Message]], sampling: Sampling
-    ) -> list[Completion]:
-        return list(await asyncio.gather(*(self._complete(conv, sampling) for conv in batch)))
+    async def _finished(self, tasks: set[asyncio.Future[Completion]]) -> set[Any]:
+        done, _ = await asyncio.wait(
+            tasks, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+        return done
 
-    async def _complete(self, conversation: list[Message], sampling: Sampling) -> Completion:
-        assert self._semaphore is not None
+    def _cancel(self, running: dict[Any, Request]) -> None:
+        if not running or self._loop is None or self._loop.is_closed():
+            return
+        for task in running:
+            task.cancel()
+        self._run(asyncio.gather(*running, return_exceptions=True))
+
+    async def _complete(
+        self, conversation: list[Message], sampling: Sampling
+    ) -> tuple[Completion, bool]:
+        """The answer, and whether the last attempt failed to reach the server at all."""
         attempts = self.cfg.max_retries + 1
-        async with self._semaphore:
-            for attempt in range(attempts):
-                try:
-                    response = await self._client.chat.completions.create(
-                        model=self.cfg.teacher,
-                        messages=conversation,
-                        temperature=sampling.temperature,
-                        top_p=sampling.top_p,
-                        max_tokens=sampling.max_new_tokens,
-                        seed=sampling.seed,
-                        stop=list(sampling.stop) or None,
-                        n=1,
-                    )
-                except Exception as err:
-                    if not retryable(err):
-                        return Completion.failure(describe(err))
-                    if attempt + 1 == attempts:
-                        return Completion.failure(
-                            f"{describe(err)} (gave up after {attempts} attempts)"
-                        )
-                    await asyncio.sleep(self.backoff(attempt, err))
-                else:
-                    return self._to_completion(response)
+        for attempt in range(attempts):
+            try:
+                response = await self._client.chat.completions.create(
+                    model=self.cfg.teacher,
+                    messages=conversation,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    seed=sampling.seed,
+                    stop=list(sampling.stop) or None,
+                    n=1,
+                )
+            except Exception as err:
+                if not retryable(err):
+                    return Completion.failure(describe(err)), False
+                if attempt + 1 == attempts:
+                    reason = f"{describe(err)} (gave up after {attempts} attempts)"
+                    return Completion.failure(reason), unreachable(err)
+                await asyncio.sleep(self.backoff(attempt, err))
+            else:
+                return self._to_completion(response), False
         raise AssertionError("unreachable")
 
     def backoff(self, attempt: int, err: BaseException | None = None) -> float:

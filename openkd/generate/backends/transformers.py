@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError
-from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.backends.base import BatchedBackend, Completion, Sampling
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Prompts per forward pass: big enough to keep a CPU busy, small enough that left padding
 # and the KV cache stay cheap. Prompts are sorted by length first, so padding is small.
 MICRO_BATCH = 32
+DEFAULT_IN_FLIGHT = 256  # prompts sorted by length together; answered MICRO_BATCH at a time
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -130,17 +131,19 @@ def stop_on_text(tokenizer: Any, stop: tuple[str, ...], prompt_width: int) -> An
     return StoppingCriteriaList([StopOnText()])
 
 
-class TransformersBackend(BackendBase):
+class TransformersBackend(BatchedBackend):
     """A Hugging Face causal LM answering with `model.generate`, in float32 on CPU."""
 
     name = "transformers"
 
     def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
+        self.group = cfg.concurrency or DEFAULT_IN_FLIGHT
         self.model_name = cfg.teacher
         self.revision = cfg.revision
         self.trust_remote_code = cfg.trust_remote_code
         self.dtype = cfg.dtype
-        self.micro_batch = min(cfg.batch_size, MICRO_BATCH)
+        self.micro_batch = min(self.group, MICRO_BATCH)
         self.max_model_len = cfg.max_model_len
         self.model: Any = None
         self.tokenizer: Any = None
@@ -197,7 +200,10 @@ class TransformersBackend(BackendBase):
     def render(self, messages: list[Message]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+    def in_flight(self) -> int:
+        return self.group
+
+    def generate_batch(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
         if self.model is None:
             raise OpenkdError("the transformers backend was used before start(); this is a bug")
         results: list[Completion | None] = [None] * len(batch)
@@ -254,7 +260,7 @@ class TransformersBackend(BackendBase):
                 )
         except torch.OutOfMemoryError:
             raise OpenkdError(
-                f"out of memory generating {len(prompts)} answers at once; lower --batch-size"
+                f"out of memory generating {len(prompts)} answers at once; lower --concurrency"
             ) from None
         new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
         return [

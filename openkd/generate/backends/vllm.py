@@ -1,19 +1,32 @@
 """The teacher as a vLLM engine inside this process (`--backend vllm`).
 
-Conversations go through `LLM.chat`, so the teacher tokenizer's own chat template renders
-them. vLLM 0.32 validates a whole `chat` call at once and raises if any prompt is longer than
-the context, so prompts are measured first and only the over-long ones fail.
+The engine is driven directly: each conversation is rendered by vLLM's own chat path
+(`LLM.enqueue_chat`, the teacher tokenizer's template) and added to the engine, and
+`LLMEngine.step()` runs it; finished answers are yielded as the engine completes them. A window
+of requests (twice the engine's `max_num_seqs` by default) stays inside the engine, so its
+scheduler always has work to fill a slot the moment an answer ends, and nothing ever waits for
+a batch's slowest answer. A prompt vLLM rejects (longer than the context) fails alone; a dead
+engine stops the run with `TeacherUnavailable`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.backends.base import BackendBase, Completion, Sampling
+from openkd.generate.backends.base import (
+    Answer,
+    BackendBase,
+    Completion,
+    Request,
+    Sampling,
+    TeacherUnavailable,
+)
 from openkd.generate.engine import (
     GENERATION_CONFIG_KEYS,
     check_answer_fits,
@@ -24,11 +37,9 @@ from openkd.generate.engine import (
 )
 
 if TYPE_CHECKING:
-    from openkd.data.schema import Message
     from openkd.generate.config import GenerateConfig
 
-
-BYTE_SLACK = 16
+MIN_IN_FLIGHT = 64
 
 
 class VLLMBackend(BackendBase):
@@ -37,12 +48,16 @@ class VLLMBackend(BackendBase):
     name = "vllm"
 
     def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self._llm: Any = None
-        self._tokenizer: Any = None
         self._max_model_len = 0
+        self._max_num_seqs = 0
         self._defaults: dict[str, Any] = {}
         self.start_seconds = 0.0
+
+    def in_flight(self) -> int:
+        return self.cfg.concurrency or max(MIN_IN_FLIGHT, 2 * self._max_num_seqs)
 
     def start(self) -> None:
         if self._llm is not None:
@@ -78,7 +93,8 @@ class VLLMBackend(BackendBase):
         model_config = self._llm.model_config
         self._max_model_len = int(model_config.max_model_len)
         check_answer_fits(self.cfg.max_new_tokens, self._max_model_len, "vLLM's max_model_len")
-        self._tokenizer = self._llm.get_tokenizer()
+        scheduler = self._llm.llm_engine.vllm_config.scheduler_config
+        self._max_num_seqs = int(scheduler.max_num_seqs)
         # `vllm serve` applies these from generation_config.json to every request; doing
         # the same here keeps the two backends' answers identical.
         diff = model_config.get_diff_sampling_param()
@@ -101,61 +117,58 @@ class VLLMBackend(BackendBase):
             stop=list(sampling.stop) or None,
         )
 
-    def render(self, conversation: list[Message]) -> str:
-        """The prompt text vLLM's chat path builds: the teacher's template, generation prompt on."""
-        return self._tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
-
-    def prompt_tokens(self, text: str) -> int:
-        """Tokens of a rendered prompt, counted as vLLM counts them (no extra special tokens)."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
-
-    def generate(self, batch: list[list[Message]], sampling: Sampling) -> list[Completion]:
+    def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
         if self._llm is None:
             raise OpenkdError("the vLLM teacher is not started; use it as `with backend: ...`")
-        problems = [self._length_problem(conversation) for conversation in batch]
-        runnable = [conv for conv, problem in zip(batch, problems, strict=True) if problem is None]
-        answers = iter(self._chat(runnable, self.sampling_params(sampling)))
-        return [Completion.failure(p) if p else next(answers) for p in problems]
-
-    def _length_problem(self, conversation: list[Message]) -> str | None:
+        params = self.sampling_params(sampling)
+        engine = self._llm.llm_engine
+        pending = iter(requests)
+        running: dict[str, Request] = {}
+        limit = self.in_flight()
         try:
-            text = self.render(conversation)
-        except Exception as err:
-            return f"the teacher's chat template cannot render this prompt ({first_line(err)})"
-        # Every token covers at least one byte of text, so short prompts need no tokenizing
-        # (the slack covers a SentencePiece dummy prefix); tokenizing dominates this check.
-        if len(text.encode("utf-8")) + BYTE_SLACK < self._max_model_len:
-            return None
-        n = self.prompt_tokens(text)
-        if n >= self._max_model_len:
-            return (
-                f"prompt is {n} tokens but the teacher's context is {self._max_model_len} "
-                "(--max-model-len), leaving no room for an answer"
-            )
-        return None
+            while not self.stopping.is_set():
+                while len(running) < limit:
+                    request = next(pending, None)
+                    if request is None:
+                        break
+                    added = self._add(request, params)
+                    if isinstance(added, Completion):
+                        yield request, added
+                    else:
+                        running[added] = request
+                if not running:
+                    return
+                try:
+                    outputs = engine.step()
+                except Exception as err:
+                    self._raise_if_engine_dead(err)
+                    raise
+                for output in outputs:
+                    if output.finished:
+                        yield running.pop(output.request_id), to_completion(output)
+        finally:
+            if running and self._llm is not None:
+                # A dead engine has nothing left to abort.
+                with contextlib.suppress(Exception):
+                    engine.abort_request(list(running))
 
-    def _chat(self, conversations: list[list[Message]], params: Any) -> list[Completion]:
-        """One `LLM.chat` call; if vLLM rejects the batch, isolate the prompts it rejects."""
-        if not conversations:
-            return []
+    def _add(self, request: Request, params: Any) -> str | Completion:
+        """Add one conversation to the engine: its request id, or the failure if vLLM refuses it."""
         try:
-            outputs = self._llm.chat(conversations, params, use_tqdm=False)
+            [added] = self._llm.enqueue_chat([request.messages], params, use_tqdm=False)
         except Exception as err:
             self._raise_if_engine_dead(err)
-            if len(conversations) == 1:
-                return [Completion.failure(f"vLLM rejected the prompt ({first_line(err)})")]
-            return [c for conv in conversations for c in self._chat([conv], params)]
-        return [to_completion(output) for output in outputs]
+            return Completion.failure(f"vLLM rejected the prompt ({first_line(err)})")
+        # vLLM answers under the id it was given; the id it returns carries a random suffix.
+        return added.split("-", 1)[0]
 
     def _raise_if_engine_dead(self, err: Exception) -> None:
         # Only an imported module can have raised its own exception type: no import needed.
         exceptions = sys.modules.get("vllm.v1.engine.exceptions")
         if exceptions is not None and isinstance(err, exceptions.EngineDeadError):
-            raise OpenkdError(
-                f"the vLLM engine died ({first_line(err)}); see vLLM's log above, then rerun "
-                "the same command to resume"
+            raise TeacherUnavailable(
+                f"the vLLM engine died ({first_line(err)}); finished answers are kept: see "
+                "vLLM's log above, then rerun the same command to continue"
             ) from err
 
     def close(self) -> None:

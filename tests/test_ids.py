@@ -1,0 +1,53 @@
+"""Record ids: the fast path gives exactly the ids on disk; the compact id set answers like a set."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+
+from openkd.data.schema import record_id
+from openkd.generate.ids import IdSet, RecordIds, to_keys
+
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64, "stop": ["\n\n"], "seed": 3}
+
+
+def test_fast_ids_equal_record_id_for_every_kind_of_prompt() -> None:
+    prompts = [
+        [{"role": "user", "content": "plain"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'q "quoted"\n'}],
+        [{"role": "user", "content": "unicode: café ∑ 漢字 😀 \u2028 \x00"}],
+        [{"role": "user", "content": ""}],
+        [{"content": "keys in the other order", "role": "user"}],
+        [{"role": "user", "content": "extra key", "name": "bob"}],  # not {role, content}
+    ]
+    for teacher in ("Qwen/Qwen2.5-7B-Instruct", "/models/tëacher@rev"):
+        fast = RecordIds(teacher, SAMPLING)
+        for messages in prompts:
+            assert fast.of(messages) == record_id(messages, teacher, SAMPLING), messages
+
+
+def test_id_set_membership_matches_a_python_set() -> None:
+    rng = random.Random(0)
+    ids = [os.urandom(16).hex() for _ in range(5000)]
+    ours, reference = IdSet(to_keys(ids[:1000])), set(ids[:1000])
+    for start in range(1000, 5000, 317):  # uneven chunks, as the source adds them
+        chunk = ids[start : start + 317]
+        ours.add(to_keys(chunk))
+        reference.update(chunk)
+        probe = rng.sample(ids, 200) + [os.urandom(16).hex() for _ in range(50)]
+        found = ours.contains(to_keys(probe))
+        assert found.tolist() == [p in reference for p in probe]
+    assert len(ours) == len(reference) == 5000
+    assert ours.keys().tolist() == sorted(to_keys(ids).tolist())
+    assert len(ours._runs) <= 12  # merged like a binary counter, not one run per chunk
+
+
+def test_empty_set_and_keys_with_zero_bytes() -> None:
+    empty = IdSet()
+    assert empty.contains(to_keys(["00" * 16])).tolist() == [False]
+    zeros = ["00" * 15 + "01", "00" * 16, "01" + "00" * 15]  # trailing NULs must still count
+    s = IdSet(to_keys(zeros[:2]))
+    assert s.contains(to_keys(zeros)).tolist() == [True, True, False]
+    assert s.keys().dtype == np.dtype("S16")

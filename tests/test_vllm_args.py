@@ -1,0 +1,103 @@
+"""`--vllm-args`: engine options users tune reach `vllm.LLM` and the `--serve` server alike, and a
+wrong key fails before any engine starts, naming it."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import pytest
+
+from openkd.errors import ConfigError
+from openkd.generate.config import GenerateConfig
+from openkd.generate.engine import check_vllm_args, engine_options
+from openkd.generate.server import vllm_server_command
+from tests.conftest import run_cli, write_jsonl
+
+TUNED = {
+    "quantization": "fp8",
+    "kv_cache_dtype": "fp8",
+    "max_num_batched_tokens": 16384,
+    "enable_prefix_caching": True,
+    "speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4},
+}
+
+
+def config(**extra) -> GenerateConfig:
+    return GenerateConfig(
+        **{"teacher": "org/teacher", "dataset": "d.jsonl", "backend": "vllm", **extra}
+    )
+
+
+def test_json_flag_and_yaml_mapping_give_the_same_options() -> None:
+    import json
+
+    from_flag = config(vllm_args=json.dumps(TUNED))
+    assert from_flag.vllm_args == TUNED
+    options = engine_options(from_flag)
+    assert options["quantization"] == "fp8" and options["speculative_config"]["method"] == "ngram"
+    assert options["tensor_parallel_size"] == 1  # openkd's own options stay
+
+
+def test_served_command_carries_them_and_vllms_parser_accepts_it(tmp_path: Path) -> None:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cfg = config(backend="openai", serve=True, vllm_args=TUNED, output=tmp_path / "t.jsonl")
+    cmd = vllm_server_command(cfg, 8123)
+    for module in ("vllm.entrypoints.openai.cli_args", "vllm.entrypoints.launchers.cli_args"):
+        try:
+            parser = importlib.import_module(module).make_arg_parser(FlexibleArgumentParser())
+            break
+        except (ImportError, AttributeError):
+            continue
+    args = parser.parse_args(cmd[3:])
+    assert args.quantization == "fp8" and args.kv_cache_dtype == "fp8"
+    assert args.max_num_batched_tokens == 16384 and args.enable_prefix_caching is True
+    assert args.speculative_config["num_speculative_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("vllm_args", "message"),
+    [
+        (
+            {"quantisation": "fp8"},
+            r"'quantisation' is not a vLLM engine option \(did you mean 'quantization'\?\)",
+        ),
+        (
+            {"dtype": "bfloat16"},
+            r"sets 'dtype', which openkd sets from --dtype; pass --dtype instead",
+        ),
+    ],
+)
+def test_unknown_or_owned_keys_are_named(vllm_args: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_vllm_args(vllm_args)
+
+
+def test_bad_json_and_wrong_backend_are_config_errors() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="is not valid JSON"):
+        config(vllm_args="{quantization: fp8}")
+    with pytest.raises(ValidationError, match="must be a JSON object"):
+        config(vllm_args="[1, 2]")
+    with pytest.raises(ValidationError, match="--vllm-args configures a vLLM engine"):
+        config(backend="mock", vllm_args={"quantization": "fp8"})
+
+
+def test_cli_unknown_key_fails_before_the_engine_starts(tiny_model: Path, tmp_path: Path) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Reverse the words: a b"}])
+    out = tmp_path / "t.jsonl"
+    t0 = time.monotonic()
+    result = run_cli(
+        "generate", "--teacher", tiny_model, "--dataset", prompts, "--output", out,
+        "--backend", "vllm", "--vllm-args", '{"enable_prefix_cache": true}', timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "'enable_prefix_cache' is not a vLLM engine option" in line
+    assert "did you mean 'enable_prefix_caching'" in line
+    assert "loading teacher" not in result.stderr  # no engine was started
+    assert not out.exists()
+    assert time.monotonic() - t0 < 120
