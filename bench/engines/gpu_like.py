@@ -231,7 +231,7 @@ class Engine:
                 rate = (self.step - checked_steps) / expected
                 if rate < KEEPING_UP and self.busy() and now - warned_at >= WARN_EVERY_S:
                     warn(
-                        f"warning: the engine fell behind: {rate:.0%} of the nominal "
+                        f"warning: the engine fell behind: {rate:.1%} of the nominal "
                         f"{1 / self.step_seconds:.0f} steps/s over the last {now - checked_at:.1f} s"
                     )
                     warned_at = now
