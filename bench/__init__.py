@@ -9,6 +9,7 @@ another size. One module per benchmark, each runnable alone: `python -m bench --
 BENCHMARKS = (
     "generate_mock",
     "resume",
+    "generate_streaming",
     "train",
     "packing",
     "generate_vllm",

@@ -143,24 +143,27 @@ def background(
         stop_group(proc)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, *, log: Path, timeout: float) -> float:
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen,
+    *,
+    log: Path,
+    timeout: float,
+    what: str = "the vLLM server",
+) -> float:
     """Seconds until `url` answers 200; BenchError if the server dies or never gets there."""
     import httpx
 
     t0 = time.monotonic()
-    with console.status("  starting the vLLM server") as status:
+    with console.status(f"  starting {what}") as status:
         while True:
             elapsed = time.monotonic() - t0
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url, timeout=5).status_code == 200:
                     return elapsed
             if proc.poll() is not None:
-                raise BenchError(
-                    f"the vLLM server exited while starting (log: {log}):\n{log_tail(log)}"
-                )
+                raise BenchError(f"{what} exited while starting (log: {log}):\n{log_tail(log)}")
             if elapsed > timeout:
-                raise BenchError(
-                    f"the vLLM server was not healthy after {timeout:.0f} s (log: {log})"
-                )
-            status.update(f"  starting the vLLM server: {elapsed:.0f} s")
+                raise BenchError(f"{what} was not healthy after {timeout:.0f} s (log: {log})")
+            status.update(f"  starting {what}: {elapsed:.0f} s")
             time.sleep(0.5)
