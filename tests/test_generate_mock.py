@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from openkd.generate.plan import in_eval_split
+from openkd.generate.source import in_eval_split
 from openkd.testing import make_prompts, reverse_words
 from tests.conftest import read_jsonl, write_jsonl
 
@@ -356,3 +356,34 @@ def test_messages_column_and_system_prompt_reach_the_record(tmp_path):
         assert row["prompt"][0] == {"role": "system", "content": "Reverse it."}
         assert row["prompt"][1]["role"] == "user" and len(row["prompt"]) == 2
         assert row["completion"][0]["content"] == reverse_words(row["prompt"][1]["content"])
+
+
+def test_rerun_of_a_finished_run_skips_the_dataset_until_something_changes(tmp_path):
+    prompts = make_prompts(40)
+    dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts[:30]])
+    out = tmp_path / "t.jsonl"
+    assert generate(dataset, out, "--eval-fraction", "0.2").returncode == 0
+    again = generate(dataset, out, "--eval-fraction", "0.2")
+    assert again.returncode == 0, again.stderr
+    assert "nothing to label: the 30 prompts selected from" in again.stderr
+    assert "were all labelled by an earlier run" in again.stderr
+    meta = json.loads((tmp_path / "t.meta.json").read_text())
+    assert [r["status"] for r in meta["runs"]] == ["complete", "complete"]
+    assert meta["runs"][-1]["already_done"] == 30 and meta["runs"][-1]["labelled"] == 0
+
+    # Other settings, or a changed dataset, are read again: nothing is skipped on trust.
+    fewer = generate(dataset, out, "--eval-fraction", "0.2", "--max-samples", "10")
+    assert fewer.returncode == 0, fewer.stderr
+    assert "were all labelled by an earlier run" not in fewer.stderr
+    assert "nothing to label: every selected prompt is in t.jsonl" in fewer.stderr
+    write_jsonl(dataset, [{"prompt": p} for p in prompts])  # 10 new prompts appended
+    more = generate(dataset, out, "--eval-fraction", "0.2")
+    assert more.returncode == 0, more.stderr
+    assert re.search(r"labelled now\s*│\s*10 ", more.stderr)
+    assert len(ids(out)) + len(ids(tmp_path / "t.eval.jsonl")) == 40
+
+    # An output edited since (a row removed) is noticed too, and the row relabelled.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[1:]))
+    fixed = generate(dataset, out, "--eval-fraction", "0.2")
+    assert re.search(r"labelled now\s*│\s*1 ", fixed.stderr), fixed.stderr

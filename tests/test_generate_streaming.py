@@ -210,7 +210,9 @@ def test_disk_full_is_one_line_and_a_rerun_repairs_and_completes(tmp_path, monke
     monkeypatch.undo()
     again = generate(dataset, out)
     assert again.returncode == 0, again.stderr
-    assert "bytes of a torn last line (an earlier run was killed or ran out of disk)" in again.stderr
+    assert (
+        "bytes of a torn last line (an earlier run was killed or ran out of disk)" in again.stderr
+    )
     clean = tmp_path / "clean.jsonl"
     assert generate(dataset, clean).returncode == 0
     assert canon(out) == canon(clean)

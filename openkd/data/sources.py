@@ -40,6 +40,33 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
 
 
+def local_files(spec: str) -> list[Path] | None:
+    """The files a local `spec` (file, glob or directory) reads; None for a Hub id."""
+    expanded = os.path.expanduser(spec)
+    if any(ch in expanded for ch in GLOB_CHARS):
+        return sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    if os.path.isfile(expanded):
+        return [Path(expanded)]
+    if os.path.isdir(expanded):
+        return sorted(p for p in Path(expanded).rglob("*") if p.is_file())
+    return None
+
+
+def source_stamp(spec: str) -> str | None:
+    """A fingerprint of a local dataset's files (paths, sizes, modification times), taken without
+    reading them; None for a Hub dataset. Equal stamps mean the files were not changed."""
+    import hashlib
+
+    files = local_files(spec)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        digest.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_source(spec: str, *, split: str = "train", subset: str | None = None) -> Dataset:
     """The dataset at `spec` as one split; OpenkdError naming the problem if it can't be read."""
     expanded = os.path.expanduser(spec)

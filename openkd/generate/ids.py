@@ -4,9 +4,10 @@
 on disk stay valid across versions) about three times faster: the teacher and sampling part
 of the hashed JSON is built once, and {role, content} messages are serialised by hand.
 
-`IdSet` holds ids as 16-byte keys in a few sorted numpy arrays (merged like a binary
-counter), so a 1M-prompt run keeps 16 MB of ids instead of ~100 MB of Python strings, and
-membership is checked a chunk of prompts at a time.
+`IdSet` holds the first 12 bytes of each id (96 bits: among 100M ids, the chance that any two
+share them is 1e-13) in sorted numpy arrays (small ones merged like a binary counter, none
+larger than `MAX_RUN`, so no merge ever copies the whole set): a 1M-prompt run keeps 12 MB of
+ids instead of ~100 MB of Python strings, and membership is checked a chunk of prompts at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 KEY_BYTES = 16
 KEY_DTYPE = "S16"
+SET_BYTES = 12  # of each key, held by IdSet
+# Keys per sorted run (1.5 MiB). Full runs are never merged again: memory grows by 12 bytes an
+# id with no copies of the whole set, and a lookup costs one binary search per 131k ids.
+MAX_RUN = 1 << 17
 _JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
 
 
@@ -69,20 +74,21 @@ def to_keys(ids: list[str]) -> np.ndarray:
 class IdSet:
     """A growing set of 16-byte keys in sorted runs; queried and extended in chunks."""
 
-    def __init__(self, keys: np.ndarray | None = None, *, unique_sorted: bool = False) -> None:
+    def __init__(self, keys: np.ndarray | None = None) -> None:
         import numpy as np
 
         self._runs: list[np.ndarray] = []
         if keys is not None and len(keys):
-            self._runs.append(keys if unique_sorted else np.unique(keys))
+            self._runs.append(np.unique(_short(keys)))
 
     def __len__(self) -> int:
         return sum(len(run) for run in self._runs)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
-        """A boolean mask: which of `keys` are in the set."""
+        """A boolean mask: which of `keys` (16-byte keys) are in the set."""
         import numpy as np
 
+        keys = _short(keys)
         found = np.zeros(len(keys), dtype=bool)
         for run in self._runs:
             at = np.searchsorted(run, keys)
@@ -96,15 +102,33 @@ class IdSet:
 
         if not len(keys):
             return
-        self._runs.append(np.sort(keys))
-        # Keep run sizes decreasing geometrically: O(log n) runs, each key re-sorted O(log n) times.
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            last = self._runs.pop()
-            self._runs[-1] = np.sort(np.concatenate((self._runs[-1], last)))
+        self._runs.append(np.sort(_short(keys)))
+        # Small runs merge while sizes stay geometric (each key re-sorted O(log n) times); a
+        # merge that would pass MAX_RUN is not made.
+        runs = self._runs
+        while (
+            len(runs) > 1
+            and len(runs[-2]) <= 2 * len(runs[-1])
+            and len(runs[-2]) + len(runs[-1]) <= MAX_RUN
+        ):
+            last = runs.pop()
+            runs[-1] = np.concatenate((runs[-1], last))
+            runs[-1].sort(kind="stable")  # in place: two sorted runs merge in one pass
 
     def keys(self) -> np.ndarray:
+        """Every key held (their first SET_BYTES bytes), sorted."""
         import numpy as np
 
         if not self._runs:
-            return np.empty(0, dtype=KEY_DTYPE)
+            return np.empty(0, dtype=f"S{SET_BYTES}")
         return np.sort(np.concatenate(self._runs)) if len(self._runs) > 1 else self._runs[0]
+
+
+def _short(keys: np.ndarray) -> np.ndarray:
+    """The first SET_BYTES bytes of 16-byte keys, as a compact array."""
+    import numpy as np
+
+    if keys.dtype.itemsize == SET_BYTES:
+        return keys
+    raw = keys.view(np.uint8).reshape(-1, keys.dtype.itemsize)[:, :SET_BYTES]
+    return np.ascontiguousarray(raw).view(f"S{SET_BYTES}").ravel()

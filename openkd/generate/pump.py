@@ -19,7 +19,7 @@ from openkd.generate.backends.base import Answer
 
 _END = object()
 # Answers the worker may run ahead of the writer; beyond this it waits (memory stays bounded).
-MAX_BUFFERED = 8192
+MAX_BUFFERED = 1024
 STOP_WAIT = 30.0  # seconds to wait for the worker after asking the backend to stop
 
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from openkd.data.jsonl import fsync_dir, iter_jsonl, repair_torn_tail, write_text_atomic
 from openkd.errors import OpenkdError
-from openkd.generate.ids import KEY_BYTES, KEY_DTYPE, to_keys
+from openkd.generate.ids import KEY_BYTES, KEY_DTYPE, IdSet, to_keys
 from openkd.generate.outputs import ROW_KINDS, OutputFiles
 
 if TYPE_CHECKING:
-    import numpy as np
+    from openkd.generate.config import GenerateConfig
 
 INDEX_FORMAT = "openkd.index/1"
 CHECK_BYTES = 4096
@@ -129,7 +129,7 @@ class Index:
 
 @dataclass
 class ResumeState:
-    done: np.ndarray  # sorted unique 16-byte keys of every labelled row
+    done: IdSet  # every labelled row's id
     index: Index  # up to date with the row files on disk
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier, not yet answered
     repaired: list[tuple[Path, int]] = field(default_factory=list)
@@ -137,7 +137,7 @@ class ResumeState:
 
     @property
     def has_rows(self) -> bool:
-        return bool(len(self.done))
+        return len(self.done) > 0
 
     @property
     def counts(self) -> dict[str, Tally]:
@@ -145,15 +145,11 @@ class ResumeState:
 
 
 def empty_state() -> ResumeState:
-    import numpy as np
-
-    return ResumeState(done=np.empty(0, dtype=KEY_DTYPE), index=Index())
+    return ResumeState(done=IdSet(), index=Index())
 
 
 def load_state(files: OutputFiles) -> ResumeState:
     """Repair torn tails, read the index (rebuilding it if stale), and the failures file."""
-    import numpy as np
-
     repaired = []
     for path in (*files.row_files, files.failed):
         cut = repair_torn_tail(path)
@@ -184,9 +180,12 @@ def load_state(files: OutputFiles) -> ResumeState:
         index.ids = len(known) // KEY_BYTES
         if index.ids or files.index.exists():
             index.write(files.index)
-    done = np.unique(np.frombuffer(known, dtype=KEY_DTYPE))
+    import numpy as np
+
+    done = IdSet(np.frombuffer(known, dtype=KEY_DTYPE))
+    del known
     state = ResumeState(
-        done=done, index=index, repaired=repaired, rebuilt=rebuilt and bool(done.size)
+        done=done, index=index, repaired=repaired, rebuilt=rebuilt and len(done) > 0
     )
     state.failed = _read_failed(files.failed, done)
     return state
@@ -247,10 +246,8 @@ def append_ids(path: Path, keys: bytes, *, at: int) -> None:
         fsync_dir(path.parent)
 
 
-def _read_failed(path: Path, done: np.ndarray) -> dict[str, dict[str, Any]]:
+def _read_failed(path: Path, done: IdSet) -> dict[str, dict[str, Any]]:
     """Failures of earlier runs that no later run answered (the last report of each wins)."""
-    import numpy as np
-
     if not path.is_file():
         return {}
     rows: dict[str, dict[str, Any]] = {}
@@ -261,8 +258,39 @@ def _read_failed(path: Path, done: np.ndarray) -> dict[str, dict[str, Any]]:
     if not rows or not len(done):
         return rows
     ids = list(rows)
-    keys = to_keys(ids)
-    at = np.searchsorted(done, keys)
-    at[at == len(done)] = 0
-    answered = done[at] == keys
+    answered = done.contains(to_keys(ids)).tolist()
     return {rid: rows[rid] for rid, hit in zip(ids, answered, strict=True) if not hit}
+
+
+def selection_key(cfg: GenerateConfig, stamp: str, sampling: dict[str, Any]) -> str:
+    """What decides which rows a run labels and where they go: the dataset's files (`stamp`),
+    how prompts are built and selected, the teacher and its sampling."""
+    import hashlib
+
+    settings = cfg.to_yaml_dict()
+    fields = (
+        "split", "subset", "prompt_column", "messages_column", "prompt_template",
+        "system_prompt", "max_samples", "shuffle_seed", "shard", "eval_fraction",
+        "keep_truncated", "teacher", "revision",
+    )  # fmt: skip
+    payload = {"dataset": stamp, "sampling": sampling, **{f: settings[f] for f in fields}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def finished_selection(files: OutputFiles, key: str) -> dict[str, Any] | None:
+    """The record of an earlier pass that labelled this exact selection in full, if the output
+    is untouched since (no failures pending, every row file as the index left it); else None.
+
+    It lets a rerun of a finished run skip reading the dataset: nothing can have changed.
+    """
+    index = Index.read(files.index)
+    if index is None or not index.selection or index.selection.get("key") != key:
+        return None
+    if files.failed.exists() and files.failed.stat().st_size:
+        return None
+    for kind in ROW_KINDS:
+        path, mark = files.kind_path(kind), index.marks[kind]
+        size = path.stat().st_size if path.exists() else 0
+        if size != mark.size or not mark.matches(path):
+            return None
+    return index.selection

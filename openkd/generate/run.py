@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from openkd import console
 from openkd.data.jsonl import write_jsonl_atomic, write_text_atomic
 from openkd.data.prompts import PromptBuilder
-from openkd.data.sources import load_source, looks_like_path, selection
+from openkd.data.sources import load_source, looks_like_path, selection, source_stamp
 from openkd.errors import OpenkdError
 from openkd.generate import metadata as md
 from openkd.generate.backends.base import Sampling
 from openkd.generate.card import render_card
-from openkd.generate.ids import RecordIds
+from openkd.generate.ids import IdSet, RecordIds
 from openkd.generate.label import LabelCounts, Routing, label
 from openkd.generate.outputs import (
     OutputFiles,
@@ -35,7 +35,14 @@ from openkd.generate.outputs import (
     remove_all,
     resolve_output,
 )
-from openkd.generate.resume import ResumeState, empty_state, load_state
+from openkd.generate.resume import (
+    Index,
+    ResumeState,
+    empty_state,
+    finished_selection,
+    load_state,
+    selection_key,
+)
 from openkd.generate.source import PromptSource, SourceCounts
 from openkd.generate.writer import OutputWriter
 
@@ -69,12 +76,25 @@ def check_teacher(cfg: GenerateConfig) -> None:
 
 @dataclass
 class Job:
-    """Everything the labelling needs, resolved and validated."""
+    """What the run writes and how it asks the teacher, resolved and validated."""
 
     cfg: GenerateConfig
     files: OutputFiles
     sampling: Sampling
     teacher: str
+    stamp: str | None  # the local dataset files' fingerprint (None for a Hub dataset)
+
+    @property
+    def selection(self) -> str | None:
+        if self.stamp is None:
+            return None
+        return selection_key(self.cfg, self.stamp, self.sampling.as_dict())
+
+
+@dataclass
+class Prompts:
+    """The dataset, and how a row becomes a conversation; both checked against each other."""
+
     dataset: Dataset
     builder: PromptBuilder
 
@@ -94,10 +114,13 @@ def run(cfg: GenerateConfig) -> None:
     started_wall, started_at = time.monotonic(), md.now()
     job = prepare(cfg)
     files = job.files
+    if not cfg.overwrite and _already_complete(job, started_at, started_wall):
+        return
+    prompts = load_prompts(cfg)
     found = LabelCounts()
     with exclusive(files):
         state, previous = _resume(job)
-        source = _source(job, state)
+        source = _source(job, prompts, state)
         first = source.peek()  # the first rows are built (and checked) before any teacher
         backend = None
         if first is not None:
@@ -121,6 +144,8 @@ def run(cfg: GenerateConfig) -> None:
             outcome.status = "complete"
         finally:
             _finish(job, state, source, writer, found, meta, outcome)
+        if outcome.status == "complete" and job.selection:
+            _record_selection(job, state, source.counts)
     _summary(job, source.counts, found, outcome)
     _warn_if_truncating(job, found)
     console.stdout_line(str(files.output))
@@ -130,7 +155,7 @@ def run(cfg: GenerateConfig) -> None:
 
 
 def prepare(cfg: GenerateConfig) -> Job:
-    """Every check that needs no teacher: flags, teacher path, output, dataset, prompt format."""
+    """The checks that need neither teacher nor dataset: flags, teacher path, output."""
     sampling = sampling_from(cfg)
     if not cfg.greedy:
         console.warn(
@@ -144,6 +169,12 @@ def prepare(cfg: GenerateConfig) -> Job:
 
         import_llm_class(cfg.llm_class)  # a wrong class fails before the dataset is read
     check_writable(files)
+    teacher = md.teacher_key(cfg.teacher, cfg.revision)
+    return Job(cfg, files, sampling, teacher, source_stamp(cfg.dataset))
+
+
+def load_prompts(cfg: GenerateConfig) -> Prompts:
+    """The dataset, with its columns checked against the prompt options."""
     dataset = _quiet_load(cfg)
     builder = PromptBuilder(
         columns=list(dataset.column_names),
@@ -153,8 +184,7 @@ def prepare(cfg: GenerateConfig) -> Job:
         template=cfg.prompt_template,
         system_prompt=cfg.system_prompt,
     )
-    teacher = md.teacher_key(cfg.teacher, cfg.revision)
-    return Job(cfg, files, sampling, teacher, dataset, builder)
+    return Prompts(dataset, builder)
 
 
 def _resume(job: Job) -> tuple[ResumeState, dict[str, Any] | None]:
@@ -195,19 +225,18 @@ def _quiet_load(cfg: GenerateConfig) -> Dataset:
         log.setLevel(level)
 
 
-def _source(job: Job, state: ResumeState) -> PromptSource:
+def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:
     cfg = job.cfg
     positions = selection(
-        len(job.dataset), max_samples=cfg.max_samples, shuffle_seed=cfg.shuffle_seed
+        len(prompts.dataset), max_samples=cfg.max_samples, shuffle_seed=cfg.shuffle_seed
     )
     return PromptSource(
-        job.dataset,
-        job.builder,
+        prompts.dataset,
+        prompts.builder,
         positions,
         ids=RecordIds(job.teacher, job.sampling.as_dict()),
         shard=cfg.shard_index,
         done=state.done,
-        failed=frozenset(state.failed),
     )
 
 
@@ -251,6 +280,52 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _already_complete(job: Job, started_at: str, started_wall: float) -> bool:
+    """A rerun of a finished run (same dataset files and settings, output untouched since) is
+    answered from the index alone, without reading the dataset."""
+    if not job.selection or not finished_selection(job.files, job.selection):
+        return False
+    with exclusive(job.files):
+        done = finished_selection(job.files, job.selection)
+        if done is None:  # changed while we waited for the lock: do the real thing
+            return False
+        index = Index.read(job.files.index) or Index()
+        previous = md.read_meta(job.files.meta)
+        expected = md.fingerprint(job.cfg.teacher, job.cfg.revision, job.sampling.as_dict())
+        md.check_compatible(previous, expected, job.files.output, True)
+        seen = SourceCounts(
+            selected=done["selected"],
+            already_done=done["selected"] - done["duplicates"],
+            duplicates=done["duplicates"],
+        )
+        console.info(
+            f"nothing to label: the {seen.selected:,} prompts selected from {job.cfg.dataset} "
+            f"were all labelled by an earlier run into {job.files.output.name} (dataset files "
+            "and settings unchanged; --overwrite relabels)"
+        )
+        state = ResumeState(done=IdSet(), index=index)
+        meta = _initial_meta(job, previous, state, started_at)
+        outcome = Outcome("complete", started_at, started_wall, {})
+        _finish_meta(job, meta, state, seen, LabelCounts(), outcome)
+    _summary(job, seen, LabelCounts(), outcome)
+    console.stdout_line(str(job.files.output))
+    if job.cfg.push_to_hub:
+        _push(job, meta)
+    return True
+
+
+def _record_selection(job: Job, state: ResumeState, seen: SourceCounts) -> None:
+    """After a complete pass with nothing failed or invalid, a rerun need not read the dataset."""
+    if seen.invalid or (job.files.failed.exists() and job.files.failed.stat().st_size):
+        return
+    state.index.selection = {
+        "key": job.selection,
+        "selected": seen.selected,
+        "duplicates": seen.duplicates,
+    }
+    state.index.write(job.files.index)
 
 
 # --- the end of a run: whatever happened, commit, record and summarise -----------------------

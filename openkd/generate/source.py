@@ -55,7 +55,6 @@ class SourceCounts:
     duplicates: int = 0
     invalid: int = 0
     sent: int = 0
-    retried: set[str] = field(default_factory=set)  # earlier failures sent again
     problems: list[str] = field(default_factory=list)  # the first invalid rows' reasons
 
 
@@ -70,8 +69,7 @@ class PromptSource:
         *,
         ids: RecordIds,
         shard: tuple[int, int] | None,
-        done: np.ndarray,
-        failed: set[str] | frozenset[str] = frozenset(),
+        done: IdSet,
     ) -> None:
         self.total = len(positions)
         self.counts = SourceCounts()
@@ -79,9 +77,8 @@ class PromptSource:
         self._builder = builder
         self._ids = ids
         self._shard = shard
-        self._done = IdSet(done, unique_sorted=True) if len(done) else None
+        self._done = done if len(done) else None
         self._seen = IdSet()
-        self._failed = failed
         self._ready: list[Request] = []
         self._first_chunk = True
 
@@ -146,9 +143,5 @@ class PromptSource:
         self._seen.add(keys[fresh])
         counts.already_done += int(done.sum())
         counts.duplicates += int((repeat & ~done).sum())
-        for request, keep in zip(built, fresh.tolist(), strict=True):
-            if keep:
-                self._ready.append(request)
-                if request.id in self._failed:
-                    counts.retried.add(request.id)
+        self._ready += [r for r, keep in zip(built, fresh.tolist(), strict=True) if keep]
         return True
