@@ -64,3 +64,14 @@ def test_atomic_writer_leaves_the_old_file_on_error(tmp_path):
         raise RuntimeError("killed halfway")
     assert path.read_text() == '{"id":"old"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no temp file left
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import stat
+
+    from openkd.data import jsonl
+
+    write_text_atomic = jsonl.write_text_atomic
+    write_text_atomic(tmp_path / "meta.json", "{}")
+    mode = stat.S_IMODE((tmp_path / "meta.json").stat().st_mode)
+    assert mode == 0o666 & ~jsonl.UMASK  # as open() would make it, not mkstemp's 0600

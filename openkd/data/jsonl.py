@@ -17,6 +17,15 @@ from typing import Any
 from openkd.errors import OpenkdError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once, at import, single-threaded
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def dumps(row: dict[str, Any]) -> str:
     """One JSONL line (without the newline): compact, UTF-8 text kept as is."""
     return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
@@ -147,6 +156,8 @@ class AtomicWriter:
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         self._tmp = Path(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~UMASK)
         self.fh = os.fdopen(fd, "w", encoding="utf-8")
         return self.fh
 

@@ -49,19 +49,22 @@ class RecordIds:
 
 def _messages_json(messages: list[Message]) -> str:
     """`json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))`."""
-    parts = []
-    for m in messages:
-        if (
-            len(m) != 2
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            return json.dumps(messages, **_JSON)
-        parts.append(
-            '{"content":' + encode_basestring(m["content"]) + ',"role":'
-            + encode_basestring(m["role"]) + "}"
-        )  # fmt: skip
-    return "[" + ",".join(parts) + "]"
+    try:
+        if all(len(m) == 2 for m in messages):
+            return (
+                "["
+                + ",".join(
+                    [
+                        '{"content":' + encode_basestring(m["content"]) + ',"role":'
+                        + encode_basestring(m["role"]) + "}"
+                        for m in messages
+                    ]
+                )
+                + "]"
+            )  # fmt: skip
+    except (KeyError, TypeError):  # not {role, content} text messages: the general path
+        pass
+    return json.dumps(messages, **_JSON)
 
 
 def to_keys(ids: list[str]) -> np.ndarray:

@@ -24,15 +24,6 @@ from openkd.generate.outputs import OutputFiles, is_sibling, resolve_output
 KINDS = ("train", "eval", "truncated", "failed")
 
 
-def _path(files: OutputFiles, kind: str) -> Path:
-    return {
-        "train": files.output,
-        "eval": files.eval,
-        "truncated": files.truncated,
-        "failed": files.failed,
-    }[kind]
-
-
 def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -> None:
     out = resolve_output(Path(output), None)
     inputs = _inputs(shards, out)
@@ -47,11 +38,11 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
     written: list[Path] = []
     with contextlib.ExitStack() as stack:
         for kind in KINDS:
-            sources = [_path(files, kind) for files in inputs if _path(files, kind).is_file()]
+            sources = [files.kind_path(kind) for files in inputs if files.kind_path(kind).is_file()]
             if not sources and kind != "train":
                 continue
-            fh = stack.enter_context(AtomicWriter(_path(out, kind)))
-            written.append(_path(out, kind))
+            fh = stack.enter_context(AtomicWriter(out.kind_path(kind)))
+            written.append(out.kind_path(kind))
             for source in sources:
                 for lineno, row in iter_jsonl(source):
                     rid = row.get("id")
@@ -75,9 +66,11 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
                     counts[kind]["rows"] += 1
                     fh.write(dumps(row) + "\n")
     for kind in KINDS:  # stale side files of an earlier merge into the same --output
-        path = _path(out, kind)
+        path = out.kind_path(kind)
         if path not in written and path.exists():
             path.unlink()
+    for derived in (out.index, out.ids):  # a resume index of an earlier output: rebuilt on use
+        derived.unlink(missing_ok=True)
     counts["failed"] = {"rows": counts["failed"]["rows"]}  # failed prompts have no tokens
     meta = _merged_meta(inputs, metas, out, counts)
     md.write_meta(out.meta, meta)

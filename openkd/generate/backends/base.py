@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from openkd.data.schema import Message
 from openkd.errors import OpenkdError
@@ -48,8 +48,7 @@ class Sampling:
         return d
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One conversation for the teacher. `id` and `index` are the caller's, passed back as is."""
 
     id: str
