@@ -103,7 +103,7 @@ def test_sigkill_keeps_every_answer_older_than_the_commit_interval(standin, tmp_
 
 def test_no_batch_barrier_other_prompts_flow_around_a_slow_answer(standin, tmp_path):
     slow = "Reverse the words: the very slow one"
-    standin.latency_of = lambda prompt: 1.5 if prompt == slow else 0.02
+    standin.latency_of = lambda prompt: 3.0 if prompt == slow else 0.02
     prompts = [slow] + [f"Reverse the words: quick {i}" for i in range(60)]
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
     out = tmp_path / "t.jsonl"
@@ -112,10 +112,11 @@ def test_no_batch_barrier_other_prompts_flow_around_a_slow_answer(standin, tmp_p
     assert result.returncode == 0, result.stderr
     assert standin.max_in_flight <= 4
     slow_done = next(t for t, p in standin.answered if p == slow)
-    # While the slow answer ran, its three neighbours' slots were refilled again and again:
-    # every quick prompt was sent (and answered) before it finished.
-    assert sum(t < slow_done for t, p in standin.arrived if p != slow) == 60
-    assert prompts_of(out)[-1] == slow  # written when it landed, last
+    # While the slow answer ran, its three neighbours' slots were refilled again and again: the
+    # quick prompts were sent (and written) before it finished; a batch of 4 would have let 3 by.
+    # (All 60 need 0.4 s of the slow answer's 3 s; 40 leaves room for a busy CI machine.)
+    assert sum(t < slow_done for t, p in standin.arrived if p != slow) >= 40
+    assert prompts_of(out).index(slow) >= 40  # written when it landed, not when it was sent
 
 
 def test_a_dead_teacher_stops_the_run_keeps_its_work_and_a_rerun_completes(standin, tmp_path):
