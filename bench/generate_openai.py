@@ -118,7 +118,7 @@ def raw_openai(ctx: Context, model, prompts, base_url: str) -> tuple[int, float]
 
 
 def server_command(model, port: int) -> list[str]:
-    """What `--serve` runs (openkd.generate.server), written out: same engine flags."""
+    """What `--serve` runs (openkd.generate.vllm.server), written out: same engine flags."""
     return [
         sys.executable,
         "-m",

@@ -6,7 +6,9 @@ Heavy libraries (torch, vLLM, TRL) are imported inside the stages, so `openkd --
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import yaml
 
 from openkd import __version__
 from openkd.config import StageConfig, resolve
-from openkd.errors import OpenkdError
+from openkd.errors import TRACEBACK_ENV, OpenkdError, show_tracebacks
 from openkd.eval.config import EvalConfig
 from openkd.flags import config_command
 from openkd.generate.config import GenerateConfig
@@ -146,8 +148,15 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help=f"Show the traceback behind a one-line error (same as {TRACEBACK_ENV}=1).",
+    ),
 ) -> None:
     """Hard-label distillation of LLMs: `generate` teacher answers, then `train` a student."""
+    if debug:
+        os.environ[TRACEBACK_ENV] = "1"  # child processes (accelerate, servers) inherit it
 
 
 def main() -> None:
@@ -157,9 +166,13 @@ def main() -> None:
     try:
         app()
     except OpenkdError as err:
+        if show_tracebacks():
+            traceback.print_exception(err)
         console.error(str(err))
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if show_tracebacks():
+            traceback.print_exception(err)
         console.error("interrupted; rerun the same command to resume where it stopped")
         sys.exit(130)
 

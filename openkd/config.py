@@ -62,7 +62,7 @@ def read_section(
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax and rerun") from None
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax and rerun") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     for key in data:
@@ -111,7 +111,7 @@ def validate(cls: type[C], values: dict[str, Any], source: Path | None = None) -
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, source)) from None
+        raise ConfigError(describe_validation_error(exc, source)) from exc
 
 
 def describe_validation_error(exc: ValidationError, source: Path | None = None) -> str:

@@ -63,7 +63,7 @@ def parse_json_mapping(value: Any) -> Any:
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"is not valid JSON ({exc.msg}); pass an object like '{{\"key\": 1}}'"
-        ) from None
+        ) from exc
     if not isinstance(parsed, dict):
         raise ValueError("must be a JSON object like '{\"key\": 1}'")
     return parsed

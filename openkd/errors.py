@@ -1,4 +1,14 @@
-"""The one exception type users see: a one-line problem plus the fix."""
+"""The one exception type users see: a one-line problem plus the fix.
+
+The underlying exception stays chained (`raise OpenkdError(...) from err`); `--debug` or
+`OPENKD_TRACEBACK=1` prints that chain above the one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+
+TRACEBACK_ENV = "OPENKD_TRACEBACK"
 
 
 class OpenkdError(Exception):
@@ -11,3 +21,15 @@ class ConfigError(OpenkdError):
     """Bad configuration or flags, found before any expensive work starts."""
 
     exit_code = 2
+
+
+def brief(err: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, clipped: library messages can be pages long."""
+    text = " ".join(str(err).split())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_tracebacks() -> bool:
+    """True when the user asked for the traceback behind one-line errors."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")

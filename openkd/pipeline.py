@@ -66,7 +66,7 @@ def read_recipe(path: Path) -> dict[str, dict[str, Any]]:
 
 def eval_file(output: Path) -> Path:
     """The held-out file `openkd generate --eval-fraction` writes beside `output`."""
-    from openkd.generate.outputs import OutputFiles
+    from openkd.data.layout import OutputFiles
 
     return OutputFiles(Path(output)).eval
 
@@ -148,7 +148,7 @@ def _validate(cls: type[StageConfig], values: dict[str, Any], path: Path) -> Any
     try:
         return validate(cls, values, source=path)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: section '{cls.section}': {exc}") from None
+        raise ConfigError(f"{path}: section '{cls.section}': {exc}") from exc
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -138,7 +138,7 @@ def test_teacher_not_served_names_the_served_models(standin: StandIn) -> None:
 
 
 def test_unreachable_endpoint_is_one_line_error() -> None:
-    from openkd.generate.server import free_port
+    from openkd.generate.vllm.server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(OpenkdError) as info:

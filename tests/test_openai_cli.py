@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from openkd.generate.server import free_port
+from openkd.generate.vllm.server import free_port
 from tests.conftest import read_jsonl, run_cli, write_jsonl
 from tests.standin_openai import StandIn, completion
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from openkd.data.layout import OutputFiles
 from openkd.generate.ids import KEY_BYTES
-from openkd.generate.outputs import OutputFiles
 from openkd.generate.resume import Index, load_state
 from openkd.generate.writer import OutputWriter
 
@@ -59,7 +59,7 @@ def test_commit_writes_rows_ids_and_an_index_that_matches(files: OutputFiles) ->
     index = Index.read(files.index)
     assert index is not None and index.ids == 6
     assert files.ids.stat().st_size == 6 * KEY_BYTES
-    assert index.counts["train"].rows == 5 and index.counts["eval"].completion_tokens == 7
+    assert index.counts.train.rows == 5 and index.counts.eval.completion_tokens == 7
     assert index.marks["train"].size == files.output.stat().st_size
     state = load_state(files)
     assert not state.rebuilt and len(state.done) == 6
@@ -73,7 +73,7 @@ def test_rows_after_the_index_are_read_from_the_tail(files: OutputFiles) -> None
     state = load_state(files)
     assert not state.rebuilt
     assert done_ids(files) == {key(i) for i in (0, 1, 2, 7, 8)}
-    assert state.counts["train"].rows == 5
+    assert state.counts.train.rows == 5
     assert Index.read(files.index).ids == 5  # the tail is now indexed
 
 
@@ -85,7 +85,7 @@ def test_an_edited_or_replaced_file_makes_the_index_stale(files: OutputFiles) ->
     replacement.write_text(lines[0] + lines[2])
     os.replace(replacement, files.output)
     state = load_state(files)
-    assert state.rebuilt and state.counts["train"].rows == 2
+    assert state.rebuilt and state.counts.train.rows == 2
     assert done_ids(files) == {key(i) for i in (0, 2)}
 
     # Same inode, same size, different bytes before the mark: edited in place.
@@ -115,7 +115,7 @@ def test_missing_index_is_rebuilt_from_the_files(files: OutputFiles) -> None:
     files.ids.unlink()
     state = load_state(files)
     assert state.rebuilt and len(state.done) == 4
-    assert state.counts["truncated"].rows == 1
+    assert state.counts.truncated.rows == 1
     assert Index.read(files.index).ids == 4
 
 

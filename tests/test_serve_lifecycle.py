@@ -19,7 +19,7 @@ import pytest
 
 from openkd.errors import ConfigError, OpenkdError
 from openkd.generate.config import GenerateConfig
-from openkd.generate.server import (
+from openkd.generate.vllm.server import (
     ManagedServer,
     check_port_free,
     free_port,
@@ -152,7 +152,7 @@ PARENT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from openkd.generate.server import ManagedServer
+    from openkd.generate.vllm.server import ManagedServer
     script, port, log = sys.argv[1], sys.argv[2], sys.argv[3]
     server = ManagedServer([sys.executable, script, "ok", port],
                            health_url=f"http://127.0.0.1:{port}/health", log_path=Path(log))

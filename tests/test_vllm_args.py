@@ -11,8 +11,8 @@ import pytest
 
 from openkd.errors import ConfigError
 from openkd.generate.config import GenerateConfig
-from openkd.generate.engine import check_vllm_args, engine_options
-from openkd.generate.server import vllm_server_command
+from openkd.generate.vllm.engine import check_vllm_args, engine_options
+from openkd.generate.vllm.server import vllm_server_command
 from tests.conftest import run_cli, write_jsonl
 
 TUNED = {

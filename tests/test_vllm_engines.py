@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from openkd.generate.server import group_members
+from openkd.generate.vllm.server import group_members
 from openkd.testing import make_prompts
 from tests.conftest import read_jsonl, run_cli, write_jsonl
 

@@ -12,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from openkd.errors import ConfigError
+from openkd.errors import ConfigError, OpenkdError
 from openkd.generate.backends.vllm import VLLMBackend
 from openkd.generate.config import GenerateConfig
-from openkd.generate.engine import check_answer_fits, check_teacher
-from openkd.generate.gpus import Devices, parallel_problem, parse_visible_devices, visible_gpu_count
+from openkd.generate.vllm.engine import check_answer_fits, check_teacher
+from openkd.generate.vllm.gpus import (
+    Devices,
+    parallel_problem,
+    parse_visible_devices,
+    visible_gpu_count,
+)
 from tests.conftest import run_cli, write_jsonl
 
 
@@ -88,7 +93,7 @@ def test_gpu_count_uses_nvidia_smi_and_cuda_visible_devices(
 def test_teacher_directory_checks(tiny_model: Path, tmp_path: Path) -> None:
     check_teacher(str(tiny_model))  # a real model directory passes
     check_teacher("Qwen/Qwen2.5-0.5B-Instruct")  # Hub ids are vLLM's business
-    with pytest.raises(ConfigError, match=r"teacher path /nope/model does not exist"):
+    with pytest.raises(OpenkdError, match=r"--teacher /nope/model does not exist"):
         check_teacher("/nope/model")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -146,8 +151,8 @@ def test_cli_tp_too_large_on_this_cpu(tiny_model: Path, prompts: Path, tmp_path:
 def test_serve_checks_devices_before_starting_a_server(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from openkd.generate import gpus
-    from openkd.generate.server import start_vllm_server
+    from openkd.generate.vllm import gpus
+    from openkd.generate.vllm.server import start_vllm_server
 
     monkeypatch.setattr(gpus, "detect_devices", lambda: gpu_box(1, "0"))
     cfg = GenerateConfig(

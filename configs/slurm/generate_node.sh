@@ -40,7 +40,7 @@ fi
 settings=$(openkd generate --config "$CONFIG" --dry-run | python -c '
 import shlex, sys, yaml
 cfg = yaml.safe_load(sys.stdin)["generate"]
-from openkd.generate.engine import as_cli_flags
+from openkd.generate.vllm.engine import as_cli_flags
 for key in ("teacher", "dtype", "gpu_memory_utilization", "seed", "max_model_len", "max_num_seqs",
             "revision", "enforce_eager", "trust_remote_code"):
     value = cfg[key]

@@ -89,14 +89,14 @@ def iter_jsonl(
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as err:
                 raise OpenkdError(
                     f"{path}:{lineno}: not valid UTF-8; re-encode the file as UTF-8"
-                ) from None
+                ) from err
             except json.JSONDecodeError as exc:
                 raise OpenkdError(
                     f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete that line"
-                ) from None
+                ) from exc
             if not isinstance(row, dict):
                 raise OpenkdError(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"

@@ -109,7 +109,7 @@ class PromptBuilder:
             raise OpenkdError(
                 f"row {index} of {self.source}: --prompt-template failed ({exc}); "
                 "fix the template or the row"
-            ) from None
+            ) from exc
 
 
 def _compile(source: str):
@@ -127,7 +127,7 @@ def _compile(source: str):
         raise OpenkdError(
             f"--prompt-template is not valid Jinja ({exc.message}, line {exc.lineno}); "
             "fix the template"
-        ) from None
+        ) from exc
 
 
 def _chat(value: Any, index: int, column: str) -> list[Message]:

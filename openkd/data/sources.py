@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.jsonl import iter_jsonl
-from openkd.errors import OpenkdError
+from openkd.data.layout import is_side_file
+from openkd.errors import OpenkdError, brief
+from openkd.paths import looks_like_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,11 +35,6 @@ BUILDERS = {
 }
 SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")
 GLOB_CHARS = "*?["
-
-
-def looks_like_path(spec: str) -> bool:
-    """True for strings a user means as a local path, never as a Hub id."""
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
 
 
 def local_files(spec: str) -> list[Path] | None:
@@ -67,41 +64,74 @@ def source_stamp(spec: str) -> str | None:
     return digest.hexdigest()
 
 
-def load_source(spec: str, *, split: str = "train", subset: str | None = None) -> Dataset:
-    """The dataset at `spec` as one split; OpenkdError naming the problem if it can't be read."""
+def require_source(spec: str, flag: str = "--dataset") -> None:
+    """Cheap, before anything heavy: a path-like or file-like dataset must exist."""
     expanded = os.path.expanduser(spec)
     if any(ch in expanded for ch in GLOB_CHARS):
-        files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise OpenkdError(f"--dataset {spec}: no files match this pattern; check the glob")
-        dataset = _load_files([Path(f) for f in files], spec)
-    elif os.path.isfile(expanded):
-        dataset = _load_files([Path(expanded)], spec)
-    elif os.path.isdir(expanded):
-        dataset = _load_directory(Path(expanded), spec, split)
-    elif looks_like_path(spec) or Path(expanded).suffix in BUILDERS:
-        raise OpenkdError(f"--dataset {spec}: no such file or directory; check the path")
-    else:
-        dataset = _load_hub(spec, split=split, subset=subset)
+        return
+    if (looks_like_path(spec) or Path(expanded).suffix in BUILDERS) and not os.path.exists(
+        expanded
+    ):
+        raise OpenkdError(f"{flag} {spec}: no such file or directory; check the path")
+
+
+def load_source(
+    spec: str,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    flag: str = "--dataset",
+    empty_hint: str = "point it at a dataset with prompts",
+) -> Dataset:
+    """The dataset at `spec` as one split; OpenkdError naming `flag` and the problem if it can't
+    be read. `datasets`' own error logging and progress bars are off: loading is a step of a
+    larger command with its own output, and the message says what went wrong."""
+    import logging
+
+    from datasets.utils import logging as ds_logging  # configures its logger; quiet it after
+
+    log = logging.getLogger("datasets")
+    level, bars = log.level, ds_logging.is_progress_bar_enabled()
+    log.setLevel(logging.CRITICAL)
+    ds_logging.disable_progress_bar()
+    try:
+        dataset = _load(spec, split=split, subset=subset, flag=flag, empty_hint=empty_hint)
+    finally:
+        log.setLevel(level)
+        if bars:
+            ds_logging.enable_progress_bar()
     if len(dataset) == 0:
-        raise OpenkdError(f"--dataset {spec} has no rows; point it at a dataset with prompts")
+        raise OpenkdError(f"{flag} {spec} has no rows; {empty_hint}")
     return dataset
 
 
-def _load_files(files: list[Path], spec: str) -> Dataset:
+def _load(spec: str, *, split: str, subset: str | None, flag: str, empty_hint: str) -> Dataset:
+    require_source(spec, flag)
+    expanded = os.path.expanduser(spec)
+    files = local_files(spec)
+    if files is None:
+        return _load_hub(spec, split=split, subset=subset, flag=flag)
+    if os.path.isdir(expanded):
+        return _load_directory(Path(expanded), spec, split, flag, empty_hint)
+    if not files:
+        raise OpenkdError(f"{flag} {spec}: no files match this pattern; check the glob")
+    return _load_files(files, spec, flag, empty_hint)
+
+
+def _load_files(files: list[Path], spec: str, flag: str, empty_hint: str) -> Dataset:
     from datasets import load_dataset
 
     suffixes = {f.suffix.lower() for f in files}
     unknown = suffixes - set(BUILDERS)
     if unknown:
         raise OpenkdError(
-            f"--dataset {spec}: unsupported file type {', '.join(sorted(unknown))}; "
+            f"{flag} {spec}: unsupported file type {', '.join(sorted(unknown))}; "
             f"use {', '.join(BUILDERS)} files"
         )
     builders = {BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
         raise OpenkdError(
-            f"--dataset {spec} mixes file types ({', '.join(sorted(suffixes))}); "
+            f"{flag} {spec} mixes file types ({', '.join(sorted(suffixes))}); "
             "point it at files of one type"
         )
     builder = builders.pop()
@@ -111,7 +141,7 @@ def _load_files(files: list[Path], spec: str) -> Dataset:
         else sum(f.stat().st_size for f in files)
     )
     if nonempty == 0:
-        raise OpenkdError(f"--dataset {spec} has no rows; point it at a dataset with prompts")
+        raise OpenkdError(f"{flag} {spec} has no rows; {empty_hint}")
     try:
         return load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as exc:
@@ -120,7 +150,7 @@ def _load_files(files: list[Path], spec: str) -> Dataset:
                 if f.suffix.lower() == ".jsonl":
                     for _ in iter_jsonl(f):  # raises naming the first bad line
                         pass
-        raise OpenkdError(f"--dataset {spec}: could not read it ({_brief(exc)})") from None
+        raise OpenkdError(f"{flag} {spec}: could not read it ({brief(exc)})") from exc
 
 
 def count_json_lines(path: Path) -> int:
@@ -130,62 +160,62 @@ def count_json_lines(path: Path) -> int:
         for lineno, raw in enumerate(fh, 1):
             try:
                 raw.decode("utf-8")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as err:
                 raise OpenkdError(
                     f"{path}:{lineno}: not valid UTF-8; re-encode the file as UTF-8"
-                ) from None
+                ) from err
             count += bool(raw.strip())
     return count
 
 
-def _load_directory(path: Path, spec: str, split: str) -> Dataset:
+def _load_directory(path: Path, spec: str, split: str, flag: str, empty_hint: str) -> Dataset:
+    """A `save_to_disk` directory, or the data files in one (never an output's side files:
+    `*.eval.jsonl`, `*.truncated.jsonl`, `*.failed.jsonl` beside a labelled file)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if any((path / marker).exists() for marker in SAVE_TO_DISK_MARKERS):
         try:
             loaded = load_from_disk(str(path))
         except Exception as exc:
-            raise OpenkdError(f"--dataset {spec}: could not load it ({_brief(exc)})") from None
+            raise OpenkdError(f"{flag} {spec}: could not load it ({brief(exc)})") from exc
         if isinstance(loaded, DatasetDict):
             if split not in loaded:
                 raise OpenkdError(
-                    f"--dataset {spec} has no split '{split}'; pass --split with one of "
-                    f"{', '.join(loaded)}"
+                    f"{flag} {spec} has no split '{split}'; pass --split with one of "
+                    f"{', '.join(loaded)}, or the split's own directory"
                 )
             return loaded[split]
         return loaded
-    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in BUILDERS]
+    files = [
+        p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.suffix.lower() in BUILDERS and not is_side_file(p)
+    ]
     if not files:
         raise OpenkdError(
-            f"--dataset {spec}: directory has no save_to_disk dataset and no "
+            f"{flag} {spec}: directory has no save_to_disk dataset and no "
             f"{'/'.join(BUILDERS)} files"
         )
     if len({p.suffix.lower() for p in files}) == 1:
-        return _load_files(files, spec)
+        return _load_files(files, spec, flag, empty_hint)
     try:
         return load_dataset(str(path), split=split)
     except Exception as exc:
-        raise OpenkdError(f"--dataset {spec}: could not load it ({_brief(exc)})") from None
+        raise OpenkdError(f"{flag} {spec}: could not load it ({brief(exc)})") from exc
 
 
-def _load_hub(spec: str, *, split: str, subset: str | None) -> Dataset:
+def _load_hub(spec: str, *, split: str, subset: str | None, flag: str) -> Dataset:
     from datasets import load_dataset
 
     try:
         return load_dataset(spec, subset, split=split)
     except Exception as exc:
-        where = f"'{spec}'" + (f" subset '{subset}'" if subset else "") + f" split '{split}'"
+        where = (f" subset '{subset}'" if subset else "") + f" split '{split}'"
         raise OpenkdError(
-            f"could not load Hub dataset {where} ({_brief(exc)}); check the id, --subset, "
-            "--split, your network and `hf auth login` for private datasets"
-        ) from None
-
-
-def _brief(exc: BaseException) -> str:
-    """The first line of an exception message, clipped: library errors can be pages long."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+            f"{flag} {spec}: not a local path, and loading it as a Hub dataset failed{where} "
+            f"({brief(exc)}); check the path or id, --subset, --split, your network and "
+            "`hf auth login` for private datasets"
+        ) from exc
 
 
 def selection(

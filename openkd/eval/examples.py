@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openkd.data.layout import OutputFiles
+from openkd.data.metadata import GenerateMeta
 from openkd.data.prompts import PromptBuilder
 from openkd.data.schema import Message
 from openkd.data.sources import iter_rows, load_source, selection
 from openkd.errors import OpenkdError
 from openkd.eval.config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
-
-EVAL_SUFFIX = ".eval.jsonl"
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,16 @@ class Decoding:
 
 
 def meta_path(dataset: str) -> Path | None:
-    """`<stem>.meta.json` beside an `openkd generate` output or its `.eval.jsonl`."""
+    """`<stem>.meta.json` beside an `openkd generate` output or one of its side files."""
     path = Path(os.path.expanduser(dataset))
-    if not path.is_file():
-        return None
-    name = path.name
-    stem = name[: -len(EVAL_SUFFIX)] if name.endswith(EVAL_SUFFIX) else path.stem
-    return path.with_name(stem + ".meta.json")
+    return OutputFiles.of_file(path).meta if path.is_file() else None
 
 
-def read_decoding(cfg: EvalConfig) -> tuple[Decoding, dict[str, Any] | None]:
+def read_decoding(cfg: EvalConfig) -> tuple[Decoding, GenerateMeta | None]:
     """Flags first, then the generate run's metadata, then defaults."""
-    from openkd.generate.metadata import read_meta
-
     path = meta_path(cfg.dataset)
-    meta = read_meta(path) if path is not None else None
-    sampling = (meta or {}).get("sampling") or {}
+    meta = GenerateMeta.read(path) if path is not None else None
+    sampling = meta.sampling if meta else {}
     max_new = cfg.max_new_tokens or sampling.get("max_new_tokens")
     stop = cfg.stop if cfg.stop is not None else sampling.get("stop") or []
     if cfg.max_new_tokens:
@@ -86,7 +80,7 @@ def answer_text(value: Any) -> str | None:
 
 def read_examples(cfg: EvalConfig) -> list[Example]:
     """Every selected row as an Example; OpenkdError naming a missing column and the fix."""
-    dataset = _quiet_load(cfg)
+    dataset = load_source(cfg.dataset, split=cfg.split, subset=cfg.subset)
     columns = list(dataset.column_names)
     builder = PromptBuilder(
         columns=columns,
@@ -109,25 +103,6 @@ def read_examples(cfg: EvalConfig) -> list[Example]:
         for index, row in rows:
             examples.append(_example(cfg, builder, row, index))
     return examples
-
-
-def _quiet_load(cfg: EvalConfig) -> Any:
-    """Load without `datasets`' own logging and progress bars: a small eval set loads in a
-    blink, and openkd reports any problem itself in one line."""
-    import logging
-
-    from datasets.utils import logging as ds_logging
-
-    log = logging.getLogger("datasets")
-    level, bars = log.level, ds_logging.is_progress_bar_enabled()
-    log.setLevel(logging.CRITICAL)
-    ds_logging.disable_progress_bar()
-    try:
-        return load_source(cfg.dataset, split=cfg.split, subset=cfg.subset)
-    finally:
-        log.setLevel(level)
-        if bars:
-            ds_logging.enable_progress_bar()
 
 
 def _example(cfg: EvalConfig, builder: PromptBuilder, row: dict[str, Any], index: int) -> Example:

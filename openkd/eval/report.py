@@ -9,16 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openkd import __version__
 from openkd.data.jsonl import write_jsonl_atomic, write_text_atomic
+from openkd.data.metadata import now, redact
 from openkd.data.schema import FINISH_STOP
 from openkd.eval import metrics as m
 from openkd.eval.nll import perplexity
+from openkd.system import library_versions
+
+if TYPE_CHECKING:
+    from openkd.eval.config import EvalConfig
+    from openkd.eval.examples import Decoding, Example
 
 FORMAT = "openkd.eval/1"
 REPORT = "report.json"
@@ -259,3 +266,97 @@ def print_table(report: dict[str, Any]) -> None:
     for row in rows:
         table.add_row(*row)
     console.console.print(table)
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """How long one model took: answering (and its tokens), and scoring likelihoods."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    nll_seconds: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def build_report(
+    cfg: EvalConfig,
+    examples: list[Example],
+    decoding: Decoding,
+    summaries: dict[str, dict[str, Any]],
+    timings: dict[str, Timing],
+    length_unit: str,
+    fingerprint: str,
+    started: float,
+) -> dict[str, Any]:
+    versions: dict[str, str] = {}
+    for t in timings.values():
+        versions.update(t.versions)
+    return {
+        "format": FORMAT,
+        "created_at": now(),
+        "fingerprint": fingerprint,
+        "dataset": cfg.dataset,
+        "rows": len(examples),
+        "decoding": {
+            "temperature": 0.0,
+            "max_new_tokens": decoding.max_new_tokens,
+            "stop": list(decoding.stop),
+            "source": decoding.source,
+        },
+        "length_unit": length_unit,
+        "models": summaries,
+        "timing": {
+            role: {
+                "generate_seconds": round(t.seconds, 3),
+                "completion_tokens": t.tokens,
+                "completion_tokens_per_second": round(t.tokens / t.seconds, 3)
+                if t.seconds > 0
+                else None,
+                "nll_seconds": None if t.nll_seconds is None else round(t.nll_seconds, 3),
+            }
+            for role, t in timings.items()
+        },
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "versions": {**library_versions("transformers", "torch"), **versions},
+        "config": redact(cfg.to_yaml_dict()),
+    }
+
+
+def example_rows(
+    examples: list[Example],
+    references: list[Answer],
+    ref_finish: list[str | None],
+    answers: dict[str, list[Answer]],
+    nll: dict[str, list[Any]],
+    cfg: EvalConfig,
+) -> list[dict[str, Any]]:
+    rows = []
+    for i, (ex, ref) in enumerate(zip(examples, references, strict=True)):
+        row: dict[str, Any] = {
+            "id": ex.id,
+            "prompt": ex.prompt,
+            "teacher": {"text": ref.text, "finish_reason": ref_finish[i], "tokens": ref.tokens},
+        }
+        if ex.gold is not None:
+            row["gold"] = ex.gold
+            row["teacher"]["correct"] = task_correct(ref.text, ex.gold, cfg.answer_regex)
+        for role, model_answers in answers.items():
+            a = model_answers[i]
+            entry: dict[str, Any] = {
+                "text": a.text,
+                "finish_reason": a.finish_reason,
+                "tokens": a.tokens,
+                **pair_scores(a, ref),
+            }
+            if a.error:
+                entry["error"] = a.error
+            if role in nll:
+                entry["nll"] = nll[role][i].mean
+            if ex.gold is not None:
+                entry["correct"] = task_correct(a.text, ex.gold, cfg.answer_regex)
+            row[role] = entry
+        rows.append(row)
+    return rows

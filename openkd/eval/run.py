@@ -10,30 +10,20 @@ before any vLLM engine starts, so the two never hold GPU memory at the same time
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from openkd import console
+from openkd.data.metadata import GenerateMeta
 from openkd.data.schema import FINISH_STOP
-from openkd.errors import ConfigError, OpenkdError
+from openkd.errors import ConfigError
 from openkd.eval import report as rp
 from openkd.eval.config import EvalConfig
-from openkd.eval.examples import Decoding, Example, read_decoding, read_examples
+from openkd.eval.examples import Example, read_decoding, read_examples
 from openkd.generate.backends.base import Completion, Sampling
-from openkd.generate.metadata import library_versions, now, redact
+from openkd.paths import check_writable, require_local_model
 
 LOCAL_BACKENDS = ("vllm", "transformers")
-
-
-@dataclass
-class Timing:
-    """How long one model took: answering (and its tokens), and scoring likelihoods."""
-
-    seconds: float = 0.0
-    tokens: int = 0
-    nll_seconds: float | None = None
-    versions: dict[str, str] = field(default_factory=dict)
 
 
 def run(cfg: EvalConfig) -> None:
@@ -47,7 +37,7 @@ def run(cfg: EvalConfig) -> None:
     report_path = out_dir / rp.REPORT
     if not cfg.overwrite and _reuse(report_path, fingerprint):
         return
-    _check_writable(out_dir)
+    check_writable(out_dir, "--output-dir")
     examples = read_examples(cfg)
     console.info(
         f"scoring {', '.join(f'{r} {n}' for r, n in models.items())} on {len(examples):,} "
@@ -56,7 +46,7 @@ def run(cfg: EvalConfig) -> None:
     )
     sampling = Sampling(max_new_tokens=decoding.max_new_tokens, stop=decoding.stop)
     counter = _TokenCounter(cfg)
-    timings: dict[str, Timing] = {role: Timing() for role in models}
+    timings: dict[str, rp.Timing] = {role: rp.Timing() for role in models}
     references, ref_finish = _references(cfg, examples, sampling, counter, timings)
     scored = [role for role in ("student", "base") if role in models]
     likelihoods = {
@@ -90,8 +80,10 @@ def run(cfg: EvalConfig) -> None:
             "name": models[role],
             "metrics": rp.summarize(answers[role], references, gold, cfg.answer_regex, total),
         }
-    report = _report(cfg, examples, decoding, summaries, timings, counter, fingerprint, started)
-    rows = _example_rows(examples, references, ref_finish, answers, likelihoods, cfg)
+    report = rp.build_report(
+        cfg, examples, decoding, summaries, timings, counter.unit, fingerprint, started
+    )
+    rows = rp.example_rows(examples, references, ref_finish, answers, likelihoods, cfg)
     rp.write_outputs(out_dir, report, rows)
     rp.print_table(report)
     _summary(report, timings, out_dir)
@@ -103,7 +95,7 @@ def _references(
     examples: list[Example],
     sampling: Sampling,
     counter: _TokenCounter,
-    timings: dict[str, Timing],
+    timings: dict[str, rp.Timing],
 ) -> tuple[list[rp.Answer], list[str | None]]:
     """The teacher's answers: recorded in the dataset, or generated now by --teacher."""
     if not cfg.teacher:
@@ -121,33 +113,15 @@ def _references(
 
 def _check_models(cfg: EvalConfig) -> None:
     """A local model path that does not exist is a typo; say so before loading anything."""
-    from openkd.data.sources import looks_like_path
-
     flags = {"student": "--student", "base": "--base", "teacher": "--teacher"}
     backends = cfg.backends()
     for role, flag in flags.items():
         name = getattr(cfg, role)
         backend = backends.get(role)
         local = backend in (*LOCAL_BACKENDS, "mock") or (backend == "openai" and cfg.serve)
-        if name is None or not local:
-            continue
-        if looks_like_path(name) and not Path(name).expanduser().exists():
+        if name is not None and local:
             hint = " (has `openkd train` finished?)" if role == "student" else ""
-            raise OpenkdError(
-                f"{flag} {name} does not exist{hint}; pass an existing model directory or a Hub id"
-            )
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".openkd-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OpenkdError(
-            f"--output-dir {out_dir} is not writable ({exc.strerror or exc}); pass another one"
-        ) from None
+            require_local_model(name, flag, hint)
 
 
 def _reuse(report_path: Path, fingerprint: str) -> bool:
@@ -207,7 +181,7 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
     try:
         return GenerateConfig.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(f"{role} backend: {describe_validation_error(exc)}") from None
+        raise ConfigError(f"{role} backend: {describe_validation_error(exc)}") from exc
 
 
 def _answer(
@@ -216,7 +190,7 @@ def _answer(
     model: str,
     examples: list[Example],
     sampling: Sampling,
-    timing: Timing,
+    timing: rp.Timing,
 ) -> list[Completion]:
     """Every example answered by `model`, in order, through the configured backend."""
     from openkd.eval.progress import bar
@@ -245,7 +219,7 @@ def _likelihood(
     model_name: str,
     examples: list[Example],
     refs: list[rp.Answer],
-    timing: Timing,
+    timing: rp.Timing,
 ) -> list[Any]:
     """Each teacher answer's NLL under `model_name`, teacher-forced (transformers)."""
     from openkd.eval.nll import score_answers
@@ -328,93 +302,11 @@ class _TokenCounter:
 # --- outputs ------------------------------------------------------------------------------
 
 
-def _teacher_name(meta: dict[str, Any] | None) -> str:
-    teacher = (meta or {}).get("teacher") or {}
-    return str(teacher.get("name") or "teacher (recorded)")
+def _teacher_name(meta: GenerateMeta | None) -> str:
+    return str((meta.teacher.get("name") if meta else None) or "teacher (recorded)")
 
 
-def _report(
-    cfg: EvalConfig,
-    examples: list[Example],
-    decoding: Decoding,
-    summaries: dict[str, dict[str, Any]],
-    timings: dict[str, Timing],
-    counter: _TokenCounter,
-    fingerprint: str,
-    started: float,
-) -> dict[str, Any]:
-    versions: dict[str, str] = {}
-    for t in timings.values():
-        versions.update(t.versions)
-    return {
-        "format": rp.FORMAT,
-        "created_at": now(),
-        "fingerprint": fingerprint,
-        "dataset": cfg.dataset,
-        "rows": len(examples),
-        "decoding": {
-            "temperature": 0.0,
-            "max_new_tokens": decoding.max_new_tokens,
-            "stop": list(decoding.stop),
-            "source": decoding.source,
-        },
-        "length_unit": counter.unit,
-        "models": summaries,
-        "timing": {
-            role: {
-                "generate_seconds": round(t.seconds, 3),
-                "completion_tokens": t.tokens,
-                "completion_tokens_per_second": round(t.tokens / t.seconds, 3)
-                if t.seconds > 0
-                else None,
-                "nll_seconds": None if t.nll_seconds is None else round(t.nll_seconds, 3),
-            }
-            for role, t in timings.items()
-        },
-        "wall_seconds": round(time.monotonic() - started, 3),
-        "versions": library_versions(versions),
-        "config": redact(cfg.to_yaml_dict()),
-    }
-
-
-def _example_rows(
-    examples: list[Example],
-    references: list[rp.Answer],
-    ref_finish: list[str | None],
-    answers: dict[str, list[rp.Answer]],
-    nll: dict[str, list[Any]],
-    cfg: EvalConfig,
-) -> list[dict[str, Any]]:
-    rows = []
-    for i, (ex, ref) in enumerate(zip(examples, references, strict=True)):
-        row: dict[str, Any] = {
-            "id": ex.id,
-            "prompt": ex.prompt,
-            "teacher": {"text": ref.text, "finish_reason": ref_finish[i], "tokens": ref.tokens},
-        }
-        if ex.gold is not None:
-            row["gold"] = ex.gold
-            row["teacher"]["correct"] = rp.task_correct(ref.text, ex.gold, cfg.answer_regex)
-        for role, model_answers in answers.items():
-            a = model_answers[i]
-            entry: dict[str, Any] = {
-                "text": a.text,
-                "finish_reason": a.finish_reason,
-                "tokens": a.tokens,
-                **rp.pair_scores(a, ref),
-            }
-            if a.error:
-                entry["error"] = a.error
-            if role in nll:
-                entry["nll"] = nll[role][i].mean
-            if ex.gold is not None:
-                entry["correct"] = rp.task_correct(a.text, ex.gold, cfg.answer_regex)
-            row[role] = entry
-        rows.append(row)
-    return rows
-
-
-def _summary(report: dict[str, Any], timings: dict[str, Timing], out_dir: Path) -> None:
+def _summary(report: dict[str, Any], timings: dict[str, rp.Timing], out_dir: Path) -> None:
     rows = [("prompts", console.fmt_int(report["rows"]))]
     for role, t in timings.items():
         rows.append((f"{role} answer tokens", console.fmt_int(t.tokens)))

@@ -7,27 +7,35 @@ Hub which uploaded files are which split.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from openkd.generate.metadata import totals
+from openkd.data.jsonl import write_text_atomic
+
+if TYPE_CHECKING:
+    from openkd.data.layout import OutputFiles
+    from openkd.data.metadata import GenerateMeta
 
 
 def _fmt(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
-def render_card(meta: dict[str, Any], *, name: str, repo_id: str | None = None) -> str:
+def write_card(files: OutputFiles, meta: GenerateMeta) -> None:
+    write_text_atomic(files.card, render_card(meta, name=files.stem.name))
+
+
+def render_card(meta: GenerateMeta, *, name: str, repo_id: str | None = None) -> str:
     """Markdown for the output called `name` (its file stem), or for Hub repo `repo_id`."""
-    counts = meta.get("counts", {})
-    kept = totals(counts)
-    teacher = meta.get("teacher", {})
-    sampling = meta.get("sampling", {})
-    source = meta.get("source", {})
-    versions = meta.get("versions", {})
+    counts = meta.counts
+    kept = counts.kept
+    teacher = meta.teacher
+    sampling = meta.sampling
+    source = meta.source
+    versions = meta.versions
     splits = [{"split": "train", "path": "data/train-*"}]
-    if counts.get("eval", {}).get("rows"):
+    if counts.eval.rows:
         splits.append({"split": "test", "path": "data/test-*"})
     header = {
         "tags": ["openkd", "distillation", "synthetic"],
@@ -54,19 +62,19 @@ def render_card(meta: dict[str, Any], *, name: str, repo_id: str | None = None) 
         "|---|---:|---:|---:|",
     ]
     for kind, label in (("train", "train"), ("eval", "test (held out)")):
-        c = counts.get(kind)
-        if c and (c.get("rows") or kind == "train"):
+        c = counts.of(kind)
+        if c.rows or kind == "train":
             lines.append(
-                f"| {label} | {_fmt(c['rows'])} | {_fmt(c['prompt_tokens'])} | "
-                f"{_fmt(c['completion_tokens'])} |"
+                f"| {label} | {_fmt(c.rows)} | {_fmt(c.prompt_tokens)} | "
+                f"{_fmt(c.completion_tokens)} |"
             )
     lines += [
-        f"| **total** | {_fmt(kept['rows'])} | {_fmt(kept['prompt_tokens'])} | "
-        f"{_fmt(kept['completion_tokens'])} |",
+        f"| **total** | {_fmt(kept.rows)} | {_fmt(kept.prompt_tokens)} | "
+        f"{_fmt(kept.completion_tokens)} |",
         "",
     ]
-    truncated = counts.get("truncated", {}).get("rows", 0)
-    failed = counts.get("failed", {}).get("rows", 0)
+    truncated = counts.truncated.rows
+    failed = counts.failed
     if truncated:
         lines.append(
             f"{_fmt(truncated)} answers cut at {sampling.get('max_new_tokens')} tokens or empty "
@@ -123,7 +131,7 @@ def render_card(meta: dict[str, Any], *, name: str, repo_id: str | None = None) 
         "",
         "## Provenance",
         "",
-        f"- generated: {meta.get('started_at')} to {meta.get('finished_at') or 'running'}",
+        f"- generated: {meta.started_at} to {meta.finished_at or 'running'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         "- full settings and run history: `" + name + ".meta.json`",
         "",

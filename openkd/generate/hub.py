@@ -7,10 +7,29 @@ generation (all rows are done) and pushes again.
 
 from __future__ import annotations
 
-from openkd.errors import OpenkdError
-from openkd.generate.outputs import OutputFiles
+from typing import TYPE_CHECKING
 
-META_IN_REPO = "openkd_meta.json"
+from openkd import console
+from openkd.data.layout import META_IN_REPO, OutputFiles
+from openkd.data.metadata import now
+from openkd.errors import OpenkdError, brief
+
+if TYPE_CHECKING:
+    from openkd.data.metadata import GenerateMeta
+
+
+def push(files: OutputFiles, meta: GenerateMeta, repo_id: str, *, private: bool) -> None:
+    """`--push-to-hub REPO` after a complete run; the push is recorded in the metadata."""
+    from openkd.generate.card import render_card
+
+    if not meta.counts.train.rows:
+        raise OpenkdError(f"{files.output} has no rows to push; nothing was uploaded")
+    console.info(f"pushing {files.output} to the Hub dataset {repo_id} ...")
+    card = render_card(meta, name=files.stem.name, repo_id=repo_id)
+    push_dataset(files, repo_id, private=private, card=card)
+    meta.hub = {"repo_id": repo_id, "private": private, "pushed_at": now()}
+    meta.write(files.meta)
+    console.info(f"pushed: https://huggingface.co/datasets/{repo_id}")
 
 
 def push_dataset(files: OutputFiles, repo_id: str, *, private: bool, card: str) -> None:
@@ -40,9 +59,8 @@ def push_dataset(files: OutputFiles, repo_id: str, *, private: bool, card: str) 
             commit_message=f"{message} (metadata)",
         )
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpenkdError(
-            f"push to {repo_id} failed ({type(exc).__name__}: {reason[:200]}); the data is safe "
+            f"push to {repo_id} failed ({brief(exc, 200)}); the data is safe "
             f"in {files.output}; check `hf auth whoami` / HF_TOKEN and rerun the same command "
             "with --push-to-hub (no rows are regenerated)"
-        ) from None
+        ) from exc

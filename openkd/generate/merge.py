@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 from openkd import console
-from openkd.data.jsonl import AtomicWriter, dumps, iter_jsonl, write_text_atomic
+from openkd.data.jsonl import AtomicWriter, dumps, iter_jsonl
+from openkd.data.layout import KIND_SUFFIX, OutputFiles, is_side_file, resolve_output
+from openkd.data.metadata import Counts, GenerateMeta
 from openkd.errors import OpenkdError
-from openkd.generate import metadata as md
-from openkd.generate.card import render_card
-from openkd.generate.outputs import OutputFiles, is_sibling, resolve_output
-
-KINDS = ("train", "eval", "truncated", "failed")
+from openkd.generate.card import write_card
 
 
 def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -> None:
@@ -29,15 +26,15 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
     inputs = _inputs(shards, out)
     if out.output.exists() and not overwrite:
         raise OpenkdError(f"{out.output} exists; pass --overwrite to replace it")
-    metas = [md.read_meta(files.meta) for files in inputs]
+    metas = [GenerateMeta.read(files.meta) for files in inputs]
     _check_same_run(inputs, metas)
 
     owner: dict[str, Path] = {}  # id -> file it came from (labelled rows only)
     failed_ids: set[str] = set()
-    counts = {kind: md.tally() for kind in KINDS}
+    counts = Counts()
     written: list[Path] = []
     with contextlib.ExitStack() as stack:
-        for kind in KINDS:
+        for kind in KIND_SUFFIX:
             sources = [files.kind_path(kind) for files in inputs if files.kind_path(kind).is_file()]
             if not sources and kind != "train":
                 continue
@@ -54,6 +51,7 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
                         if rid in failed_ids or rid in owner:
                             continue
                         failed_ids.add(rid)
+                        counts.failed += 1
                     else:
                         if rid in owner:
                             raise OpenkdError(
@@ -61,20 +59,19 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
                                 "merge each shard once (shards of one run never share ids)"
                             )
                         owner[rid] = source
-                        counts[kind]["prompt_tokens"] += int(row.get("prompt_tokens") or 0)
-                        counts[kind]["completion_tokens"] += int(row.get("completion_tokens") or 0)
-                    counts[kind]["rows"] += 1
+                        counts.of(kind).add(row)
                     fh.write(dumps(row) + "\n")
-    for kind in KINDS:  # stale side files of an earlier merge into the same --output
+    for kind in KIND_SUFFIX:  # stale side files of an earlier merge into the same --output
         path = out.kind_path(kind)
         if path not in written and path.exists():
             path.unlink()
     for derived in (out.index, out.ids):  # a resume index of an earlier output: rebuilt on use
         derived.unlink(missing_ok=True)
-    counts["failed"] = {"rows": counts["failed"]["rows"]}  # failed prompts have no tokens
-    meta = _merged_meta(inputs, metas, out, counts)
-    md.write_meta(out.meta, meta)
-    write_text_atomic(out.card, render_card(meta, name=out.stem.name))
+    files = {kind: out.kind_path(kind).name for kind in KIND_SUFFIX} | {"card": out.card.name}
+    shard_metas = [(f.output.name, m) for f, m in zip(inputs, metas, strict=True)]
+    meta = GenerateMeta.merge(shard_metas, output=out.output.name, files=files, counts=counts)
+    meta.write(out.meta)
+    write_card(out, meta)
     _report(inputs, out, counts, metas)
 
 
@@ -83,7 +80,7 @@ def _inputs(shards: list[Path], out: OutputFiles) -> list[OutputFiles]:
     seen: set[Path] = set()
     for shard in shards:
         shard = Path(shard)
-        if is_sibling(shard):
+        if is_side_file(shard):
             console.info(f"skipping {shard}: side files are merged with their shard")
             continue
         if not shard.is_file():
@@ -100,77 +97,25 @@ def _inputs(shards: list[Path], out: OutputFiles) -> list[OutputFiles]:
     return inputs
 
 
-def _check_same_run(inputs: list[OutputFiles], metas: list[dict[str, Any] | None]) -> None:
+def _check_same_run(inputs: list[OutputFiles], metas: list[GenerateMeta | None]) -> None:
     """Shards labelled by different teachers or settings must not be mixed."""
-    first: tuple[Path, dict[str, Any]] | None = None
+    first: tuple[Path, dict] | None = None
     for files, meta in zip(inputs, metas, strict=True):
         if meta is None:
             continue
-        fp = meta.get("fingerprint")
         if first is None:
-            first = (files.output, fp)
-        elif fp != first[1]:
+            first = (files.output, meta.fingerprint)
+        elif meta.fingerprint != first[1]:
             raise OpenkdError(
                 f"{files.output} and {first[0]} were generated with different teachers or "
                 "decoding settings (see their .meta.json); merge shards of one run only"
             )
 
 
-def _merged_meta(
-    inputs: list[OutputFiles],
-    metas: list[dict[str, Any] | None],
-    out: OutputFiles,
-    counts: dict[str, dict[str, int]],
-) -> dict[str, Any]:
-    known = [m for m in metas if m]
-    base = dict(known[0]) if known else {"format": md.FORMAT}
-    statuses = {m.get("status") for m in known}
-    runs = []
-    for files, meta in zip(inputs, metas, strict=True):
-        for entry in (meta or {}).get("runs", []):
-            runs.append({**entry, "shard_file": files.output.name})
-    source = dict(base.get("source") or {})
-    source["shard"] = None
-    base.update(
-        output=out.output.name,
-        status="complete"
-        if statuses <= {"complete"} and not counts["failed"]["rows"]
-        else "incomplete",
-        started_at=min((m["started_at"] for m in known if m.get("started_at")), default=md.now()),
-        finished_at=max(
-            (m["finished_at"] for m in known if m.get("finished_at")), default=md.now()
-        ),
-        source=source,
-        files={
-            "train": out.output.name,
-            "eval": out.eval.name,
-            "truncated": out.truncated.name,
-            "failed": out.failed.name,
-            "card": out.card.name,
-        },
-        counts=counts,
-        tokens=md.totals(counts),
-        runs=runs[-md.MAX_RUNS :],
-        merged_from=[
-            {"file": f.output.name, "shard": (m or {}).get("source", {}).get("shard")}
-            for f, m in zip(inputs, metas, strict=True)
-        ],
-        merged_at=md.now(),
-    )
-    if isinstance(base.get("config"), dict):
-        base["config"] = {**base["config"], "shard": None, "output": str(out.output)}
-    base.pop("throughput", None)
-    base.pop("hub", None)
-    return base
-
-
 def _report(
-    inputs: list[OutputFiles],
-    out: OutputFiles,
-    counts: dict[str, dict[str, int]],
-    metas: list[dict[str, Any] | None],
+    inputs: list[OutputFiles], out: OutputFiles, counts: Counts, metas: list[GenerateMeta | None]
 ) -> None:
-    shards = [(m or {}).get("source", {}).get("shard") for m in metas]
+    shards = [meta.source.get("shard") if meta else None for meta in metas]
     declared = {s.split("/")[1] for s in shards if s}
     if len(declared) == 1:
         n = int(declared.pop())
@@ -180,21 +125,21 @@ def _report(
                 f"merged {len(inputs)} of {n} shards; missing "
                 + ", ".join(f"{i}/{n}" for i in missing)
             )
-    if counts["failed"]["rows"]:
+    if counts.failed:
         console.warn(
-            f"{counts['failed']['rows']:,} prompts failed in the shards ({out.failed}); "
+            f"{counts.failed:,} prompts failed in the shards ({out.failed}); "
             "rerun their shards, then merge again"
         )
     console.summary_table(
         f"openkd merge: {out.output}",
         [
             ("shards", console.fmt_int(len(inputs))),
-            ("train rows", console.fmt_int(counts["train"]["rows"])),
-            ("eval rows", console.fmt_int(counts["eval"]["rows"])),
-            ("truncated rows (set aside)", console.fmt_int(counts["truncated"]["rows"])),
-            ("failed prompts", console.fmt_int(counts["failed"]["rows"])),
-            ("prompt tokens", console.fmt_int(md.totals(counts)["prompt_tokens"])),
-            ("completion tokens", console.fmt_int(md.totals(counts)["completion_tokens"])),
+            ("train rows", console.fmt_int(counts.train.rows)),
+            ("eval rows", console.fmt_int(counts.eval.rows)),
+            ("truncated rows (set aside)", console.fmt_int(counts.truncated.rows)),
+            ("failed prompts", console.fmt_int(counts.failed)),
+            ("prompt tokens", console.fmt_int(counts.kept.prompt_tokens)),
+            ("completion tokens", console.fmt_int(counts.kept.completion_tokens)),
         ],
     )
     console.stdout_line(str(out.output))

@@ -23,29 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.jsonl import fsync_dir, iter_jsonl, repair_torn_tail, write_text_atomic
+from openkd.data.layout import ROW_KINDS, OutputFiles
+from openkd.data.metadata import Counts
 from openkd.errors import OpenkdError
 from openkd.generate.ids import KEY_BYTES, KEY_DTYPE, IdSet, to_keys
-from openkd.generate.outputs import ROW_KINDS, OutputFiles
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
 
 INDEX_FORMAT = "openkd.index/1"
 CHECK_BYTES = 4096
-
-
-@dataclass
-class Tally:
-    """Rows and tokens of one row file."""
-
-    rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows += 1
-        self.prompt_tokens += int(row.get("prompt_tokens") or 0)
-        self.completion_tokens += int(row.get("completion_tokens") or 0)
 
 
 @dataclass
@@ -92,7 +79,7 @@ class Index:
     """The contents of `<stem>.index`."""
 
     marks: dict[str, FileMark] = field(default_factory=lambda: {k: FileMark() for k in ROW_KINDS})
-    counts: dict[str, Tally] = field(default_factory=lambda: {k: Tally() for k in ROW_KINDS})
+    counts: Counts = field(default_factory=Counts)  # the row files' tallies (failed unused)
     ids: int = 0  # ids in <stem>.ids that the marks cover
     # The last selection a pass labelled completely (no failures), for a fast no-op rerun.
     selection: dict[str, Any] | None = None
@@ -102,7 +89,7 @@ class Index:
             "format": INDEX_FORMAT,
             "ids": self.ids,
             "files": {k: asdict(m) for k, m in self.marks.items()},
-            "counts": {k: asdict(t) for k, t in self.counts.items()},
+            "counts": self.counts.to_json(),
             "selection": self.selection,
         }
         return json.dumps(data, indent=1) + "\n"
@@ -116,7 +103,7 @@ class Index:
                 return None
             return cls(
                 marks={k: FileMark(**data["files"][k]) for k in ROW_KINDS},
-                counts={k: Tally(**data["counts"][k]) for k in ROW_KINDS},
+                counts=Counts.from_json(data["counts"]),
                 ids=int(data["ids"]),
                 selection=data.get("selection"),
             )
@@ -140,7 +127,7 @@ class ResumeState:
         return len(self.done) > 0
 
     @property
-    def counts(self) -> dict[str, Tally]:
+    def counts(self) -> Counts:
         return self.index.counts
 
 
@@ -167,10 +154,10 @@ def load_state(files: OutputFiles) -> ResumeState:
         path = files.kind_path(kind)
         if not path.is_file() or path.stat().st_size == index.marks[kind].size:
             continue
-        first_line = index.counts[kind].rows + 1  # exact unless the file has blank lines
+        first_line = index.counts.of(kind).rows + 1  # exact unless the file has blank lines
         for lineno, row in iter_jsonl(path, start=index.marks[kind].size, first_line=first_line):
             new_ids.append(_row_id(row, path, lineno))
-            index.counts[kind].add(row)
+            index.counts.of(kind).add(row)
         index.marks[kind] = FileMark.of(path)
     if new_ids or rebuilt:
         index.selection = None

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from openkd.data.jsonl import dumps, fsync_dir
+from openkd.data.layout import ROW_KINDS, OutputFiles
+from openkd.data.metadata import Tally
 from openkd.errors import OpenkdError
 from openkd.generate.ids import KEY_BYTES, to_keys
-from openkd.generate.outputs import ROW_KINDS, OutputFiles
-from openkd.generate.resume import FileMark, Index, Tally, append_ids
+from openkd.generate.resume import FileMark, Index, append_ids
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 SPILL_ROWS = 2048
@@ -152,10 +153,8 @@ class OutputWriter:
             index.ids += len(keys) // KEY_BYTES
             for kind in kinds:
                 index.marks[kind] = FileMark.of(self.files.kind_path(kind))
-                total, new = index.counts[kind], self._tallies[kind]
-                total.rows += new.rows
-                total.prompt_tokens += new.prompt_tokens
-                total.completion_tokens += new.completion_tokens
+                total = index.counts.of(kind)
+                total += self._tallies[kind]  # in place: the index's tally grows
                 self._tallies[kind] = Tally()
             index.selection = None
             index.write(self.files.index)

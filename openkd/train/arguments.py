@@ -172,8 +172,8 @@ def make_sft_config(kwargs: dict[str, Any]):
             raise ConfigError(
                 "--bf16 needs a GPU with bfloat16 support (NVIDIA Ampere or newer); pass "
                 "--no-bf16, or set `fp16: true` under sft_args on older GPUs"
-            ) from None
-        raise ConfigError(f"invalid training settings: {text[:400]}") from None
+            ) from exc
+        raise ConfigError(f"invalid training settings: {text[:400]}") from exc
 
 
 def lora_config(cfg: TrainConfig):

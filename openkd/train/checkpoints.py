@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from openkd import console
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -340,7 +340,7 @@ def _deepspeed_meta(tag_dir: Path) -> tuple[dict, str]:
     try:
         meta = torch.load(tag_dir / name, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        return {}, f"{tag_dir.name}/{name} does not load ({str(exc).splitlines()[0][:120]})"
+        return {}, f"{tag_dir.name}/{name} does not load ({brief(exc, 120)})"
     return (meta if isinstance(meta, dict) else {}), ""
 
 
@@ -463,7 +463,7 @@ def torch_file_problem(path: Path, *, load: bool = False) -> str | None:
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-            return f"does not load ({str(exc).splitlines()[0][:120]})"
+            return f"does not load ({brief(exc, 120)})"
     return None
 
 

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from openkd.data.layout import META_IN_REPO, OutputFiles
 from openkd.data.schema import FINISH_LENGTH
+from openkd.data.sources import load_source
 from openkd.errors import OpenkdError
-from openkd.generate.outputs import is_sibling
+from openkd.paths import looks_like_path
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 TRAIN_COLUMNS = ["prompt", "completion"]
-SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")
 EXPECTED = (
     "expected rows as `openkd generate` writes them: "
     '{"prompt": [{"role": "user", "content": ...}], '
@@ -60,109 +60,9 @@ class TrainData:
     teacher: dict[str, Any] | None  # from the dataset's `<stem>.meta.json`, if there is one
 
 
-def looks_like_path(spec: str) -> bool:
-    """True for strings meant as a local path rather than a Hub id."""
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(spec))
-
-
-def check_exists(spec: str, flag: str) -> None:
-    """Cheap check before anything heavy: a path-like dataset must exist."""
-    path = Path(spec).expanduser()
-    if looks_like_path(spec) and not path.exists():
-        raise OpenkdError(
-            f"{flag} {spec}: no such file or directory; pass the JSONL file (or directory) "
-            "that `openkd generate --output` wrote"
-        )
-    if path.suffix in (".jsonl", ".json") and not path.exists():
-        raise OpenkdError(f"{flag} {spec}: no such file; check the path")
-
-
 def load_rows(spec: str, flag: str = "--dataset") -> Dataset:
-    """The dataset at `spec` as one `datasets.Dataset`, read without conversion."""
-    path = Path(spec).expanduser()
-    check_exists(spec, flag)
-    if path.is_file():
-        dataset = _load_json_files([path], spec, flag)
-    elif path.is_dir():
-        dataset = _load_directory(path, spec, flag)
-    else:
-        dataset = _load_hub(spec, flag)
-    if len(dataset) == 0:
-        raise OpenkdError(
-            f"{flag} {spec} has no rows; run `openkd generate` to label prompts first"
-        )
-    return dataset
-
-
-def _load_json_files(files: list[Path], spec: str, flag: str) -> Dataset:
-    from datasets import load_dataset
-
-    bad = [f for f in files if f.suffix not in (".jsonl", ".json")]
-    if bad:
-        raise OpenkdError(
-            f"{flag} {spec}: {bad[0].name} is not a .jsonl file; {EXPECTED}, which `openkd "
-            "generate` writes as JSONL"
-        )
-    if all(f.stat().st_size == 0 for f in files):
-        raise OpenkdError(f"{flag} {spec} is empty; run `openkd generate` to label prompts first")
-    try:
-        return load_dataset("json", data_files=[str(f) for f in files], split="train")
-    except Exception as exc:
-        _name_bad_line(files)
-        raise OpenkdError(f"{flag} {spec}: could not read it ({_brief(exc)}); {EXPECTED}") from None
-
-
-def _name_bad_line(files: list[Path]) -> None:
-    """`datasets` hides which line is broken; find it and raise naming file and line."""
-    from openkd.data.jsonl import iter_jsonl
-
-    for f in files:
-        if f.suffix == ".jsonl":
-            for _ in iter_jsonl(f):
-                pass
-
-
-def _load_directory(path: Path, spec: str, flag: str) -> Dataset:
-    from datasets import DatasetDict, load_from_disk
-
-    if any((path / marker).exists() for marker in SAVE_TO_DISK_MARKERS):
-        try:
-            loaded = load_from_disk(str(path))
-        except Exception as exc:
-            raise OpenkdError(f"{flag} {spec}: could not load it ({_brief(exc)})") from None
-        if isinstance(loaded, DatasetDict):
-            if "train" not in loaded:
-                raise OpenkdError(
-                    f"{flag} {spec} has splits {', '.join(loaded)} but no 'train'; "
-                    "pass the split's own directory"
-                )
-            return loaded["train"]
-        return loaded
-    shards = sorted(p for p in path.glob("*.jsonl") if p.is_file() and not is_sibling(p))
-    if not shards:
-        raise OpenkdError(
-            f"{flag} {spec}: directory has no *.jsonl shards and is no save_to_disk dataset; "
-            "pass what `openkd generate --output` wrote"
-        )
-    return _load_json_files(shards, spec, flag)
-
-
-def _load_hub(spec: str, flag: str) -> Dataset:
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(spec, split="train")
-    except Exception as exc:
-        raise OpenkdError(
-            f"{flag} {spec}: not a local path, and loading it as a Hub dataset failed "
-            f"({_brief(exc)}); check the path or id, your network and `hf auth login`"
-        ) from None
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    """The dataset at `spec` as one `datasets.Dataset`, read as is (no conversion)."""
+    return load_source(spec, flag=flag, empty_hint="run `openkd generate` to label prompts first")
 
 
 def _is_message_list(feature: Any) -> bool:
@@ -265,7 +165,7 @@ def meta_files(spec: str) -> list[Path]:
     """`<stem>.meta.json` files `openkd generate` wrote beside a local dataset."""
     path = Path(spec).expanduser()
     if path.is_file():
-        candidate = path.with_suffix("").with_name(path.with_suffix("").name + ".meta.json")
+        candidate = OutputFiles.of_file(path).meta
         return [candidate] if candidate.is_file() else []
     if path.is_dir():
         return sorted(p for p in path.glob("*.meta.json") if p.is_file())
@@ -278,8 +178,6 @@ def hub_meta_file(spec: str) -> list[Path]:
         return []
     try:
         from huggingface_hub import hf_hub_download
-
-        from openkd.generate.hub import META_IN_REPO
 
         return [Path(hf_hub_download(spec, META_IN_REPO, repo_type="dataset"))]
     except Exception:  # not an openkd dataset, offline, private...: the teacher stays unknown

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 
 LOCAL_ONLY = [
     "checkpoint-*",
@@ -23,12 +23,6 @@ LOCAL_ONLY = [
     "*.tmp",
 ]
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = _TOKEN.sub("hf_***", text)[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool, retry: str) -> str:
@@ -47,7 +41,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, retry: str) -> str
         )
     except Exception as exc:
         raise OpenkdError(
-            f"push to {repo_id} failed ({_reason(exc)}); the student is saved in {folder}; "
+            f"push to {repo_id} failed ({_TOKEN.sub('hf_***', brief(exc, 200))}); the student is saved in {folder}; "
             f"check `hf auth whoami` / HF_TOKEN, then {retry}"
-        ) from None
+        ) from exc
     return str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")

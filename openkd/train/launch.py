@@ -13,7 +13,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import yaml
 
 from openkd import console
 from openkd.errors import OpenkdError
+from openkd.system import dies_with_us, free_port
 from openkd.train.config import TrainConfig
 
 SHIPPED_CONFIGS = ("zero3", "zero3_offload", "zero2", "ddp", "multinode_zero3")
@@ -93,11 +93,11 @@ def read_accelerate_config(path: Path) -> dict[str, Any]:
     """The YAML mapping of an accelerate config, or a one-line error saying what is wrong."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise OpenkdError(
             f"accelerate config {path} is not readable YAML; fix it or pass one of the shipped "
             f"names: {', '.join(SHIPPED_CONFIGS)}"
-        ) from None
+        ) from err
     if not isinstance(data, dict) or "distributed_type" not in data:
         raise OpenkdError(
             f"{path} is not an accelerate config (no distributed_type); write one with "
@@ -187,7 +187,7 @@ def _node_args(settings: dict[str, Any], env: dict[str, str], config: Path | Non
     if num_machines <= 1:
         port = found["main_process_port"] or settings.get("main_process_port")
         # Two runs on one node must not both try accelerate's default port 29500.
-        return ["--main_process_port", str(port or _free_port())]
+        return ["--main_process_port", str(port or free_port())]
     # The shipped example holds placeholders; a user's own config may hold real values.
     placeholder = config is not None and config.parent == shipped_configs_dir()
     missing = [
@@ -206,12 +206,6 @@ def _node_args(settings: dict[str, Any], env: dict[str, str], config: Path | Non
         if found[key]:
             args += [f"--{key}", str(found[key])]
     return args
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_command(plan: LaunchPlan, argv: list[str]) -> list[str]:
@@ -289,9 +283,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
     A child that fails after a forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT reads as killed by it
     (-signal), whatever status the launcher exited with.
     """
-    child = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=_parent_death_signal()
-    )
+    child = subprocess.Popen(dies_with_us(cmd), env=env, start_new_session=True)
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -314,27 +306,6 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
         # Report the signal the user sent, not how the launcher chose to exit on it.
         return -received[-1]
     return status
-
-
-def _parent_death_signal() -> Any:
-    """A pre-exec hook asking Linux to SIGTERM the child when this process dies, or None.
-
-    prctl is looked up here, before the fork: the hook itself only makes the system call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return hook
 
 
 def distributed_training_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 
 IGNORE = -100
 # An answer no tokenizer merges with its neighbours, to find what the template puts around it.
@@ -47,11 +47,10 @@ def _render(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> st
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     except Exception as exc:  # jinja errors, raise_exception() in templates
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpenkdError(
-            f"the chat template failed to render a user/assistant exchange ({first}); "
+            f"the chat template failed to render a user/assistant exchange ({brief(exc)}); "
             "pass --chat-template FILE with a template for this student"
-        ) from None
+        ) from exc
 
 
 def find_end_of_turn(tokenizer: Any, template: str) -> EndOfTurn:

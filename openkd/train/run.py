@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.config import save_resolved
-from openkd.errors import OpenkdError
+from openkd.data.sources import require_source
+from openkd.errors import OpenkdError, brief
+from openkd.system import library_versions
 from openkd.train.checkpoints import check_resume_exists
 from openkd.train.config import TrainConfig
-from openkd.train.data import TrainData, check_exists
+from openkd.train.data import TrainData
 from openkd.train.runinfo import check_output_dir_usable
 from openkd.train.student import read_template_file, resolve_student
 
@@ -58,9 +60,9 @@ class Prepared:
 def run(cfg: TrainConfig) -> None:
     started = time.monotonic()
     student = resolve_student(cfg.student)
-    check_exists(cfg.dataset, "--dataset")
+    require_source(cfg.dataset, "--dataset")
     if cfg.eval_dataset:
-        check_exists(cfg.eval_dataset, "--eval-dataset")
+        require_source(cfg.eval_dataset, "--eval-dataset")
     if cfg.chat_template:
         read_template_file(cfg.chat_template)
     check_output_dir_usable(cfg.output_dir)
@@ -270,18 +272,13 @@ def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
         )
     except OSError as exc:
         raise OpenkdError(
-            f"--student {cfg.student}: could not load its weights ({_first_line(exc)}); check "
+            f"--student {cfg.student}: could not load its weights ({brief(exc)}); check "
             "the path or id"
-        ) from None
+        ) from exc
     except ValueError as exc:  # TRL's own checks of settings it cannot combine
-        raise OpenkdError(f"TRL refused these settings: {_first_line(exc)}") from None
+        raise OpenkdError(f"TRL refused these settings: {brief(exc)}") from exc
     use_console_output(trainer)
     return trainer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text or type(exc).__name__)[:300]
 
 
 def _explain_packing(args: Any, cuda: bool) -> None:
@@ -526,26 +523,12 @@ def _write_cards(prepared: Prepared, trainer: OpenkdSFTTrainer, results: dict[st
         lora=cfg.lora,
         merged=False,
         repo_id=cfg.push_to_hub,
-        versions=_versions(),
+        versions=library_versions("trl", "transformers", "torch", "peft", "datasets", "accelerate"),
     )
     write_text_atomic(cfg.output_dir / "README.md", render_card(info))
     if cfg.lora and cfg.merge_lora:
         merged = dataclasses.replace(info, merged=True)
         write_text_atomic(cfg.output_dir / MERGED_DIR / "README.md", render_card(merged))
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    from openkd import __version__
-
-    found = {"openkd": __version__}
-    for name in ("trl", "transformers", "torch", "peft", "datasets", "accelerate"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def _fmt_loss(value: float | None) -> str:

@@ -101,10 +101,10 @@ def read_run(output_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise OpenkdError(
             f"{path} is unreadable; pass --overwrite to start this output dir afresh"
-        ) from None
+        ) from err
     return data if isinstance(data, dict) else None
 
 

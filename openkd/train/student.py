@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,6 @@ def resolve_student(student: str) -> str:
     return str(path.resolve())
 
 
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
-
-
 def read_template_file(path: str) -> str:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -69,9 +64,9 @@ def load_tokenizer(student: str, *, trust_remote_code: bool, chat_template: str 
         tokenizer = AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise OpenkdError(
-            f"--student {student}: could not load its tokenizer ({_brief(exc)}); check the path "
+            f"--student {student}: could not load its tokenizer ({brief(exc)}); check the path "
             "or id (remote-code models need --trust-remote-code)"
-        ) from None
+        ) from exc
     if chat_template is not None:
         tokenizer.chat_template = read_template_file(chat_template)
     from openkd.train.preflight import template_text
@@ -92,9 +87,7 @@ def load_eos_settings(student: str, *, trust_remote_code: bool) -> EosSettings:
     try:
         config = AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise OpenkdError(
-            f"--student {student}: could not read its config ({_brief(exc)})"
-        ) from None
+        raise OpenkdError(f"--student {student}: could not read its config ({brief(exc)})") from exc
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
         generation = GenerationConfig.from_pretrained(student)

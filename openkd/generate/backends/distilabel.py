@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 from openkd.generate.backends.base import Answer, BatchedBackend, Completion, Request, Sampling
-from openkd.generate.metadata import package_version
+from openkd.system import package_version
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -44,12 +44,6 @@ ARGUMENT_NAMES = {
     "stop": ("stop", "stop_sequences"),
     "seed": ("seed",),
 }
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text[:300]
 
 
 def import_llm_class(path: str) -> type:
@@ -65,9 +59,9 @@ def import_llm_class(path: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise OpenkdError(
-            f"--llm-class {path}: cannot import {module_name} ({_brief(exc)}); "
+            f"--llm-class {path}: cannot import {module_name} ({brief(exc)}); "
             "install the package it needs, e.g. pip install 'distilabel[anthropic]'"
-        ) from None
+        ) from exc
     cls = getattr(module, attr, None)
     from distilabel.models.llms.base import LLM
     from distilabel.models.llms.vllm import vLLM
@@ -108,9 +102,9 @@ class DistilabelBackend(BatchedBackend):
             self.llm = self.cls(**kwargs)
         except Exception as exc:
             raise OpenkdError(
-                f"--llm-class {cfg.llm_class} rejected its arguments ({_brief(exc)}); "
+                f"--llm-class {cfg.llm_class} rejected its arguments ({brief(exc)}); "
                 "fix llm_kwargs in the YAML config"
-            ) from None
+            ) from exc
         self._arguments: dict[str, Any] | None = None
         self._loaded = False
 
@@ -119,9 +113,9 @@ class DistilabelBackend(BatchedBackend):
             self.llm.load()
         except Exception as exc:
             raise OpenkdError(
-                f"{self.class_path}.load() failed ({_brief(exc)}); check llm_kwargs, "
+                f"{self.class_path}.load() failed ({brief(exc)}); check llm_kwargs, "
                 "credentials and that the service is reachable"
-            ) from None
+            ) from exc
         self._loaded = True
 
     def close(self) -> None:
@@ -130,7 +124,7 @@ class DistilabelBackend(BatchedBackend):
             try:
                 self.llm.unload()
             except Exception as exc:  # closing must not hide the run's own outcome
-                console.warn(f"{self.class_path}.unload() failed: {_brief(exc)}")
+                console.warn(f"{self.class_path}.unload() failed: {brief(exc)}")
 
     def versions(self) -> dict[str, str]:
         found = {"distilabel": package_version("distilabel")}
@@ -262,7 +256,7 @@ def _constructor_kwargs(cls: type, cfg: GenerateConfig) -> dict[str, Any]:
 
 def _completion(output: Any, sampling: Sampling) -> Completion:
     if isinstance(output, BaseException):
-        return Completion.failure(_brief(output))
+        return Completion.failure(brief(output))
     generations = (output or {}).get("generations") or [None]
     text = generations[0]
     if text is None:

@@ -45,7 +45,7 @@ def _regex(flag: str, pattern: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise OpenkdError(f"{flag} '{pattern}' is not a valid regex ({exc}); fix it") from None
+        raise OpenkdError(f"{flag} '{pattern}' is not a valid regex ({exc}); fix it") from exc
 
 
 def last_user_message(messages: list[Message]) -> str:

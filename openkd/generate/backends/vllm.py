@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
-from openkd.errors import ConfigError, OpenkdError
+from openkd.errors import ConfigError, OpenkdError, brief
 from openkd.generate.backends.base import (
     Answer,
     BackendBase,
@@ -27,12 +27,11 @@ from openkd.generate.backends.base import (
     Sampling,
     TeacherUnavailable,
 )
-from openkd.generate.engine import (
+from openkd.generate.vllm.engine import (
     GENERATION_CONFIG_KEYS,
     check_answer_fits,
     engine_failed,
     engine_options,
-    first_line,
     preflight,
 )
 
@@ -158,7 +157,7 @@ class VLLMBackend(BackendBase):
             [added] = self._llm.enqueue_chat([request.messages], params, use_tqdm=False)
         except Exception as err:
             self._raise_if_engine_dead(err)
-            return Completion.failure(f"vLLM rejected the prompt ({first_line(err)})")
+            return Completion.failure(f"vLLM rejected the prompt ({brief(err)})")
         # vLLM answers under the id it was given; the id it returns carries a random suffix.
         return added.split("-", 1)[0]
 
@@ -167,7 +166,7 @@ class VLLMBackend(BackendBase):
         exceptions = sys.modules.get("vllm.v1.engine.exceptions")
         if exceptions is not None and isinstance(err, exceptions.EngineDeadError):
             raise TeacherUnavailable(
-                f"the vLLM engine died ({first_line(err)}); finished answers are kept: see "
+                f"the vLLM engine died ({brief(err)}); finished answers are kept: see "
                 "vLLM's log above, then rerun the same command to continue"
             ) from err
 

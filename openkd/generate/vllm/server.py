@@ -27,28 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openkd import console
+from openkd.data.layout import resolve_output
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.engine import as_cli_flags, engine_options, preflight
+from openkd.generate.vllm.engine import as_cli_flags, engine_options, preflight
+from openkd.system import LOOPBACK, dies_with_us, free_port
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
 
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 NOTE_EVERY = 30.0  # seconds between "still starting" lines when stderr is not a terminal
-
-# Runs first in the child: PR_SET_PDEATHSIG (1) makes the kernel send SIGTERM when the parent
-# dies, even by SIGKILL; it survives the exec into the real command.
-_ORPHAN_GUARD = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(EngineCore pid=42) ERROR 11-23 18:44:28 [core.py:1510] " before vLLM's messages.
@@ -85,12 +74,6 @@ def last_meaningful_line(log_text: str) -> str:
         plain = [line for line in lines if not line.startswith(framing)]
         line = plain[-1] if plain else "(the log is empty)"
     return line if len(line) <= _MAX_QUOTE else line[: _MAX_QUOTE - 3] + "..."
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def check_port_free(port: int) -> None:
@@ -169,11 +152,8 @@ class ManagedServer:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             log.write(f"===== openkd {stamp}: {shlex.join(self.command)}\n".encode())
             log.flush()
-            wrapped = self.command
-            if sys.platform == "linux":
-                wrapped = [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *self.command]
             self._proc = subprocess.Popen(
-                wrapped,
+                dies_with_us(self.command),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -287,10 +267,7 @@ class ServedTeacher:
 
 def server_log_path(cfg: GenerateConfig) -> Path:
     """`<output stem>.server.log` beside the output (per shard, like the other side files)."""
-    from openkd.generate.outputs import resolve_output
-
-    stem = resolve_output(cfg.output, cfg.shard_index).stem
-    return stem.with_name(stem.name + ".server.log")
+    return resolve_output(cfg.output, cfg.shard_index).server_log
 
 
 def vllm_server_command(cfg: GenerateConfig, port: int) -> list[str]:

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openkd.errors import ConfigError, OpenkdError
+from openkd.errors import ConfigError, OpenkdError, brief
+from openkd.paths import looks_like_path, require_local_model
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -109,16 +110,10 @@ def as_cli_flags(options: dict[str, Any]) -> list[str]:
 
 def check_teacher(teacher: str) -> None:
     """A path-like teacher must be a model directory; Hub ids are left to vLLM."""
-    from openkd.data.sources import looks_like_path
-
     if not looks_like_path(teacher):
         return
+    require_local_model(teacher, "--teacher")
     path = Path(teacher).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"teacher path {teacher} does not exist; pass a model directory or a Hub id "
-            "such as Qwen/Qwen2.5-7B-Instruct"
-        )
     if (
         path.is_dir()
         and not (path / "config.json").exists()
@@ -159,7 +154,7 @@ def check_answer_fits(max_new_tokens: int, max_model_len: int | None, where: str
 
 def preflight(cfg: GenerateConfig) -> None:
     """Everything that can be checked about a vLLM engine before starting one."""
-    from openkd.generate.gpus import check_parallel_fits
+    from openkd.generate.vllm.gpus import check_parallel_fits
 
     check_teacher(cfg.teacher)
     check_vllm_args(cfg.vllm_args)
@@ -167,12 +162,5 @@ def preflight(cfg: GenerateConfig) -> None:
     check_parallel_fits(cfg.tensor_parallel_size, cfg.data_parallel_size)
 
 
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """`Type: message` on one line, short enough for a one-line error."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(err).__name__}: {text}"
-
-
 def engine_failed(teacher: str, err: BaseException, log_hint: str) -> OpenkdError:
-    return OpenkdError(f"vLLM could not start teacher {teacher} ({first_line(err)}); {log_hint}")
+    return OpenkdError(f"vLLM could not start teacher {teacher} ({brief(err)}); {log_hint}")

@@ -1,0 +1,357 @@
+"""`<stem>.meta.json`: what made a dataset, so it can be trusted, resumed, merged and reproduced.
+
+It holds the teacher, sampling settings, versions, row and token counts per file, a history of
+the runs that appended to the output, and the resolved config. `GenerateMeta` builds itself at
+the start of a run, finishes itself at the end, and merges shards; the JSON on disk keeps one
+layout (`FORMAT`). Secrets never go in: `api_key_env` is only a variable name, and values under
+secret-looking keys (in `llm_kwargs`, `--serve-args`, URLs with credentials) are "<redacted>".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from openkd.data.jsonl import write_text_atomic
+from openkd.data.layout import ROW_KINDS
+from openkd.errors import OpenkdError
+
+FORMAT = "openkd.generate/1"
+REDACTED = "<redacted>"
+# Whole name parts only: `hf_token` and `api_key` are secrets, `max_new_tokens` is not.
+SECRET_KEY = re.compile(
+    r"(^|[_-])(api[_-]?key|apikey|token|secret|password|passwd|credentials?|auth|authorization)"
+    r"($|[_-])",
+    re.I,
+)
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+MAX_RUNS = 100
+# The settings that say where prompts came from and how they were turned into rows.
+SOURCE_KEYS = (
+    "dataset", "subset", "split", "prompt_column", "messages_column", "prompt_template",
+    "system_prompt", "max_samples", "shuffle_seed", "shard", "eval_fraction", "keep_truncated",
+)  # fmt: skip
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def teacher_key(teacher: str, revision: str | None) -> str:
+    """The teacher as it enters record ids: a revision makes a different teacher."""
+    return f"{teacher}@{revision}" if revision else teacher
+
+
+# --- counts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Rows and tokens of one file."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        self.prompt_tokens += int(row.get("prompt_tokens") or 0)
+        self.completion_tokens += int(row.get("completion_tokens") or 0)
+
+    def __iadd__(self, other: Tally) -> Tally:
+        self.rows += other.rows
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        return self
+
+
+@dataclass
+class Counts:
+    """What an output holds: a tally per row file, and how many prompts failed."""
+
+    train: Tally = field(default_factory=Tally)
+    eval: Tally = field(default_factory=Tally)
+    truncated: Tally = field(default_factory=Tally)
+    failed: int = 0
+
+    def of(self, kind: str) -> Tally:
+        return getattr(self, kind)
+
+    @property
+    def kept(self) -> Tally:
+        """The rows a student trains and is evaluated on (train + eval)."""
+        total = Tally()
+        total += self.train
+        total += self.eval
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{kind: asdict(self.of(kind)) for kind in ROW_KINDS},
+            "failed": {"rows": self.failed},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Counts:
+        data = data or {}
+        tallies = {
+            kind: Tally(**{k: int(v) for k, v in (data.get(kind) or {}).items() if k in _TALLY})
+            for kind in ROW_KINDS
+        }
+        return cls(**tallies, failed=int((data.get("failed") or {}).get("rows", 0)))
+
+
+_TALLY = {f.name for f in fields(Tally)}
+
+
+# --- the metadata -----------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateMeta:
+    """The contents of `<stem>.meta.json`."""
+
+    output: str
+    teacher: dict[str, Any]  # name, revision, backend (and llm_class for distilabel)
+    sampling: dict[str, Any]
+    source: dict[str, Any]
+    files: dict[str, str]
+    config: dict[str, Any]
+    counts: Counts = field(default_factory=Counts)
+    status: str = "running"  # running, complete, incomplete, stopped
+    started_at: str = field(default_factory=now)
+    finished_at: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    throughput: dict[str, Any] | None = None
+    hub: dict[str, Any] | None = None
+    merged_from: list[dict[str, Any]] | None = None
+    merged_at: str | None = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for new rows to join this output."""
+        return fingerprint(self.teacher.get("name"), self.teacher.get("revision"), self.sampling)
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        config: dict[str, Any],
+        files: dict[str, str],
+        sampling: dict[str, Any],
+        counts: Counts,
+        previous: GenerateMeta | None,
+        versions: dict[str, str],
+        llm_class: str | None = None,
+    ) -> GenerateMeta:
+        """The metadata of a run about to start; `config` is the resolved config (redacted
+        here), `previous` the output's metadata so far (its history is kept)."""
+        config = redact(config)
+        teacher = {
+            "name": config["teacher"],
+            "revision": config["revision"],
+            "backend": config["backend"],
+        }
+        if llm_class:
+            teacher["llm_class"] = llm_class
+        return cls(
+            output=files["train"],
+            teacher=teacher,
+            sampling=sampling,
+            source={key: config[key] for key in SOURCE_KEYS},
+            files=files,
+            config=config,
+            counts=counts,
+            started_at=(previous.started_at if previous else None) or now(),
+            versions=versions,
+            runs=list(previous.runs)[-MAX_RUNS + 1 :] if previous else [],
+        )
+
+    def finish(
+        self, status: str, counts: Counts, run: dict[str, Any], versions: dict[str, str]
+    ) -> None:
+        """Record how this run ended: its entry in the history, totals, throughput."""
+        self.status = status
+        self.finished_at = now()
+        self.counts = counts
+        self.versions = {**self.versions, **versions}
+        self.runs.append(run)
+        self.throughput = {
+            "rows_per_second": run.get("rows_per_second"),
+            "completion_tokens_per_second": run.get("completion_tokens_per_second"),
+        }
+
+    @classmethod
+    def merge(
+        cls,
+        shards: list[tuple[str, GenerateMeta | None]],
+        *,
+        output: str,
+        files: dict[str, str],
+        counts: Counts,
+    ) -> GenerateMeta:
+        """One output's metadata from its shards' (`(shard file name, its metadata)` pairs)."""
+        known = [meta for _, meta in shards if meta is not None]
+        if not known:
+            return cls(output, {}, {}, {}, files, {}, counts, status="incomplete")
+        first = known[0]
+        runs = [
+            {**run, "shard_file": name}
+            for name, meta in shards
+            for run in (meta.runs if meta else [])
+        ]
+        complete = all(m.status == "complete" for m in known) and not counts.failed
+        config = dict(first.config)
+        if config:
+            config.update(shard=None, output=output)
+        return cls(
+            output=output,
+            teacher=first.teacher,
+            sampling=first.sampling,
+            source={**first.source, "shard": None},
+            files=files,
+            config=config,
+            counts=counts,
+            status="complete" if complete else "incomplete",
+            started_at=min(m.started_at for m in known),
+            finished_at=max((m.finished_at for m in known if m.finished_at), default=now()),
+            versions=first.versions,
+            runs=runs[-MAX_RUNS:],
+            merged_from=[
+                {"file": name, "shard": meta.source.get("shard") if meta else None}
+                for name, meta in shards
+            ],
+            merged_at=now(),
+        )
+
+    # -- on disk -----------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "output": self.output,
+            "status": self.status,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "teacher": self.teacher,
+            "sampling": self.sampling,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "files": self.files,
+            "versions": self.versions,
+            "counts": self.counts.to_json(),
+            "tokens": asdict(self.counts.kept),
+            "runs": self.runs,
+            "config": self.config,
+        }
+        for key in ("throughput", "hub", "merged_from", "merged_at"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerateMeta:
+        return cls(
+            output=str(data.get("output", "")),
+            teacher=dict(data.get("teacher") or {}),
+            sampling=dict(data.get("sampling") or {}),
+            source=dict(data.get("source") or {}),
+            files=dict(data.get("files") or {}),
+            config=dict(data.get("config") or {}),
+            counts=Counts.from_json(data.get("counts")),
+            status=str(data.get("status", "unknown")),
+            started_at=str(data.get("started_at") or now()),
+            finished_at=data.get("finished_at"),
+            versions=dict(data.get("versions") or {}),
+            runs=list(data.get("runs") or []),
+            throughput=data.get("throughput"),
+            hub=data.get("hub"),
+            merged_from=data.get("merged_from"),
+            merged_at=data.get("merged_at"),
+        )
+
+    def write(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> GenerateMeta | None:
+        """The metadata at `path`; None when there is none, OpenkdError when it is unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OpenkdError(
+                f"{path} is unreadable; delete it and rerun with --overwrite to start fresh"
+            ) from err
+        if not isinstance(data, dict):
+            raise OpenkdError(f"{path} is not an openkd metadata file; pass another --output")
+        return cls.from_json(data)
+
+
+def fingerprint(teacher: Any, revision: Any, sampling: dict[str, Any]) -> dict[str, Any]:
+    """What must match for new rows to join an existing output."""
+    return {"teacher": teacher, "revision": revision, "sampling": sampling}
+
+
+def check_compatible(
+    meta: GenerateMeta | None, expected: dict[str, Any], output: Path, has_rows: bool
+) -> None:
+    """Refuse to append rows made differently (teacher, revision, sampling) to `output`."""
+    if not has_rows:
+        return
+    fix = "pass --overwrite to start fresh, or another --output"
+    if meta is None:
+        raise OpenkdError(
+            f"{output} already has rows but no {output.with_suffix('').name}.meta.json, so "
+            f"openkd cannot tell how they were made; {fix}"
+        )
+    found = meta.fingerprint
+    diffs = []
+    for key in ("teacher", "revision"):
+        if found.get(key) != expected[key]:
+            diffs.append(f"{key} {found.get(key)!r} (this run: {expected[key]!r})")
+    old_sampling, new_sampling = found.get("sampling") or {}, expected["sampling"]
+    for key in sorted(set(old_sampling) | set(new_sampling)):
+        if old_sampling.get(key) != new_sampling.get(key):
+            diffs.append(f"{key} {old_sampling.get(key)!r} (this run: {new_sampling.get(key)!r})")
+    if diffs:
+        raise OpenkdError(f"{output} was generated with {', '.join(diffs)}; {fix}")
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` with secrets replaced; keys, lists and URLs are all checked."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if _is_secret(k, v) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        out: list[Any] = []
+        hide_next = False
+        for item in value:
+            if hide_next:
+                out.append(REDACTED)
+                hide_next = False
+                continue
+            flag, eq, _ = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if flag.startswith("-") and SECRET_KEY.search(flag.lstrip("-")):
+                out.append(f"{flag}={REDACTED}" if eq else item)
+                hide_next = not eq
+                continue
+            out.append(redact(item))
+        return out
+    if isinstance(value, str):
+        return URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", value)
+    return value
+
+
+def _is_secret(key: Any, value: Any) -> bool:
+    # `api_key_env` and friends name an environment variable; the name is not a secret.
+    key = str(key)
+    return bool(SECRET_KEY.search(key)) and not key.endswith("_env") and value not in (None, "")

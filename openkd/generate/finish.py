@@ -1,0 +1,159 @@
+"""The end of a run, however it ends: commit what finished, compact the failures file, finish
+the metadata and the card, and let a finished selection make the next rerun free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from openkd import console
+from openkd.data.jsonl import write_jsonl_atomic
+from openkd.data.metadata import Counts, GenerateMeta, now
+from openkd.errors import OpenkdError
+from openkd.generate.card import write_card
+from openkd.system import library_versions
+
+if TYPE_CHECKING:
+    from openkd.data.layout import OutputFiles
+    from openkd.generate.backends.base import Sampling
+    from openkd.generate.config import GenerateConfig
+    from openkd.generate.label import LabelCounts
+    from openkd.generate.resume import ResumeState
+    from openkd.generate.source import SourceCounts
+    from openkd.generate.writer import OutputWriter
+
+
+@dataclass
+class Outcome:
+    """How this invocation ended, for the metadata, the summary and the exit status."""
+
+    status: str  # complete, incomplete (failed or invalid prompts), stopped
+    started_at: str
+    started_wall: float
+    backend_versions: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0  # failures on file after this run (earlier ones included)
+
+    @property
+    def wall(self) -> float:
+        return time.monotonic() - self.started_wall
+
+    def run_entry(self, backend: str, seen: SourceCounts, found: LabelCounts) -> dict[str, Any]:
+        """This run's line in the metadata's history."""
+        busy = found.seconds
+        return {
+            "started_at": self.started_at,
+            "finished_at": now(),
+            "status": self.status,
+            "backend": backend,
+            "selected": seen.selected,
+            "already_done": seen.already_done,
+            "duplicates": seen.duplicates,
+            "invalid": seen.invalid,
+            "labelled": found.answered,
+            "failed": found.failed,
+            "prompt_tokens": found.prompt_tokens,
+            "completion_tokens": found.completion_tokens,
+            "wall_seconds": round(self.wall, 3),
+            "labelling_seconds": round(busy, 3),
+            "rows_per_second": round(found.answered / busy, 3) if busy > 0 else None,
+            "completion_tokens_per_second": round(found.completion_tokens / busy, 3)
+            if busy > 0
+            else None,
+        }
+
+
+def start_meta(
+    cfg: GenerateConfig,
+    files: OutputFiles,
+    sampling: Sampling,
+    state: ResumeState,
+    previous: GenerateMeta | None,
+) -> GenerateMeta:
+    counts = _counts(state, len(state.failed))
+    return GenerateMeta.start(
+        config=cfg.to_yaml_dict(),
+        files={
+            kind: files.kind_path(kind).name for kind in ("train", "eval", "truncated", "failed")
+        }
+        | {"card": files.card.name},
+        sampling=sampling.as_dict(),
+        counts=counts,
+        previous=previous,
+        versions=library_versions("datasets", "huggingface_hub"),
+        llm_class=cfg.llm_class if cfg.backend == "distilabel" else None,
+    )
+
+
+def finish_run(
+    files: OutputFiles,
+    cfg: GenerateConfig,
+    state: ResumeState,
+    seen: SourceCounts,
+    writer: OutputWriter,
+    found: LabelCounts,
+    meta: GenerateMeta,
+    outcome: Outcome,
+    selection: str | None,
+) -> None:
+    """Commit, compact the failures, finish metadata and card; on every exit.
+
+    When the run is already failing (a write error, Ctrl-C, a dead teacher), a second error
+    here is only a warning, so the first one stays the message the user sees; the summary is
+    printed here then, as the caller will not get to it.
+    """
+    failing = outcome.status != "complete"
+    try:
+        writer.commit()
+        writer.close()
+        outcome.failed_rows = _rewrite_failures(files, state, found, outcome.status)
+        if outcome.status == "complete" and (outcome.failed_rows or seen.invalid):
+            outcome.status = "incomplete"
+        meta.finish(
+            outcome.status,
+            _counts(state, outcome.failed_rows),
+            outcome.run_entry(cfg.backend, seen, found),
+            outcome.backend_versions,
+        )
+        meta.write(files.meta)
+        write_card(files, meta)
+        if outcome.status == "complete" and selection:
+            state.index.selection = {
+                "key": selection,
+                "selected": seen.selected,
+                "duplicates": seen.duplicates,
+            }
+            state.index.write(files.index)
+    except (OpenkdError, OSError) as err:
+        if not failing:
+            raise
+        console.warn(f"could not finish the output files: {err}")
+    finally:
+        writer.close()
+        if failing:
+            from openkd.generate.summary import summary
+
+            summary(files, cfg, seen, found, outcome)
+
+
+def _rewrite_failures(
+    files: OutputFiles, state: ResumeState, found: LabelCounts, status: str
+) -> int:
+    """Rewrite the failures file in one step: this run's failures, and earlier ones still
+    unanswered (after a complete pass, earlier ones it did not meet are stale and dropped)."""
+    rows = {} if status == "complete" else dict(state.failed)
+    for rid in found.recovered:
+        rows.pop(rid, None)
+    rows.update(found.failures)
+    if rows:
+        write_jsonl_atomic(files.failed, rows.values())
+    elif files.failed.exists():
+        files.failed.unlink()
+    return len(rows)
+
+
+def _counts(state: ResumeState, failed_rows: int) -> Counts:
+    counts = state.counts
+    return Counts(
+        train=counts.train, eval=counts.eval, truncated=counts.truncated, failed=failed_rows
+    )
