@@ -61,7 +61,7 @@ class Context:
         """The tiny float32 Llama + tokenizer of the test suite, built offline once."""
         out = self.path("assets", "tiny-model")
         if not (out / "config.json").exists() or not (out / "tokenizer.json").exists():
-            from openkd.testing import build_tiny_model
+            from openkd.tiny import build_tiny_model
 
             proc.console.print("  building the tiny model")
             build_tiny_model(out)
@@ -76,7 +76,7 @@ class Context:
             return path
         master = self.path("assets", f"prompts-{MAX_PROMPTS}.jsonl")
         if not master.exists():
-            from openkd.testing import make_prompts
+            from openkd.tiny import make_prompts
 
             with proc.console.status(
                 f"  writing {MAX_PROMPTS:,} prompts (once per work directory)"

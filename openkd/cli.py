@@ -107,7 +107,7 @@ def make_tiny(
 ) -> None:
     """Build a tiny random Llama + BPE tokenizer offline, to try openkd without downloads."""
     from openkd.errors import ConfigError
-    from openkd.testing.tiny import TinySpec, build_tiny_model
+    from openkd.tiny import TinySpec, build_tiny_model
 
     heads = heads or max(1, hidden_size // 32)
     kv_heads = kv_heads or max(1, heads // 2)
@@ -130,7 +130,7 @@ def make_tiny(
     path = build_tiny_model(out_dir, spec)
     if prompts is not None:
         from openkd.data.jsonl import write_jsonl_atomic
-        from openkd.testing.tasks import make_prompts
+        from openkd.tiny import make_prompts
 
         rows = ({"prompt": p} for p in make_prompts(num_prompts, rule=task, seed=seed))
         write_jsonl_atomic(prompts, rows)

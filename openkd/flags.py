@@ -80,6 +80,13 @@ def option_parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     )
 
 
+def _help_order(cls: type[StageConfig]) -> list[str]:
+    """The command's own fields first (in the order written), then those it shares (engine)."""
+    own = set(inspect.get_annotations(cls))
+    names = list(cls.model_fields)
+    return [n for n in names if n in own] + [n for n in names if n not in own]
+
+
 def config_command(
     cls: type[StageConfig], run: Callable[[Path | None, bool, dict[str, Any]], None]
 ) -> Callable[..., None]:
@@ -108,9 +115,9 @@ def config_command(
         ),
     ]
     params += [
-        option_parameter(name, info)
-        for name, info in cls.model_fields.items()
-        if _is_cli_field(info)
+        option_parameter(name, cls.model_fields[name])
+        for name in _help_order(cls)
+        if _is_cli_field(cls.model_fields[name])
     ]
 
     def command(**kwargs: Any) -> None:

@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama + BPE tokenizer directory, built offline once per test session."""
-    from openkd.testing import build_tiny_model
+    from openkd.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -68,6 +68,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def prompts_file(tmp_path: Path) -> Iterator[Path]:
     """50 reverse-the-words prompts in a `prompt` column."""
-    from openkd.testing import make_prompts
+    from openkd.tiny import make_prompts
 
     yield write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in make_prompts(50)])

@@ -15,15 +15,8 @@ from pathlib import Path
 import pytest
 
 from openkd.errors import OpenkdError
-from openkd.train.checkpoints import (
-    TrainingAlreadyComplete,
-    checkpoint_problems,
-    find_resume_checkpoint,
-    list_checkpoints,
-    safetensors_problem,
-    stop_when_complete_callback,
-    torch_file_problem,
-)
+from openkd.train.checkpoints import find_resume_checkpoint, list_checkpoints
+from openkd.train.integrity import checkpoint_problems, safetensors_problem, torch_file_problem
 
 
 def _trainer(
@@ -46,7 +39,7 @@ def _trainer(
         TrainingArguments,
     )
 
-    from openkd.testing import make_prompts
+    from openkd.tiny import make_prompts
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -328,7 +321,9 @@ def test_resuming_the_last_checkpoint_trains_no_extra_step(
     assert plain.state.global_step == 5
 
     guarded = _trainer(tiny_model, tmp_path / "guarded", rows=12, max_steps=4, save_steps=4)
-    guarded.add_callback(stop_when_complete_callback())
+    from openkd.train.trainer import StopWhenComplete, TrainingAlreadyComplete
+
+    guarded.add_callback(StopWhenComplete())
     with pytest.raises(TrainingAlreadyComplete) as info:
         guarded.train(resume_from_checkpoint=str(last))
     assert (info.value.step, info.value.max_steps) == (4, 4)

@@ -17,9 +17,10 @@ import pytest
 
 from openkd.config import resolve
 from openkd.errors import OpenkdError
+from openkd.generate.backends.mock import reverse_words
 from openkd.generate.config import GenerateConfig
 from openkd.generate.run import run
-from openkd.testing import make_prompts, reverse_words
+from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, run_cli, write_jsonl
 
 SECRET = "sk-secret-distilabel"

@@ -20,7 +20,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
     A random model never ends its answers, so they are kept with --keep-truncated; the eval
     below uses the same batch size, so student and teacher see identical batches.
     """
-    from openkd.testing import make_prompts
+    from openkd.tiny import make_prompts
 
     root = tmp_path_factory.mktemp("labelled")
     prompts = write_jsonl(
@@ -116,7 +116,8 @@ def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
 def test_live_teacher_and_gold_answers(tmp_path, tiny_model):
     """--teacher answers live (the mock teacher reversing words) on a set with gold answers;
     the untrained student agrees with none of its answers."""
-    from openkd.testing import make_prompts, reverse_words
+    from openkd.generate.backends.mock import reverse_words
+    from openkd.tiny import make_prompts
 
     prompts = make_prompts(6, seed=4)
     gold = [reverse_words(p) for p in prompts[:5]] + ["wrong"]

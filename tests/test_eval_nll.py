@@ -55,7 +55,7 @@ def test_answer_tokens_are_the_answer_and_eos(model_and_tokenizer):
 def test_template_text_after_eos_is_not_scored(model_and_tokenizer):
     """Qwen-style templates write a newline after the final <|im_end|>; training drops it."""
     from openkd.eval.nll import encode_pair, trailing_end_of_turn
-    from openkd.testing.tiny import CHAT_TEMPLATE
+    from openkd.tiny.model import CHAT_TEMPLATE
 
     _, tokenizer = model_and_tokenizer
     assert trailing_end_of_turn(tokenizer) is None

@@ -41,7 +41,7 @@ def _chat(text: str) -> list[dict]:
 
 
 def test_batched_left_padded_answers_equal_one_by_one(backend):
-    from openkd.testing import make_prompts
+    from openkd.tiny import make_prompts
 
     prompts = [_chat(p) for p in make_prompts(6, seed=9, min_words=1, max_words=5)]
     sampling = Sampling(max_new_tokens=6)

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from openkd.generate.backends.mock import reverse_words
 from openkd.generate.source import in_eval_split
-from openkd.testing import make_prompts, reverse_words
+from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
 
 TEACHER = "mock-teacher"

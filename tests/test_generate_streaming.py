@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from openkd.testing import make_prompts
+from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
 from tests.standin_openai import StandIn
 from tests.test_generate_mock import generate, invoke

@@ -100,7 +100,7 @@ def run_script(
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
-    from openkd.testing import make_prompts
+    from openkd.tiny import make_prompts
 
     path = tmp_path_factory.mktemp("slurm") / "prompts.jsonl"
     return write_jsonl(path, [{"prompt": p} for p in make_prompts(120, seed=3)])

@@ -11,7 +11,8 @@ from unittest import mock
 import pytest
 import yaml
 
-from openkd.testing import make_prompts, reverse_words
+from openkd.generate.backends.mock import reverse_words
+from openkd.tiny import make_prompts
 from tests.conftest import run_cli, write_jsonl
 
 TEACHER = "org/teacher-72b"

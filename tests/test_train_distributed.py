@@ -22,11 +22,8 @@ from pathlib import Path
 import pytest
 
 from openkd.errors import OpenkdError
-from openkd.train.checkpoints import (
-    checkpoint_problems,
-    deepspeed_world_size,
-    find_resume_checkpoint,
-)
+from openkd.train.checkpoints import find_resume_checkpoint
+from openkd.train.integrity import checkpoint_problems, deepspeed_world_size
 from tests.conftest import run_cli
 from tests.train_resume_helpers import (
     assert_same_weights,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from openkd.train.checkpoints import checkpoint_problems
+from openkd.train.integrity import checkpoint_problems
 from tests.conftest import run_cli
 from tests.train_resume_helpers import (
     assert_same_weights,

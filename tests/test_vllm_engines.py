@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from openkd.generate.vllm.server import group_members
-from openkd.testing import make_prompts
+from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, run_cli, write_jsonl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -48,7 +48,7 @@ def prompts(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(workdir: Path) -> Path:
     """A chaotic teacher: of these prompts' greedy answers, some end after a few tokens."""
-    from openkd.testing.tiny import TinySpec, build_tiny_model
+    from openkd.tiny import TinySpec, build_tiny_model
 
     return build_tiny_model(workdir / "teacher", TinySpec(seed=2, init_std=0.3))
 

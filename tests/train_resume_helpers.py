@@ -11,7 +11,8 @@ from tests.conftest import write_jsonl
 def write_reverse_dataset(path: Path, rows: int = 64) -> Path:
     """`rows` openkd records of the reverse-words task, as `openkd generate` writes them."""
     from openkd.data.schema import make_record
-    from openkd.testing import make_prompts, reverse_words
+    from openkd.generate.backends.mock import reverse_words
+    from openkd.tiny import make_prompts
 
     records = [
         make_record(

@@ -7,8 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from openkd import engine_fields as F
-from openkd.config import StageConfig
+from openkd.engine import EngineConfig
 from openkd.generate.config import Backend
 
 DEFAULT_MAX_NEW_TOKENS = 4096
@@ -16,7 +15,7 @@ DEFAULT_MAX_NEW_TOKENS = 4096
 StudentBackend = Literal["vllm", "openai", "transformers"]
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(EngineConfig):
     """Score a student against its teacher on held-out prompts (stage 3)."""
 
     section: ClassVar[str] = "eval"
@@ -81,33 +80,20 @@ class EvalConfig(StageConfig):
         None, description="System message put before every prompt (replaces the dataset's)."
     )
 
-    # Engine (the same backends as `openkd generate`)
+    # Engine (the same backends as `openkd generate`; shared settings: EngineConfig)
     backend: StudentBackend = Field(
         "vllm",
         description="Backend the student answers with: vllm, openai, transformers (small CPU "
         "models).",
     )
-    concurrency: int | None = F.CONCURRENCY
-    tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
-    max_model_len: int | None = F.MAX_MODEL_LEN
-    gpu_memory_utilization: float = F.GPU_MEMORY_UTILIZATION
-    dtype: str = F.DTYPE
-    max_num_seqs: int | None = F.MAX_NUM_SEQS
-    enforce_eager: bool = F.ENFORCE_EAGER
-    trust_remote_code: bool = F.TRUST_REMOTE_CODE
     base_url: str | None = Field(
         None,
         description="OpenAI-compatible endpoint serving the one model on backend openai "
         "(--backend or --teacher-backend).",
     )
-    api_key_env: str = F.API_KEY_ENV
-    request_timeout: float = F.REQUEST_TIMEOUT
-    max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
         False, description="Start a vLLM server for each model as a child process and use it."
     )
-    serve_timeout: float = F.SERVE_TIMEOUT
-    serve_args: list[str] | None = F.SERVE_ARGS
 
     # Teacher-forced likelihood
     nll: bool = Field(
@@ -131,6 +117,8 @@ class EvalConfig(StageConfig):
         on_openai = [name for name, backend in self.backends().items() if backend == "openai"]
         if on_openai and not (self.base_url or self.serve):
             problems.append("backend openai needs --base-url URL or --serve")
+        if self.vllm_args and not ("vllm" in self.backends().values() or self.serve):
+            problems.append("--vllm-args configures a vLLM engine: use backend vllm or --serve")
         if self.serve and not on_openai:
             problems.append(
                 "--serve starts an OpenAI-compatible server; use it with backend openai"

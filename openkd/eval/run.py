@@ -151,33 +151,18 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
 
     backend = cfg.backends()[role]
     values = {
+        **cfg.engine_settings(),
         "teacher": model,
         "dataset": cfg.dataset,
         "backend": backend,
         "max_new_tokens": sampling.max_new_tokens,
         "stop": list(sampling.stop) or None,
         "temperature": 0.0,
-        **{
-            key: getattr(cfg, key)
-            for key in (
-                "concurrency",
-                "tensor_parallel_size",
-                "max_model_len",
-                "gpu_memory_utilization",
-                "dtype",
-                "max_num_seqs",
-                "enforce_eager",
-                "trust_remote_code",
-                "api_key_env",
-                "request_timeout",
-                "max_retries",
-                "serve_timeout",
-                "serve_args",
-            )
-        },
     }
     if backend == "openai":
         values.update(base_url=None if cfg.serve else cfg.base_url, serve=cfg.serve)
+    if backend != "vllm" and not (backend == "openai" and cfg.serve):
+        values["vllm_args"] = {}  # this model's engine is not vLLM
     try:
         return GenerateConfig.model_validate(values)
     except ValidationError as exc:

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from openkd import engine_fields as F
-from openkd.config import StageConfig, cli_only
+from openkd.config import cli_only
+from openkd.engine import EngineConfig
 
 Backend = Literal["vllm", "openai", "mock", "distilabel", "transformers"]
 MockRule = Literal["reverse", "sum", "echo"]
@@ -17,7 +17,7 @@ MockRule = Literal["reverse", "sum", "echo"]
 SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
 
 
-class GenerateConfig(StageConfig):
+class GenerateConfig(EngineConfig):
     """Label every prompt of a dataset with a teacher's greedy answer (stage 1)."""
 
     section: ClassVar[str] = "generate"
@@ -84,36 +84,22 @@ class GenerateConfig(StageConfig):
         "vllm",
         description="Teacher backend: vllm, openai, mock, distilabel, transformers (small CPU models).",
     )
-    concurrency: int | None = F.CONCURRENCY
     commit_interval: float = Field(
         1.0,
         gt=0,
         description="Seconds between fsyncs of the output (and at exit): a kill loses at most "
         "the answers that finished in the last interval.",
     )
-    tensor_parallel_size: int = F.TENSOR_PARALLEL_SIZE
     data_parallel_size: int = Field(1, ge=1, description="Teacher replicas (vLLM, --serve).")
-    max_model_len: int | None = F.MAX_MODEL_LEN
-    gpu_memory_utilization: float = F.GPU_MEMORY_UTILIZATION
-    dtype: str = F.DTYPE
-    max_num_seqs: int | None = F.MAX_NUM_SEQS
-    enforce_eager: bool = F.ENFORCE_EAGER
-    trust_remote_code: bool = F.TRUST_REMOTE_CODE
-    vllm_args: dict[str, Any] = F.VLLM_ARGS
 
-    # OpenAI-compatible server
+    # OpenAI-compatible server (the engine and client settings shared with eval: EngineConfig)
     base_url: str | None = Field(
         None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
     )
-    api_key_env: str = F.API_KEY_ENV
-    request_timeout: float = F.REQUEST_TIMEOUT
-    max_retries: int = F.MAX_RETRIES
     serve: bool = Field(
         False, description="Start `vllm serve` for --teacher as a child process and use it."
     )
     serve_port: int = Field(0, ge=0, description="Port for --serve (0 picks a free one).")
-    serve_timeout: float = F.SERVE_TIMEOUT
-    serve_args: list[str] | None = F.SERVE_ARGS
 
     # Mock teacher
     mock_rule: MockRule = Field(
@@ -144,8 +130,6 @@ class GenerateConfig(StageConfig):
         "batch_size": "stage 1 streams answers and has no batches; --concurrency sets how many "
         "requests are in flight",
     }
-
-    _vllm_args = field_validator("vllm_args", mode="before")(F.parse_json_mapping)
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from openkd import engine_fields as F
 from openkd.config import StageConfig, cli_only
+from openkd.engine import TRUST_REMOTE_CODE
 
 
 class TrainConfig(StageConfig):
@@ -47,7 +47,7 @@ class TrainConfig(StageConfig):
         description="Make this token the student's EOS (tokenizer, config, generation_config), "
         "e.g. the chat template's end-of-turn token when the two differ.",
     )
-    trust_remote_code: bool = F.TRUST_REMOTE_CODE
+    trust_remote_code: bool = TRUST_REMOTE_CODE
 
     # Optimisation
     max_length: int = Field(2048, gt=0, description="Longest tokenised example; longer are cut.")

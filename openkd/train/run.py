@@ -82,9 +82,8 @@ def run(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, student: str, started: float) -> Path | None:
     """The training run in this process; the final student's folder (None off rank 0)."""
-    from openkd.train.checkpoints import TrainingAlreadyComplete, stop_when_complete_callback
     from openkd.train.runinfo import write_run
-    from openkd.train.trainer import RunMeter
+    from openkd.train.trainer import RunMeter, StopWhenComplete, TrainingAlreadyComplete
 
     prepared = prepare(cfg, student)
     trainer = build_trainer(prepared)
@@ -92,7 +91,7 @@ def train(cfg: TrainConfig, student: str, started: float) -> Path | None:
     _start_summary(prepared, trainer)
     meter = RunMeter()
     trainer.add_callback(meter)
-    trainer.add_callback(stop_when_complete_callback())
+    trainer.add_callback(StopWhenComplete())
     try:
         trainer.train(
             resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None

@@ -197,3 +197,27 @@ class RunMeter(TrainerCallback):
         self.steps = state.global_step - step
         self.tokens = state.num_input_tokens_seen - tokens
         self.seconds = time.monotonic() - t0
+
+
+class TrainingAlreadyComplete(Exception):
+    """Raised before the first step of a run resumed at (or past) its last step."""
+
+    def __init__(self, step: int, max_steps: int) -> None:
+        super().__init__(f"step {step} of {max_steps}: nothing left to train")
+        self.step = step
+        self.max_steps = max_steps
+
+
+class StopWhenComplete(TrainerCallback):
+    """Refuses to train past the last step.
+
+    transformers 5.19 resumed from a checkpoint at global_step == max_steps runs one more
+    optimizer step (and writes checkpoint-{max_steps + 1}) whenever max_steps is not a whole
+    number of epochs: it checks for the end only after a step. This raises
+    `TrainingAlreadyComplete` before that step, with the checkpoint's weights loaded, so the
+    caller can save the finished student again without changing it.
+    """
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingAlreadyComplete(state.global_step, state.max_steps)

@@ -1,8 +1,9 @@
 """A deterministic offline teacher: answers by a learnable rule, fails or truncates on request.
 
 It exercises everything around a real teacher (streaming, resume, failures, truncation
-filtering, token accounting) in seconds and without a model. Answers use the toy tasks in
-`openkd.testing.tasks` on the last user message, so a student trained on them can be scored.
+filtering, token accounting) in seconds and without a model. Its rules answer the last user
+message (`openkd make-tiny --prompts` writes prompts for them), so a student trained on the
+answers can be scored exactly.
 
 With `--mock-latency S` it behaves like a continuous-batching engine: at most `--concurrency`
 answers decode at once, each takes S seconds per answer token, and a freed slot takes the next
@@ -24,10 +25,25 @@ from typing import TYPE_CHECKING, Any
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError
 from openkd.generate.backends.base import Answer, BackendBase, Completion, Request, Sampling
-from openkd.testing.tasks import reverse_words, sum_numbers
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
+
+NUMBER_RE = re.compile(r"-?\d+")
+REVERSE_PREFIX = "Reverse the words: "
+SUM_PREFIX = "Add the numbers: "
+
+
+def reverse_words(prompt: str) -> str:
+    """The words after the task prefix, in reverse order."""
+    body = prompt.removeprefix(REVERSE_PREFIX)
+    return " ".join(reversed(body.split()))
+
+
+def sum_numbers(prompt: str) -> str:
+    """The sum of every integer in the prompt."""
+    return str(sum(int(n) for n in NUMBER_RE.findall(prompt)))
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DEFAULT_SLOTS = 256

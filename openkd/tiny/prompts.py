@@ -1,13 +1,13 @@
-"""A learnable toy task: prompts whose correct answer is a fixed function of the prompt.
-
-The mock teacher answers with these functions, so a student that learns the rule can be
-scored exactly, offline, in minutes on a CPU.
+"""Toy prompts whose correct answer is a fixed function of the prompt (the mock teacher's rules,
+`openkd.generate.backends.mock`), so a student that learns the rule can be scored exactly,
+offline, in minutes on a CPU; and the text the tiny tokenizer is trained on.
 """
 
 from __future__ import annotations
 
 import random
-import re
+
+from openkd.generate.backends.mock import REVERSE_PREFIX, SUM_PREFIX
 
 WORDS = (
     "apple river stone cloud green quiet night tiger paper light storm music bread "
@@ -16,21 +16,6 @@ WORDS = (
     "castle dragon summer planet rocket violet coffee marble shadow butter feather "
     "island copper spring anchor bridge lemon meadow velvet tunnel harbor puzzle"
 ).split()
-
-NUMBER_RE = re.compile(r"-?\d+")
-REVERSE_PREFIX = "Reverse the words: "
-SUM_PREFIX = "Add the numbers: "
-
-
-def reverse_words(prompt: str) -> str:
-    """The words after the task prefix, in reverse order."""
-    body = prompt.removeprefix(REVERSE_PREFIX)
-    return " ".join(reversed(body.split()))
-
-
-def sum_numbers(prompt: str) -> str:
-    """The sum of every integer in the prompt."""
-    return str(sum(int(n) for n in NUMBER_RE.findall(prompt)))
 
 
 def make_prompts(

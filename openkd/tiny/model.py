@@ -53,7 +53,7 @@ def build_tokenizer(spec: TinySpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from openkd.testing.tasks import corpus
+    from openkd.tiny.prompts import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
