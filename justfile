@@ -32,10 +32,15 @@ demo: setup
 test *args: setup
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest {{args}}
 
-# ruff lint + format check, and hadolint on the Dockerfile.
+# The edit loop: the suite without the tests marked slow (no vLLM engine, no ZeRO-3), < 2 min.
+test-fast *args: setup
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -m "not slow" -q {{args}}
+
+# ruff lint + format check, mypy, and hadolint on the Dockerfile.
 lint: setup
     {{bin}}/ruff check .
     {{bin}}/ruff format --check .
+    {{bin}}/mypy
     {{bin}}/hadolint Dockerfile
 
 # Benchmarks: ratios against baselines measured in the same run, written to bench/RESULTS.md.

@@ -61,7 +61,9 @@ def option_parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     elif typing.get_origin(base) is Literal:
         decls = [flag]
         choices = [str(v) for v in typing.get_args(base)]
-        annotation = enum.Enum(f"{name}_choices", {c: c for c in choices}, type=str) | None
+        # Typer shows a Literal's values as choices when they come as an Enum.
+        choice_enum: Any = enum.Enum(f"{name}_choices", {c: c for c in choices}, type=str)  # type: ignore[misc]
+        annotation = choice_enum | None
     elif typing.get_origin(base) is list:
         decls = [flag]
         annotation = list[str] | None

@@ -8,7 +8,6 @@ import pytest
 
 from openkd.data.jsonl import (
     AtomicWriter,
-    JsonlAppender,
     iter_jsonl,
     repair_torn_tail,
     write_jsonl_atomic,
@@ -29,16 +28,6 @@ def test_repair_of_a_file_with_no_complete_line_empties_it(tmp_path):
     path.write_bytes(b'{"id": "a", "tor' * 10_000)  # longer than one read block, no newline
     repair_torn_tail(path)
     assert path.read_bytes() == b""
-
-
-def test_appender_appends_whole_lines_and_keeps_unicode(tmp_path):
-    path = tmp_path / "sub" / "rows.jsonl"
-    with JsonlAppender(path) as out:
-        assert out.write_batch([{"id": "1", "text": "héllo ✓"}]) == 1
-        assert out.write_batch([]) == 0
-        out.write_batch([{"id": "2"}, {"id": "3"}])
-    assert [row["id"] for _, row in iter_jsonl(path)] == ["1", "2", "3"]
-    assert "héllo ✓" in path.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,11 @@ def test_ruff_check_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_mypy_clean():
+    proc = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_hadolint_clean():
     proc = subprocess.run(
         [_tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True

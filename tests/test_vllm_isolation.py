@@ -87,7 +87,7 @@ def backend_with(engine: StubEngine, concurrency: int = 3) -> VLLMBackend:
 
 def requests(*texts: str) -> list[Request]:
     return [
-        Request(id=str(i), messages=[{"role": "user", "content": t}], index=i)
+        Request(id=str(i), messages=[{"role": "user", "content": t}], row=i)
         for i, t in enumerate(texts)
     ]
 
@@ -109,8 +109,7 @@ def test_answers_stream_in_finish_order_and_the_window_refills() -> None:
 def test_a_refused_prompt_fails_alone() -> None:
     engine = StubEngine()
     answers = dict(
-        (r.index, c)
-        for r, c in backend_with(engine).stream(requests("abc", "BAD", "de"), Sampling())
+        (r.row, c) for r, c in backend_with(engine).stream(requests("abc", "BAD", "de"), Sampling())
     )
     assert answers[0].text == "cba" and answers[2].text == "ed"
     assert answers[1].failed

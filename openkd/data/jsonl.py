@@ -1,8 +1,8 @@
-"""Crash-safe JSONL files: append in fsynced batches, repair a torn tail, replace atomically.
+"""Crash-safe JSONL files: read naming the bad line, repair a torn tail, replace atomically.
 
-A JSONL file written here is valid up to its last newline at every moment: rows are appended
-whole, each batch is flushed and fsynced, and a process killed mid-write leaves at most one
-partial last line, which `repair_torn_tail` cuts away before the file is appended to again.
+A JSONL file appended to by openkd (`openkd.generate.writer`) is valid up to its last newline
+at every moment: a process killed mid-write leaves at most one partial last line, which
+`repair_torn_tail` cuts away before the file is appended to again.
 """
 
 from __future__ import annotations
@@ -102,40 +102,6 @@ def iter_jsonl(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
                 )
             yield lineno, row
-
-
-class JsonlAppender:
-    """Append rows to a JSONL file; `write_batch` returns once the rows are on disk."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = None
-
-    def write_batch(self, rows: Iterable[dict[str, Any]]) -> int:
-        text = "".join(dumps(row) + "\n" for row in rows)
-        if not text:
-            return 0
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.exists()
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-            if new:
-                fsync_dir(self.path.parent)
-        self._fh.write(text)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        return text.count("\n")
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def __enter__(self) -> JsonlAppender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AtomicWriter:

@@ -76,10 +76,11 @@ class PromptBuilder:
         elif self._template is not None:
             messages = [self._user(self._render(row, index), index, "--prompt-template renders")]
         else:
-            value = row[self.prompt_column]
+            column = str(self.prompt_column)
+            value = row[column]
             if isinstance(value, list):
                 # TRL's conversational format keeps the chat in the `prompt` column itself.
-                messages = _chat(value, index, str(self.prompt_column))
+                messages = _chat(value, index, column)
             else:
                 messages = [self._user(value, index, f"column '{self.prompt_column}' is")]
         if self.system_prompt is not None:

@@ -23,16 +23,6 @@ class Message(TypedDict):
     content: str
 
 
-class Record(TypedDict):
-    id: str
-    prompt: list[Message]
-    completion: list[Message]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    source_index: int
-
-
 def record_id(prompt: list[Message], teacher: str, sampling: dict[str, Any]) -> str:
     """Stable id of (prompt messages, teacher, sampling settings): same inputs, same id."""
     payload = json.dumps(
@@ -53,16 +43,17 @@ def make_record(
     prompt_tokens: int,
     completion_tokens: int,
     source_index: int,
-) -> Record:
-    return Record(
-        id=id,
-        prompt=prompt,
-        completion=[Message(role="assistant", content=text)],
-        finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        source_index=source_index,
-    )
+) -> dict[str, Any]:
+    """A row in the format above (the keys in that order)."""
+    return {
+        "id": id,
+        "prompt": prompt,
+        "completion": [Message(role="assistant", content=text)],
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "source_index": source_index,
+    }
 
 
 def is_complete(record: dict[str, Any]) -> bool:

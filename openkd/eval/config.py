@@ -141,7 +141,7 @@ class EvalConfig(EngineConfig):
 
     def backends(self) -> dict[str, str]:
         """Which backend answers for each model that generates: student, base, live teacher."""
-        out = {"student": self.backend}
+        out: dict[str, str] = {"student": self.backend}
         if self.base:
             out["base"] = self.backend
         if self.teacher:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +91,8 @@ def summarize(
             out[key] = m.mean([s[key] for s in scored])
         with_length = [s for s, r in zip(scored, references, strict=True) if r.tokens > 0]
         out["length_ratio"] = m.mean([s["length_ratio"] for s in with_length])
-    graded = [task_correct(a.text, g, pattern) for a, g in zip(answers, gold, strict=True)]
-    graded = [g for g in graded if g is not None]
+    verdicts = [task_correct(a.text, g, pattern) for a, g in zip(answers, gold, strict=True)]
+    graded = [v for v in verdicts if v is not None]
     if graded:
         out["task_accuracy"] = m.mean(graded)
         out["task_rows"] = len(graded)
@@ -119,8 +119,8 @@ def teacher_summary(
     known = [f for f in finishes if f is not None]
     if known:
         out["stop_rate"] = m.mean([f == FINISH_STOP for f in known])
-    graded = [task_correct(r.text, g, pattern) for r, g in zip(references, gold, strict=True)]
-    graded = [g for g in graded if g is not None]
+    verdicts = [task_correct(r.text, g, pattern) for r, g in zip(references, gold, strict=True)]
+    graded = [v for v in verdicts if v is not None]
     if graded:
         out["task_accuracy"] = m.mean(graded)
         out["task_rows"] = len(graded)
@@ -177,7 +177,9 @@ def model_fingerprint(spec: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def inputs_fingerprint(config: dict[str, Any], dataset: str, models: dict[str, str | None]) -> str:
+def inputs_fingerprint(
+    config: dict[str, Any], dataset: str, models: Mapping[str, str | None]
+) -> str:
     payload = {
         "openkd": __version__,
         "config": {k: v for k, v in config.items() if k not in ("overwrite", "output_dir")},

@@ -31,8 +31,8 @@ def run(cfg: EvalConfig) -> None:
     out_dir = Path(cfg.output_dir).expanduser()
     _check_models(cfg)
     decoding, meta = read_decoding(cfg)
-    models = {"student": cfg.student, "base": cfg.base, "teacher": cfg.teacher}
-    models = {role: name for role, name in models.items() if name}
+    named = {"student": cfg.student, "base": cfg.base, "teacher": cfg.teacher}
+    models: dict[str, str] = {role: name for role, name in named.items() if name}
     fingerprint = rp.inputs_fingerprint(cfg.to_yaml_dict(), cfg.dataset, models)
     report_path = out_dir / rp.REPORT
     if not cfg.overwrite and _reuse(report_path, fingerprint):
@@ -48,7 +48,7 @@ def run(cfg: EvalConfig) -> None:
     counter = _TokenCounter(cfg)
     timings: dict[str, rp.Timing] = {role: rp.Timing() for role in models}
     references, ref_finish = _references(cfg, examples, sampling, counter, timings)
-    scored = [role for role in ("student", "base") if role in models]
+    scored: list[str] = [role for role in ("student", "base") if role in models]
     likelihoods = {
         role: _likelihood(cfg, role, models[role], examples, references, timings[role])
         for role in (scored if cfg.nll else [])

@@ -12,6 +12,7 @@ ids instead of ~100 MB of Python strings, and membership is checked a chunk of p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from json.encoder import encode_basestring
@@ -24,11 +25,14 @@ if TYPE_CHECKING:
 
 KEY_BYTES = 16
 KEY_DTYPE = "S16"
-SET_BYTES = 12  # of each key, held by IdSet
+SET_BYTES = 12
+# The JSON record ids hash: sorted keys, UTF-8 text as is, no spaces.
+_dumps = functools.partial(
+    json.dumps, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+)  # of each key, held by IdSet
 # Keys per sorted run (1.5 MiB). Full runs are never merged again: memory grows by 12 bytes an
 # id with no copies of the whole set, and a lookup costs one binary search per 131k ids.
 MAX_RUN = 1 << 17
-_JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
 
 
 class RecordIds:
@@ -36,7 +40,7 @@ class RecordIds:
 
     def __init__(self, teacher: str, sampling: dict[str, Any]) -> None:
         # record_id hashes {"prompt": ..., "sampling": ..., "teacher": ...} with sorted keys.
-        rest = json.dumps({"sampling": sampling, "teacher": teacher}, **_JSON)
+        rest = _dumps({"sampling": sampling, "teacher": teacher})
         self._tail = "," + rest[1:]
         self._teacher = teacher
         self._sampling = sampling
@@ -64,7 +68,7 @@ def _messages_json(messages: list[Message]) -> str:
             )  # fmt: skip
     except (KeyError, TypeError):  # not {role, content} text messages: the general path
         pass
-    return json.dumps(messages, **_JSON)
+    return _dumps(messages)
 
 
 def to_keys(ids: list[str]) -> np.ndarray:

@@ -105,7 +105,7 @@ def _sort(
         row = {
             "id": request.id,
             "prompt": request.messages,
-            "source_index": request.index,
+            "source_index": request.row,
             "error": completion.error or "the teacher returned no text",
         }
         counts.failures[request.id] = row
@@ -120,7 +120,7 @@ def _sort(
         finish_reason=completion.finish_reason,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
-        source_index=request.index,
+        source_index=request.row,
     )
     kind = routing.kind(record)
     writer.add(kind, record)

@@ -142,13 +142,14 @@ def load_state(files: OutputFiles) -> ResumeState:
         cut = repair_torn_tail(path)
         if cut:
             repaired.append((path, cut))
-    index = Index.read(files.index)
+    found = Index.read(files.index)
     known = b""
-    if index is not None and all(index.marks[k].matches(files.kind_path(k)) for k in ROW_KINDS):
-        known = _read_ids(files.ids, index.ids)
-    rebuilt = index is None or len(known) != index.ids * KEY_BYTES
+    if found is not None and all(found.marks[k].matches(files.kind_path(k)) for k in ROW_KINDS):
+        known = _read_ids(files.ids, found.ids)
+    rebuilt = found is None or len(known) != found.ids * KEY_BYTES
+    index = Index() if rebuilt or found is None else found
     if rebuilt:
-        index, known = Index(), b""
+        known = b""
     new_ids: list[str] = []
     for kind in ROW_KINDS:
         path = files.kind_path(kind)

@@ -126,7 +126,7 @@ class PromptSource:
                 continue
             rid = self._ids.of(messages)
             if self._shard is None or in_shard(rid, self._shard):
-                built.append(Request(id=rid, messages=messages, index=index))
+                built.append(Request(id=rid, messages=messages, row=index))
         self._first_chunk = False
         counts.scanned += len(chunk)
         counts.selected += len(built)

@@ -149,8 +149,8 @@ def deepspeed_problems(path: Path, expected_step: int | None = None) -> list[str
     files = {p.name: p for p in tag_dir.iterdir() if p.is_file()}
     problems = []
     for name in sorted(files):
-        if name.endswith(".pt") and (problem := torch_file_problem(files[name])):
-            problems.append(f"{tag}/{name} {problem}")
+        if name.endswith(".pt") and (broken := torch_file_problem(files[name])):
+            problems.append(f"{tag}/{name} {broken}")
     if problems:
         return problems
     meta, problem = _deepspeed_meta(tag_dir)

@@ -258,7 +258,7 @@ def _check_launched_world(num_processes: int | None, env: Any) -> None:
         )
 
 
-def _failure(status: int) -> Exception:
+def _failure(status: int) -> BaseException:
     if status in (-signal.SIGINT, 128 + signal.SIGINT):
         return KeyboardInterrupt()
     if status < 0:

@@ -19,9 +19,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from openkd import console
 from openkd.config import save_resolved
@@ -305,7 +305,7 @@ def check_prepared_example(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Non
 
     from openkd.train.preflight import check_eos, check_loss_mask, loss_segments, marked_text
 
-    model = trainer.model
+    model: Any = trainer.model
     # TRL applied --eos-token and the pad token to the loaded model; check what will be saved.
     check_eos(
         trainer.processing_class,
@@ -349,7 +349,7 @@ def total_steps(trainer: OpenkdSFTTrainer) -> int:
     args = trainer.args
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    rows = len(trainer.train_dataset)
+    rows = len(cast(Sized, trainer.train_dataset))
     batches = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
     per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * per_epoch)
@@ -396,7 +396,7 @@ def _start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
     if eval_stats is not None:
         rows.append(("eval examples", fmt(eval_stats.examples)))
     if cfg.packing:
-        rows.append(("packed rows", fmt(len(trainer.train_dataset))))
+        rows.append(("packed rows", fmt(len(cast(Sized, trainer.train_dataset)))))
     effective = (
         args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     )
@@ -426,7 +426,7 @@ def save_student(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Path:
     if not console.is_main_process():
         return out
     trainer.save_state()
-    model = trainer.model
+    model: Any = trainer.model
     if cfg.lora:
         # The adapter folder keeps the EOS/pad settings too, for readers of generation_config.
         model.generation_config.save_pretrained(str(out))
@@ -471,7 +471,7 @@ def _results(trainer: OpenkdSFTTrainer, meter: RunMeter) -> dict[str, Any]:
         "steps_this_run": meter.steps,
         "final_loss": _last(history, "loss"),
         "eval_loss": _last(history, "eval_loss"),
-        "train_examples": stats.examples if stats else len(trainer.train_dataset),
+        "train_examples": stats.examples if stats else len(cast(Sized, trainer.train_dataset)),
         "trained_tokens_per_epoch": stats.trained_tokens if stats else None,
         "tokens_this_run": meter.tokens,
         "train_seconds": round(meter.seconds, 2),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from openkd import __version__
 from openkd.data.jsonl import write_text_atomic
 from openkd.errors import OpenkdError
+from openkd.paths import check_writable
+from openkd.train.checkpoints import list_checkpoints
 
 if TYPE_CHECKING:
     from openkd.train.config import TrainConfig
@@ -46,7 +46,6 @@ IDENTITY_SETTINGS = (
     "eos_token",
     "sft_args",
 )
-CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 # What a finished run writes at the top of its output directory.
 ARTIFACTS = (
     "config.json",
@@ -90,9 +89,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
-    if not output_dir.is_dir():
-        return []
-    return sorted(p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name))
+    return [ckpt.path for ckpt in list_checkpoints(output_dir)]
 
 
 def read_run(output_dir: Path) -> dict[str, Any] | None:
@@ -112,14 +109,7 @@ def check_output_dir_usable(output_dir: Path) -> None:
     """Cheap check before anything heavy: --output-dir can be created and written."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OpenkdError(f"--output-dir {output_dir} is a file; pass a directory")
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OpenkdError(
-            f"--output-dir {output_dir}: {existing} is not writable; pass a directory you can "
-            "write to"
-        )
+    check_writable(output_dir, "--output-dir")
 
 
 def check_output_dir(output_dir: Path, new: dict[str, Any], *, overwrite: bool) -> bool:

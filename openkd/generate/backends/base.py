@@ -49,11 +49,11 @@ class Sampling:
 
 
 class Request(NamedTuple):
-    """One conversation for the teacher. `id` and `index` are the caller's, passed back as is."""
+    """One conversation for the teacher; `id` and `row` (its dataset row) are passed back as is."""
 
     id: str
     messages: list[Message]
-    index: int = 0
+    row: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]:
         """Library versions for provenance, e.g. {"vllm": "0.11.0"}."""
         ...
+
+    def __enter__(self) -> Backend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class BackendBase:
@@ -168,10 +172,10 @@ def answer_in_order(
 ) -> list[Completion]:
     """Every conversation's answer, in input order, through the same streaming path as
     `openkd generate` (for callers that answer a fixed list: eval, tests)."""
-    requests = (Request(id=str(i), messages=m, index=i) for i, m in enumerate(conversations))
+    requests = (Request(id=str(i), messages=m, row=i) for i, m in enumerate(conversations))
     answers: list[Completion | None] = [None] * len(conversations)
     for request, completion in backend.stream(requests, sampling):
-        answers[request.index] = completion
+        answers[request.row] = completion
         if on_answer is not None:
             on_answer(completion)
     missing = "the teacher stopped before answering"

@@ -13,6 +13,8 @@ remaining prompt failed, and what finished is kept.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -148,12 +150,14 @@ class OpenAIBackend(BackendBase):
             self.base_url, api_key = self.served.base_url, self.served.api_key
         if not self.base_url:
             raise ConfigError("--backend openai needs --base-url URL or --serve")
-        import httpx
         from openai import DefaultAsyncHttpxClient
+
+        # The HTTP library the installed openai client is built on (httpx, or its fork httpx2).
+        http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
 
         self._loop = asyncio.new_event_loop()
         slots = self.in_flight()
-        pool = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+        pool = http.Limits(max_connections=slots, max_keepalive_connections=slots)
         self._client = AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key,
@@ -244,7 +248,7 @@ class OpenAIBackend(BackendBase):
         if self._client is None or self._loop is None:
             raise OpenkdError("the openai teacher is not started; use it as `with backend: ...`")
         pending = iter(requests)
-        running: dict[asyncio.Future[Completion], Request] = {}
+        running: dict[asyncio.Task[tuple[Completion, bool]], Request] = {}
         # Requests that could not connect, held back: if the server is gone they are not
         # failures of their prompts, just unfinished work for the rerun.
         unsure: list[Answer] = []
@@ -279,7 +283,7 @@ class OpenAIBackend(BackendBase):
         finally:
             self._cancel(running)
 
-    async def _finished(self, tasks: set[asyncio.Future[Completion]]) -> set[Any]:
+    async def _finished(self, tasks: set[asyncio.Task[tuple[Completion, bool]]]) -> set[Any]:
         done, _ = await asyncio.wait(
             tasks, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
         )

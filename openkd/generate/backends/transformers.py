@@ -103,7 +103,8 @@ def load_causal_lm(
             f"{name} has no chat template, so prompts cannot be rendered; use an instruct/chat "
             "model or add a chat_template to its tokenizer_config.json"
         )
-    return model.to(device).eval(), tokenizer
+    loaded: Any = model  # transformers' stubs type `.to` for a model class, not an instance
+    return loaded.to(device).eval(), tokenizer
 
 
 def stop_on_text(tokenizer: Any, stop: tuple[str, ...], prompt_width: int) -> Any:
