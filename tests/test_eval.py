@@ -94,6 +94,7 @@ def test_examples_file_has_every_answer_and_score(evaluated, labelled):
         assert row["student"]["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
     args, out_dir, _ = evaluated
     report = out_dir / "report.json"
@@ -113,6 +114,7 @@ def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
     assert "nll" not in fresh["models"]["student"]["metrics"]
 
 
+@pytest.mark.slow
 def test_live_teacher_and_gold_answers(tmp_path, tiny_model):
     """--teacher answers live (the mock teacher reversing words) on a set with gold answers;
     the untrained student agrees with none of its answers."""

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from openkd.generate.backends.mock import reverse_words
 from openkd.generate.source import in_eval_split
 from openkd.tiny import make_prompts
@@ -98,6 +100,7 @@ def _line_count(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path):
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in make_prompts(5000)])
     # Answers take 10 ms per word, 25 at a time, so they finish out of order (~8 s in all).

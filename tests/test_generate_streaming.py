@@ -62,6 +62,7 @@ def canon(path: Path) -> list[str]:
     return sorted(json.dumps(row, sort_keys=True) for row in read_jsonl(path))
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_every_answer_older_than_the_commit_interval(standin, tmp_path):
     standin.latency_of = heavy_tail
     prompts = [f"Reverse the words: item {i} of the list" for i in range(600)]
@@ -119,6 +120,7 @@ def test_no_batch_barrier_other_prompts_flow_around_a_slow_answer(standin, tmp_p
     assert prompts_of(out).index(slow) >= 40  # written when it landed, not when it was sent
 
 
+@pytest.mark.slow
 def test_a_dead_teacher_stops_the_run_keeps_its_work_and_a_rerun_completes(standin, tmp_path):
     standin.latency = 0.05
     prompts = [f"Reverse the words: row {i} here" for i in range(300)]

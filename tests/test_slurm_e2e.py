@@ -145,6 +145,7 @@ def by_id(rows: list[dict]) -> dict[str, dict]:
     return {row["id"]: row for row in rows}
 
 
+@pytest.mark.slow
 def test_array_tasks_then_merge_equal_one_unsharded_run(prompts, unsharded, tmp_path):
     stubs = make_stubs(tmp_path / "bin", ["scontrol"])
     output = tmp_path / "out" / "teacher.jsonl"
@@ -171,6 +172,7 @@ def test_array_tasks_then_merge_equal_one_unsharded_run(prompts, unsharded, tmp_
     assert not (log_dir(stubs) / "scontrol").exists(), "nothing was requeued"
 
 
+@pytest.mark.slow
 def test_array_task_requeues_itself_at_the_time_limit_warning_and_resumes(
     prompts, unsharded, tmp_path
 ):

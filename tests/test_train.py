@@ -189,6 +189,7 @@ def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path
         assert trainer.processing_class.decode(trained) == row["completion"][0]["content"] + EOS
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out]
@@ -319,6 +320,7 @@ def test_unknown_sft_arg_is_a_config_error(tiny_model, dataset, tmp_path, monkey
     assert "did you mean 'max_grad_norm'" in error_line(err)
 
 
+@pytest.mark.slow
 def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path, monkeypatch, capsys):
     import torch
     from peft import AutoPeftModelForCausalLM
@@ -349,6 +351,7 @@ def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path, monke
     assert merged.generation_config.eos_token_id == 2
 
 
+@pytest.mark.slow
 def test_push_failure_keeps_the_model_and_a_rerun_retries(
     tiny_model, dataset, tmp_path, monkeypatch, capsys
 ):
@@ -403,6 +406,7 @@ def test_packed_sequences_do_not_attend_across_examples(tiny_model):
     assert not torch.allclose(one_sequence[len(a) :], alone[len(a) :], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_packing_with_eval_split_trains(tiny_model, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "packed"
     code, _, err = in_process(

