@@ -67,7 +67,7 @@ def read_section(
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     for key in data:
         if key not in SECTIONS:
-            hint = _did_you_mean(str(key), SECTIONS)
+            hint = did_you_mean(str(key), SECTIONS)
             raise ConfigError(
                 f"{path}: unknown section '{key}'{hint}; valid sections are {', '.join(SECTIONS)}"
             )
@@ -82,7 +82,7 @@ def read_section(
                 f"{(removed or {})[key]}; delete it"
             )
         if key not in valid_keys:
-            hint = _did_you_mean(key, valid_keys)
+            hint = did_you_mean(key, valid_keys)
             raise ConfigError(
                 f"{path}: unknown key '{key}' in section '{section}'{hint}; "
                 f"see `openkd {section} --help` for valid keys"
@@ -90,8 +90,9 @@ def read_section(
     return body
 
 
-def _did_you_mean(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+def did_you_mean(word: str, options: Any, cutoff: float = 0.6) -> str:
+    """` (did you mean 'x'?)` for the closest of `options`, or an empty string."""
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -75,3 +75,16 @@ def library_versions(*libraries: str) -> dict[str, str]:
         if version:
             found[library] = version
     return found
+
+
+def free_memory() -> None:
+    """Give back the memory of models just dropped: Python's, and CUDA's cached blocks."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

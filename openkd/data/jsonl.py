@@ -155,3 +155,17 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     with AtomicWriter(path) as fh:
         fh.write(text)
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any] | None:
+    """The JSON object in `path`, None when there is no such file; OpenkdError saying `fix`
+    when it cannot be read or holds something else."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OpenkdError(f"{path} is unreadable; {fix}") from err
+    if not isinstance(data, dict):
+        raise OpenkdError(f"{path} does not hold a JSON object; {fix}")
+    return data

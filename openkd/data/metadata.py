@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from openkd.data.jsonl import write_text_atomic
+from openkd.data.jsonl import read_json_object, write_text_atomic
 from openkd.data.layout import ROW_KINDS
 from openkd.errors import OpenkdError
 
@@ -281,17 +281,8 @@ class GenerateMeta:
     @classmethod
     def read(cls, path: Path) -> GenerateMeta | None:
         """The metadata at `path`; None when there is none, OpenkdError when it is unreadable."""
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise OpenkdError(
-                f"{path} is unreadable; delete it and rerun with --overwrite to start fresh"
-            ) from err
-        if not isinstance(data, dict):
-            raise OpenkdError(f"{path} is not an openkd metadata file; pass another --output")
-        return cls.from_json(data)
+        data = read_json_object(path, "delete it and rerun with --overwrite to start fresh")
+        return cls.from_json(data) if data is not None else None
 
 
 def fingerprint(teacher: Any, revision: Any, sampling: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from openkd.eval.config import EvalConfig
 from openkd.eval.examples import Example, read_decoding, read_examples
 from openkd.generate.backends.base import Completion, Sampling
 from openkd.paths import check_writable, require_local_model
+from openkd.system import free_memory
 
 LOCAL_BACKENDS = ("vllm", "transformers")
 
@@ -228,22 +229,9 @@ def _likelihood(
             )
     finally:
         del model
-        _free_memory()
+        free_memory()
     timing.nll_seconds = time.monotonic() - t0
     return scores
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 class _TokenCounter:

@@ -10,9 +10,9 @@ refused there with the flag to use instead.
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING, Any
 
+from openkd.config import did_you_mean
 from openkd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,8 +73,7 @@ def check_sft_args(sft_args: dict[str, Any], valid: set[str]) -> None:
         if key in OWNED:
             raise ConfigError(f"sft_args.{key}: openkd sets this itself; {OWNED[key]}")
         if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.7)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, valid, cutoff=0.7)
             raise ConfigError(
                 f"sft_args.{key} is not a trl.SFTConfig field{hint}; see "
                 "https://huggingface.co/docs/trl/sft_trainer for the valid ones"

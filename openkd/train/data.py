@@ -208,6 +208,21 @@ def read_teacher(spec: str) -> dict[str, Any] | None:
     return {"name": ", ".join(sorted(names))}
 
 
+def _usable_rows(spec: str, flag: str, keep_truncated: bool) -> tuple[Dataset, Filtered]:
+    """The rows of `spec` a student can learn from: read, format-checked, unfinished dropped."""
+    rows = load_rows(spec, flag)
+    check_schema(rows, spec, flag)
+    rows, filtered = filter_incomplete(rows, keep_truncated)
+    if len(rows) == 0:
+        raise OpenkdError(
+            f"{flag} {spec}: all {filtered.rows} rows were filtered out "
+            f"({filtered.truncated} truncated at the teacher's token limit, {filtered.empty} "
+            "empty answers); pass --keep-truncated to train on them anyway, or regenerate with "
+            "a larger --max-new-tokens"
+        )
+    return rows, filtered
+
+
 def load_train_data(
     dataset: str,
     *,
@@ -218,28 +233,12 @@ def load_train_data(
     seed: int,
 ) -> TrainData:
     """Everything `openkd train` reads from disk, checked, filtered and split."""
-    rows = load_rows(dataset, "--dataset")
-    check_schema(rows, dataset, "--dataset")
-    rows, filtered = filter_incomplete(rows, keep_truncated)
-    if len(rows) == 0:
-        raise OpenkdError(
-            f"--dataset {dataset}: all {filtered.rows} rows were filtered out "
-            f"({filtered.truncated} truncated at the teacher's token limit, {filtered.empty} "
-            "empty answers); pass --keep-truncated to train on them anyway, or regenerate with "
-            "a larger --max-new-tokens"
-        )
+    rows, filtered = _usable_rows(dataset, "--dataset", keep_truncated)
     if max_samples is not None and max_samples < len(rows):
         rows = rows.select(range(max_samples))
     train, held_out = split_eval(rows, eval_fraction, seed)
     if eval_dataset:
-        held_out = load_rows(eval_dataset, "--eval-dataset")
-        check_schema(held_out, eval_dataset, "--eval-dataset")
-        held_out, eval_filtered = filter_incomplete(held_out, keep_truncated)
-        if len(held_out) == 0:
-            raise OpenkdError(
-                f"--eval-dataset {eval_dataset}: all {eval_filtered.rows} rows were filtered out "
-                "(truncated or empty answers); pass --keep-truncated or another --eval-dataset"
-            )
+        held_out, _ = _usable_rows(eval_dataset, "--eval-dataset", keep_truncated)
     return TrainData(
         train=train.select_columns(TRAIN_COLUMNS),
         eval=held_out.select_columns(TRAIN_COLUMNS) if held_out is not None else None,

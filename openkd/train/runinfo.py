@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd import __version__
-from openkd.data.jsonl import write_text_atomic
+from openkd.data.jsonl import read_json_object, write_text_atomic
 from openkd.errors import OpenkdError
 from openkd.paths import check_writable
 from openkd.train.checkpoints import list_checkpoints
@@ -93,16 +93,8 @@ def checkpoints_in(output_dir: Path) -> list[Path]:
 
 
 def read_run(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OpenkdError(
-            f"{path} is unreadable; pass --overwrite to start this output dir afresh"
-        ) from err
-    return data if isinstance(data, dict) else None
+    fix = "pass --overwrite to start this output dir afresh"
+    return read_json_object(output_dir / RUN_FILE, fix)
 
 
 def check_output_dir_usable(output_dir: Path) -> None:

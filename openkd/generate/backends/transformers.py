@@ -9,12 +9,12 @@ a stop string was produced, and "length" when `max_new_tokens` ran out.
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError, brief
 from openkd.generate.backends.base import BatchedBackend, Completion, Sampling
+from openkd.system import free_memory
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -187,14 +187,7 @@ class TransformersBackend(BatchedBackend):
         if self.model is None:
             return
         self.model = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        free_memory()
 
     def render(self, messages: list[Message]) -> list[int]:
         return render_prompt(self.tokenizer, messages)

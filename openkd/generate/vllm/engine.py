@@ -55,17 +55,16 @@ def check_vllm_args(vllm_args: dict[str, Any]) -> None:
                 f"pass {OWN_OPTIONS[key]} instead"
             )
     import dataclasses
-    import difflib
 
     from vllm.engine.arg_utils import EngineArgs
+
+    from openkd.config import did_you_mean
 
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     for key in vllm_args:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"--vllm-args: '{key}' is not a vLLM engine option{hint}; see "
+                f"--vllm-args: '{key}' is not a vLLM engine option{did_you_mean(key, known)}; see "
                 "`vllm serve --help` for them (written with underscores, e.g. kv_cache_dtype)"
             )
 
