@@ -76,6 +76,13 @@ class OutputFiles:
         return self._sibling(".ids")
 
     @property
+    def logprobs(self) -> Path:
+        """The teacher's top-k log-probabilities (`--logprobs K`): see openkd.data.logprobs."""
+        from openkd.data.logprobs import sidecar_dir
+
+        return sidecar_dir(self.output)
+
+    @property
     def row_files(self) -> tuple[Path, Path, Path]:
         """Files whose rows count as done on resume."""
         return (self.output, self.eval, self.truncated)
