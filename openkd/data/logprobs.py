@@ -29,7 +29,7 @@ are harmless (greedy decoding gives the same data) and a lookup returns either.
 
 Size: `bytes_per_token(k, dtype)` = 4 (token id) + K * (4 + 2) with float16: 124 bytes at
 top-20, so 1M answers of 4k tokens are ~0.5 TB. Hence streaming writes (nothing accumulates
-past a commit) and memory-mapped reads: `SidecarReader` keeps an index of 20 bytes per row and
+past a commit) and memory-mapped reads: `SidecarReader` keeps an index of 16 bytes per row and
 maps the parts; a row's arrays are read from the page cache when asked for.
 """
 
