@@ -12,6 +12,7 @@ BENCHMARKS = (
     "generate_streaming",
     "train",
     "packing",
+    "train_soft",
     "generate_vllm",
     "generate_openai",
 )

@@ -11,6 +11,8 @@ For `--output data/teacher.jsonl`:
     data/teacher.index            resume index: how far the ids file covers each row file
     data/teacher.ids              the ids of every row, 16 bytes each (derived; safe to delete)
     data/teacher.server.log       the vLLM server's log (--serve)
+    data/teacher.logprobs/        the teacher's top-k log-probabilities (--logprobs K), Arrow parts:
+                                  openkd.data.logprobs
 
 The card is `<stem>.README.md`, never `README.md`: the output directory is often a project
 directory whose own README must not be clobbered, and shards of one run share a directory.
@@ -88,6 +90,10 @@ class OutputFiles:
     @property
     def server_log(self) -> Path:
         return self._sibling(".server.log")
+
+    @property
+    def logprobs(self) -> Path:
+        return self._sibling(".logprobs")
 
     @property
     def row_files(self) -> tuple[Path, ...]:

@@ -7,7 +7,7 @@ checkpointing by default, which fail or slow down on CPUs and small students.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -67,6 +67,32 @@ class TrainConfig(StageConfig):
         False, description="Recompute activations to save memory (slower)."
     )
     seed: int = Field(42, description="Seed for data order and initialisation.")
+
+    # Soft labels (the teacher's top-k log-probabilities)
+    loss: Literal["hard", "soft", "mix"] = Field(
+        "hard",
+        description="hard: cross-entropy on the teacher's answer; soft: KL to the teacher's "
+        "top-k log-probabilities (`openkd generate --logprobs K`) with the rest of its "
+        "probability as one bucket; mix: --kd-alpha * hard + (1 - --kd-alpha) * soft.",
+    )
+    kd_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="--loss mix: weight of the hard-label cross-entropy (the soft term gets "
+        "1 - alpha) [default: 0.5].",
+    )
+    kd_temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="--loss soft|mix: temperature T of the KL term (student logits and the "
+        "teacher's log-probabilities divided by T, the KL scaled by T^2) [default: 1].",
+    )
+    logprobs: str | None = Field(
+        None,
+        description="--loss soft|mix: the teacher's log-probability sidecar directory "
+        "[default: <dataset stem>.logprobs/ beside --dataset and --eval-dataset].",
+    )
 
     # LoRA
     lora: bool = Field(False, description="Train a LoRA adapter instead of all weights (PEFT).")
@@ -136,6 +162,54 @@ class TrainConfig(StageConfig):
             problems.append("pass either --accelerate-config or --deepspeed, not both")
         if self.merge_lora and not self.lora:
             problems.append("--merge-lora needs --lora")
+        problems += self._soft_label_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def soft_labels(self) -> bool:
+        """True when training reads the teacher's log-probabilities (--loss soft or mix)."""
+        return self.loss != "hard"
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the hard-label cross-entropy: 1 for hard, 0 for soft, --kd-alpha for mix."""
+        if self.loss == "mix":
+            return 0.5 if self.kd_alpha is None else self.kd_alpha
+        return 1.0 if self.loss == "hard" else 0.0
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 if self.kd_temperature is None else self.kd_temperature
+
+    def _soft_label_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.kd_alpha is not None and self.loss != "mix":
+            problems.append(
+                f"--kd-alpha weighs the two terms of --loss mix; --loss {self.loss} is alpha "
+                f"{self.alpha:g} (drop --kd-alpha or pass --loss mix)"
+            )
+        if not self.soft_labels:
+            for name, value in (
+                ("kd_temperature", self.kd_temperature),
+                ("logprobs", self.logprobs),
+            ):
+                if value is not None:
+                    problems.append(
+                        f"--{name.replace('_', '-')} applies to --loss soft|mix only (drop it "
+                        "or pass --loss soft or mix)"
+                    )
+            return problems
+        if self.packing:
+            problems.append(
+                f"--packing does not work with --loss {self.loss}: packed rows lose track of "
+                "each row's teacher log-probabilities; drop --packing or use --loss hard"
+            )
+        for key in ("padding_free", "loss_type", "label_smoothing_factor", "use_liger_kernel"):
+            if self.sft_args.get(key) not in (None, False, 0, "nll"):
+                problems.append(
+                    f"sft_args.{key} changes TRL's own loss, which --loss {self.loss} replaces; "
+                    "drop it or use --loss hard"
+                )
+        return problems

@@ -8,8 +8,9 @@ In a directory, the side files `openkd generate` writes next to an output
 Rows the teacher did not finish (`finish_reason == "length"`) or answered with nothing are
 skipped unless `--keep-truncated`. `--max-samples` keeps the first N rows that remain, before
 the `--eval-fraction` hold-out is split off (seeded by `--seed`). Only `prompt` and
-`completion` reach the trainer. The teacher named on the model card comes from the
-`<stem>.meta.json` beside a local dataset, or the `openkd_meta.json` uploaded with a Hub one.
+`completion` reach the trainer (and `id`, for soft labels). The teacher named on the model
+card comes from the `<stem>.meta.json` beside a local dataset, or the `openkd_meta.json`
+uploaded with a Hub one.
 """
 
 from __future__ import annotations
@@ -231,17 +232,25 @@ def load_train_data(
     keep_truncated: bool,
     max_samples: int | None,
     seed: int,
+    keep_ids: bool = False,
 ) -> TrainData:
-    """Everything `openkd train` reads from disk, checked, filtered and split."""
+    """Everything `openkd train` reads from disk, checked, filtered and split.
+
+    `keep_ids` keeps the `id` column too (soft labels look the teacher's data up by id).
+    """
     rows, filtered = _usable_rows(dataset, "--dataset", keep_truncated)
     if max_samples is not None and max_samples < len(rows):
         rows = rows.select(range(max_samples))
     train, held_out = split_eval(rows, eval_fraction, seed)
     if eval_dataset:
         held_out, _ = _usable_rows(eval_dataset, "--eval-dataset", keep_truncated)
+
+    def columns(ds: Dataset) -> list[str]:
+        return [*TRAIN_COLUMNS, "id"] if keep_ids and "id" in ds.column_names else TRAIN_COLUMNS
+
     return TrainData(
-        train=train.select_columns(TRAIN_COLUMNS),
-        eval=held_out.select_columns(TRAIN_COLUMNS) if held_out is not None else None,
+        train=train.select_columns(columns(train)),
+        eval=held_out.select_columns(columns(held_out)) if held_out is not None else None,
         filtered=filtered,
         fingerprint=fingerprint([train, held_out]),
         teacher=read_teacher(dataset),

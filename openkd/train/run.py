@@ -36,6 +36,7 @@ from openkd.train.student import read_template_file, resolve_student
 
 if TYPE_CHECKING:
     from openkd.train.preflight import EndOfTurn
+    from openkd.train.soft import SoftLabels
     from openkd.train.trainer import OpenkdSFTTrainer, RunMeter
 
 RESOLVED_CONFIG = "openkd_train.yaml"
@@ -55,6 +56,7 @@ class Prepared:
     preflight_row: dict[str, Any]  # first row whose prompt fits --max-length
     identity: dict[str, Any]
     resume_from: Path | None
+    soft: SoftLabels | None = None  # --loss soft|mix: the teacher's log-probabilities
 
 
 def run(cfg: TrainConfig) -> None:
@@ -191,6 +193,7 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         keep_truncated=cfg.keep_truncated,
         max_samples=cfg.max_samples,
         seed=cfg.seed,
+        keep_ids=cfg.soft_labels,
     )
     tokenizer = load_tokenizer(
         student, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template
@@ -204,7 +207,8 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         generation_eos=eos.generation_eos,
         eos_token=cfg.eos_token,
     )
-    _say("[bold]pre-flight 1/2[/]: chat template and EOS")
+    steps = 3 if cfg.soft_labels else 2
+    _say(f"[bold]pre-flight 1/{steps}[/]: chat template and EOS")
     if cfg.chat_template:
         _say(f"  chat template from {cfg.chat_template} (saved with the student)")
     for line in eos_lines:
@@ -214,12 +218,24 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
             f"  [green]✓[/] the template writes {eot.trailing!r} after {eot.token!r} at the end "
             "of a conversation; openkd drops it from every example, so each ends at EOS"
         )
+    soft = None
+    if cfg.soft_labels:
+        from openkd.train.soft import prepare_soft_labels
+
+        soft = prepare_soft_labels(cfg, data, tokenizer, student)
+        _say(f"[bold]pre-flight 2/3[/]: the teacher's log-probabilities (--loss {cfg.loss})")
+        for line in soft.lines:
+            _say(f"  [green]✓[/] {line}")
+        for warning in soft.warnings:
+            console.warn(warning)
     prompts = (row["prompt"] for row in data.train.select_columns(["prompt"]))
     first_fit = check_prompts_fit(
         (prompt_length(tokenizer, template, p) for p in prompts), cfg.max_length
     )
 
     ident = identity(cfg, student=student, dataset_fingerprint=data.fingerprint, template=template)
+    if soft is not None:  # other teacher data would make the checkpoints another run's
+        ident["settings"]["kd_top_k"] = soft.k
     main = console.is_main_process()
     check_output_dir(cfg.output_dir, ident, overwrite=cfg.overwrite)
     if cfg.overwrite and main:
@@ -242,6 +258,7 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         preflight_row=data.train[first_fit],
         identity=ident,
         resume_from=resume_from,
+        soft=soft,
     )
 
 
@@ -249,7 +266,7 @@ def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
     """TRL loads the student (`from_pretrained` on its path) and prepares the data."""
     from openkd.train.arguments import lora_config, make_sft_config, sft_kwargs
     from openkd.train.launch import distributed_training_kwargs
-    from openkd.train.trainer import OpenkdSFTTrainer, use_console_output
+    from openkd.train.trainer import OpenkdKDTrainer, OpenkdSFTTrainer, use_console_output
 
     cfg = prepared.cfg
     cuda, bf16_gpu = _has_cuda()
@@ -258,8 +275,13 @@ def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
     args = make_sft_config(kwargs)
     if cfg.packing:
         _explain_packing(args, cuda)
+    extra: dict[str, Any] = {}
+    trainer_class: type[OpenkdSFTTrainer] = OpenkdSFTTrainer
+    if prepared.soft is not None:
+        trainer_class = OpenkdKDTrainer
+        extra = {"soft": prepared.soft, "alpha": cfg.alpha, "temperature": cfg.temperature}
     try:
-        trainer = OpenkdSFTTrainer(
+        trainer = trainer_class(
             model=prepared.student,
             args=args,
             train_dataset=prepared.data.train,
@@ -268,6 +290,7 @@ def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
             peft_config=lora_config(cfg) if cfg.lora else None,
             eos_id=prepared.eot.token_id,
             trim_after_eos=bool(prepared.eot.trailing),
+            **extra,
         )
     except OSError as exc:
         raise OpenkdError(
@@ -322,6 +345,12 @@ def check_prepared_example(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Non
             "tokens in preparation; raise --max-length"
         )
     answer = "".join(m["content"] for m in row["completion"])
+    if prepared.soft is not None:
+        from openkd.train.soft import answer_text
+
+        answer = answer_text(
+            trainer.processing_class, prepared.soft.reader, row, prepared.eot.token_id
+        )
     report = check_loss_mask(
         trainer.processing_class,
         example,
@@ -330,13 +359,18 @@ def check_prepared_example(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Non
         eos_id=prepared.eot.token_id,
     )
     segments = loss_segments(trainer.processing_class, example["input_ids"], example["labels"])
-    _say("[bold]pre-flight 2/2[/]: loss mask of a training example (trained part highlighted)")
+    steps = 3 if prepared.soft is not None else 2
+    _say(
+        f"[bold]pre-flight {steps}/{steps}[/]: loss mask of a training example (trained part "
+        "highlighted)"
+    )
     console.console.print(
         Panel(marked_text(segments, markers=not console.console.is_terminal), expand=False)
     )
     _say(
         f"  [green]✓[/] {report.trained_tokens} of {report.total_tokens} tokens carry loss: the "
         f"teacher's answer and {prepared.eot.token!r}, none of the prompt"
+        + (" (the answer is the teacher's own token ids)" if prepared.soft is not None else "")
     )
     if report.extra_text.strip():
         _say(
@@ -415,7 +449,20 @@ def _start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
         ),
         ("resume from", str(prepared.resume_from) if prepared.resume_from else "start (step 0)"),
     ]
+    if prepared.soft is not None:
+        rows.insert(-1, ("loss", loss_description(cfg, prepared.soft.k)))
+        rows.insert(-1, ("teacher log-probs", prepared.soft.describe()))
     console.summary_table("openkd train", rows)
+
+
+def loss_description(cfg: TrainConfig, k: int | None) -> str:
+    """The training loss in words, for the summary and the model card."""
+    if not cfg.soft_labels:
+        return "answer tokens only (completion_only_loss)"
+    kl = f"T²·KL(teacher top-{k} + rest ‖ student), T={cfg.temperature:g}"
+    if cfg.loss == "soft":
+        return f"soft labels: {kl}, answer tokens only"
+    return f"mix: {cfg.alpha:g} × CE + {1 - cfg.alpha:g} × {kl}, answer tokens only"
 
 
 def save_student(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Path:
@@ -491,7 +538,7 @@ def _card_settings(cfg: TrainConfig, trainer: OpenkdSFTTrainer) -> dict[str, Any
         "packing": cfg.packing,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "seed": cfg.seed,
-        "loss": "answer tokens only (completion_only_loss)",
+        "loss": loss_description(cfg, getattr(getattr(trainer, "soft", None), "k", None)),
     }
     if cfg.lora:
         targets = ", ".join(cfg.lora_target_modules or ["all-linear"])

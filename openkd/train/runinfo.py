@@ -70,6 +70,8 @@ ARTIFACTS = (
 def identity(cfg: TrainConfig, *, student: str, dataset_fingerprint: str, template: str) -> dict:
     """What must match for a rerun to continue this directory's run."""
     settings: dict[str, Any] = {key: getattr(cfg, key) for key in IDENTITY_SETTINGS}
+    if cfg.soft_labels:  # absent for hard labels, so runs of earlier versions still match
+        settings.update(loss=cfg.loss, kd_alpha=cfg.alpha, kd_temperature=cfg.temperature)
     settings["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
     return {"student": student, "dataset_fingerprint": dataset_fingerprint, "settings": settings}
 

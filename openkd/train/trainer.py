@@ -129,6 +129,122 @@ class OpenkdSFTTrainer(SFTTrainer):
         return done[0] if len(done) else None
 
 
+class OpenkdKDTrainer(OpenkdSFTTrainer):
+    """Soft-label distillation: the student against the teacher's stored top-K log-probabilities.
+
+    Dataset preparation builds each example on the teacher's own completion ids (see
+    `openkd.train.soft`), the collator adds the teacher's arrays, and `compute_loss` asks the
+    model (patched by `openkd.train.kd.add_kd_head`) for the loss of `openkd.train.kd`. TRL's
+    labels (-100 on the prompt) decide which positions carry loss; checkpointing, resume,
+    LoRA and DeepSpeed are the Trainer's, unchanged.
+    """
+
+    def __init__(
+        self, *args: Any, soft: Any, alpha: float, temperature: float, **kwargs: Any
+    ) -> None:
+        from openkd.train.kd import add_kd_head
+        from openkd.train.soft import TeacherCollator
+
+        self.soft = soft
+        self.alpha = alpha
+        self.temperature = temperature
+        super().__init__(*args, **kwargs)
+        wrapped: Any = self.model
+        model = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+        add_kd_head(model, alpha=alpha, temperature=temperature)
+        self.data_collator = TeacherCollator(self.data_collator, soft.reader, soft.vocab_size)
+
+    def _prepare_dataset(
+        self, dataset, processing_class, args, packing, formatting_func, dataset_name
+    ):
+        from trl.trainer.utils import global_then_local_main_first
+
+        from openkd.train.soft import has_answer, tokenize_rows
+
+        if "input_ids" in dataset.column_names:  # prepared already
+            return dataset
+        rows_in = len(dataset)
+        with global_then_local_main_first():
+            dataset = dataset.map(
+                tokenize_rows,
+                batched=True,
+                fn_kwargs={
+                    "tokenizer": self._tokenizer,
+                    "reader": self.soft.reader,
+                    "eos_id": self.eos_id,
+                    "max_length": args.max_length,
+                },
+                remove_columns=[c for c in dataset.column_names if c != "id"],
+                num_proc=args.dataset_num_proc,
+                desc=f"Tokenizing {dataset_name} dataset (answers: the teacher's token ids)",
+            )
+            # A prompt that fills --max-length leaves no answer token: nothing to train on.
+            dataset = dataset.filter(
+                has_answer,
+                batched=True,
+                num_proc=args.dataset_num_proc,
+                desc=f"Dropping {dataset_name} examples whose prompt fills --max-length",
+            )
+        if len(dataset):
+            tokens, trained, cut = token_stats(dataset, self.eos_id)
+            self.prepared[dataset_name] = PreparedStats(
+                rows_in=rows_in,
+                examples=len(dataset),
+                tokens=tokens,
+                trained_tokens=trained,
+                cut=cut,
+                trimmed=0,
+            )
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in ("id", "kd_start"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        # As TRL and Trainer: num_items_in_batch counts every rank's tokens, DDP averages.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._record_kd_metrics(mode, inputs, outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_kd_metrics(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
+        import torch
+
+        values = torch.stack(
+            [
+                outputs.positions.double(),
+                outputs.ce_sum.double(),
+                outputs.kl_sum.double(),
+                outputs.teacher_positions.double(),
+                outputs.agree.double(),
+                outputs.correct.double(),
+            ]
+        ).detach()
+        # gather, not gather_for_metrics: these are per-process sums, not per-sample values
+        positions, ce, kl, teacher, agree, correct = (
+            self.accelerator.gather(values[None]).sum(0).tolist()
+        )
+        metrics = self._metrics[mode]
+        if positions:
+            metrics["ce"].append(ce / positions)
+            metrics["mean_token_accuracy"].append(correct / positions)
+        if teacher:
+            metrics["kl"].append(kl / teacher)
+            metrics["top1_agreement"].append(agree / teacher)
+        if mode == "train":
+            tokens = inputs["attention_mask"].sum().reshape(1)
+            self._total_train_tokens += int(self.accelerator.gather(tokens).sum())
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
 def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
     """One readable line for a Trainer log entry; None for entries without a loss (totals)."""
     if "loss" not in logs and "eval_loss" not in logs:
@@ -137,6 +253,9 @@ def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
     for key, label, fmt in (
         ("loss", "loss", "{:.4f}"),
         ("eval_loss", "eval loss", "{:.4f}"),
+        ("kl", "kl", "{:.4f}"),
+        ("eval_kl", "eval kl", "{:.4f}"),
+        ("top1_agreement", "top-1 agreement", "{:.3f}"),
         ("mean_token_accuracy", "token acc", "{:.3f}"),
         ("grad_norm", "grad norm", "{:.3g}"),
         ("learning_rate", "lr", "{:.3g}"),

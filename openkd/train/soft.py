@@ -1,0 +1,357 @@
+"""Soft-label training data: the teacher's log-probabilities found, checked, and put in batches.
+
+The sidecar (`openkd.data.logprobs`) is looked for beside `--dataset` (`<stem>.logprobs/`, for
+a folder of shards each shard's) and beside `--eval-dataset`, or taken from `--logprobs DIR`.
+Every row trained on must have its log-probabilities there.
+
+An example is the student's rendering of the prompt (its chat template with the generation
+prompt, as TRL tokenises the prompt for hard labels and as the student sees it at inference)
+followed by the teacher's own completion token ids from the sidecar, never re-tokenised: the
+teacher's top-K at completion position j is its distribution for exactly that token j. When
+those ids do not end with the student's end-of-turn token (a teacher stopped by a stop string,
+or cut at its token limit), openkd appends it; that position has no teacher data and is
+trained on the hard label alone. Nothing follows the end-of-turn token.
+
+Soft labels only make sense when teacher and student share a tokenizer. Before any weights are
+loaded, openkd compares the teacher's vocabulary (its tokenizer is named in the dataset's
+`<stem>.meta.json`) with the student's: every teacher token must have the same id in the
+student. When the teacher's tokenizer cannot be loaded (an offline Hub id, a mock teacher),
+that check is skipped with a warning and only the ids are checked against the student's
+vocabulary size: on the first rows before training, and in every batch while training.
+
+The top-K arrays are not copied into the prepared dataset (it would be as large as the
+sidecar): the dataset keeps each row's id and where its completion starts, and the collator
+reads the rows of each batch from the memory-mapped sidecar and pads them with the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from openkd import console
+from openkd.data.logprobs import SidecarReader, bytes_per_token, sidecar_dir
+from openkd.errors import OpenkdError
+from openkd.train.preflight import IGNORE
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from openkd.train.config import TrainConfig
+    from openkd.train.data import TrainData
+
+# Rows whose stored ids are checked against the student's vocabulary before training.
+PREFLIGHT_ROWS = 64
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_mask")
+FIX = "use --loss hard"
+
+
+@dataclass
+class SoftLabels:
+    """The sidecar a run trains on, and what the pre-flight found."""
+
+    reader: SidecarReader
+    directories: list[Path]
+    vocab_size: int  # the student's logits size: every teacher id must be below it
+    lines: list[str] = field(default_factory=list)  # pre-flight results to print
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return int(self.reader.k or 0)
+
+    def describe(self) -> str:
+        dirs = ", ".join(str(d) for d in self.directories)
+        return f"top-{self.k} {self.reader.dtype} in {dirs}"
+
+
+def _sidecars_beside(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        candidates = [sidecar_dir(path)]
+    elif path.is_dir():
+        candidates = sorted({sidecar_dir(p) for p in path.glob("*.jsonl") if p.is_file()})
+    else:
+        candidates = []
+    return [c for c in candidates if c.is_dir()]
+
+
+def find_sidecars(cfg: TrainConfig) -> list[Path]:
+    """The sidecar directories of --dataset and --eval-dataset (or --logprobs); one-line errors."""
+    what = f"--loss {cfg.loss} trains on the teacher's top-k log-probabilities"
+    found: list[Path] = []
+    if cfg.logprobs:
+        given = Path(cfg.logprobs).expanduser()
+        if not given.is_dir():
+            raise OpenkdError(
+                f"--logprobs {cfg.logprobs}: no such directory; pass the <stem>.logprobs/ "
+                f"directory `openkd generate --logprobs K` wrote, or {FIX}"
+            )
+        found.append(given)
+    else:
+        found += _sidecars_beside(cfg.dataset)
+        if not found:
+            path = Path(cfg.dataset).expanduser()
+            where = (
+                f"there is no {sidecar_dir(path)}/ beside --dataset {cfg.dataset}"
+                if path.exists()
+                else f"--dataset {cfg.dataset} is not a local file, so it has no sidecar"
+            )
+            raise OpenkdError(
+                f"{what}, but {where}; label with `openkd generate --logprobs K`, pass "
+                f"--logprobs DIR, or {FIX}"
+            )
+    if cfg.eval_dataset:
+        found += [d for d in _sidecars_beside(cfg.eval_dataset) if d not in found]
+    return found
+
+
+def check_coverage(reader: SidecarReader, dataset: Dataset | None, what: str) -> None:
+    """Every row of `dataset` must have stored log-probabilities."""
+    if dataset is None:
+        return
+    if "id" not in dataset.column_names:
+        raise OpenkdError(
+            f"{what} has no 'id' column, so its rows cannot be matched with the teacher's "
+            f"log-probabilities; train on what `openkd generate` wrote, or {FIX}"
+        )
+    missing: list[str] = []
+    for batch in dataset.select_columns(["id"]).iter(batch_size=100_000):
+        missing += reader.missing(batch["id"])
+    if missing:
+        raise OpenkdError(
+            f"{len(missing):,} of {len(dataset):,} rows of {what} have no teacher log-probabilities "
+            f"in {', '.join(str(d) for d in reader.directories)} (first: {missing[0]}); label "
+            f"them with `openkd generate --logprobs K`, or {FIX}"
+        )
+
+
+def vocab_mismatch(
+    teacher_vocab: dict[str, int], student_vocab: dict[str, int]
+) -> list[tuple[str, int, int | None]]:
+    """Teacher tokens the student maps to another id or not at all: (token, teacher, student)."""
+    return [
+        (token, index, student_vocab.get(token))
+        for token, index in teacher_vocab.items()
+        if student_vocab.get(token) != index
+    ]
+
+
+def check_tokenizers(
+    student_tokenizer: Any, teacher: str | None, *, trust_remote_code: bool
+) -> tuple[str | None, str | None]:
+    """(a ✓ line, a warning): the teacher's tokenizer maps every token as the student's does.
+
+    Raises on a mismatch. Returns a warning instead when the teacher's tokenizer cannot be
+    loaded (no teacher named, an offline Hub id, a mock teacher).
+    """
+    if not teacher:
+        return None, "the dataset's metadata names no teacher, so its tokenizer is not compared"
+    try:
+        from transformers import AutoTokenizer
+
+        teacher_tokenizer = AutoTokenizer.from_pretrained(
+            teacher, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # offline, gated, not a model (mock teachers)...
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return None, f"could not load the teacher's tokenizer {teacher} ({text})"
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    wrong = vocab_mismatch(teacher_vocab, student_tokenizer.get_vocab())
+    if wrong:
+        token, t_id, s_id = wrong[0]
+        theirs = "is missing" if s_id is None else f"is id {s_id}"
+        raise OpenkdError(
+            f"the teacher {teacher} and the student tokenize differently: {len(wrong):,} of the "
+            f"teacher's {len(teacher_vocab):,} tokens have another id in the student (e.g. "
+            f"{token!r} is id {t_id} in the teacher and {theirs} in the student), so the "
+            f"teacher's top-k log-probabilities would name the wrong tokens; {FIX}"
+        )
+    return (
+        f"the teacher's tokenizer ({teacher}) maps all its {len(teacher_vocab):,} tokens to the "
+        "student's ids",
+        None,
+    )
+
+
+def check_ids_fit(reader: SidecarReader, ids: Sequence[str], vocab_size: int) -> int:
+    """Raise unless every stored id of these rows is below the student's vocabulary size."""
+    largest = -1
+    for row_id in ids:
+        row = reader.get(row_id)
+        if row is None or not len(row.token_ids):
+            continue
+        largest = max(largest, int(row.token_ids.max()), int(row.top_ids.max()))
+    if largest >= vocab_size:
+        raise OpenkdError(id_error(largest, vocab_size))
+    return largest
+
+
+def id_error(largest: int, vocab_size: int) -> str:
+    return (
+        f"the teacher's log-probabilities name token id {largest}, but the student's vocabulary "
+        f"has {vocab_size:,} tokens: teacher and student do not share a tokenizer; {FIX}"
+    )
+
+
+def student_vocab_size(student: str, *, trust_remote_code: bool) -> int:
+    """The size of the student's logits (its config's vocab_size; may exceed the tokenizer's)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code)
+    return int(config.get_text_config().vocab_size)
+
+
+def prepare_soft_labels(
+    cfg: TrainConfig, data: TrainData, tokenizer: Any, student: str
+) -> SoftLabels:
+    """Find and open the sidecar and run the soft-label pre-flight; nothing loads weights."""
+    directories = find_sidecars(cfg)
+    reader = SidecarReader(directories)
+    if reader.k is None:
+        raise OpenkdError(
+            f"{', '.join(str(d) for d in directories)} holds no log-probabilities yet; label "
+            f"with `openkd generate --logprobs K`, or {FIX}"
+        )
+    check_coverage(reader, data.train, f"--dataset {cfg.dataset}")
+    eval_what = f"--eval-dataset {cfg.eval_dataset}" if cfg.eval_dataset else "the held-out rows"
+    check_coverage(reader, data.eval, eval_what)
+    vocab = student_vocab_size(student, trust_remote_code=cfg.trust_remote_code)
+    sample = data.train.select(range(min(PREFLIGHT_ROWS, len(data.train))))["id"]
+    check_ids_fit(reader, sample, vocab)
+    soft = SoftLabels(reader=reader, directories=directories, vocab_size=vocab)
+    size = reader.nbytes
+    soft.lines.append(
+        f"teacher log-probabilities: {soft.describe()} ({size / 2**20:,.1f} MiB, "
+        f"{bytes_per_token(soft.k, reader.dtype or 'float16')} bytes per token), for all "
+        f"{len(data.train) + (len(data.eval) if data.eval is not None else 0):,} rows"
+    )
+    teacher = (data.teacher or {}).get("name")
+    same, warning = check_tokenizers(tokenizer, teacher, trust_remote_code=cfg.trust_remote_code)
+    if same:
+        soft.lines.append(same)
+    soft.lines.append(
+        f"the teacher's ids of the first {len(sample)} rows are below the student's vocabulary "
+        f"size {vocab:,} (every batch is checked too)"
+    )
+    if warning:
+        soft.warnings.append(
+            f"{warning}; only the teacher's token ids are checked against the student's "
+            f"vocabulary size. If the two tokenizers differ the soft labels are wrong: {FIX}"
+        )
+    if reader.torn:
+        console.warn(
+            f"{len(reader.torn)} sidecar part(s) end in a torn write (a killed run), ignored: "
+            f"{reader.torn[0]}"
+        )
+    return soft
+
+
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
+    """The prompt as the student sees it at inference: its chat template + generation prompt."""
+    encoded = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def build_example(
+    prompt: Sequence[int], completion: Sequence[int], eos_id: int | None, max_length: int
+) -> dict[str, Any]:
+    """input_ids, labels and kd_start (where the teacher's completion ids begin).
+
+    The completion is the teacher's ids, with `eos_id` appended unless they end with it;
+    everything is cut at `max_length` (the end is lost, as TRL truncates).
+    """
+    answer = [int(t) for t in completion]
+    if eos_id is not None and (not answer or answer[-1] != eos_id):
+        answer.append(int(eos_id))
+    input_ids = [int(t) for t in prompt] + answer
+    labels = [IGNORE] * len(prompt) + answer
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "kd_start": len(prompt),
+    }
+
+
+def tokenize_rows(
+    batch: dict[str, list], tokenizer: Any, reader: SidecarReader, eos_id: int, max_length: int
+) -> dict[str, list]:
+    """`datasets.map` function (batched): rows with id/prompt -> examples on the teacher's ids."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "kd_start": []}
+    for row_id, prompt in zip(batch["id"], batch["prompt"], strict=True):
+        tokens = reader.token_ids(row_id)
+        if tokens is None:
+            raise OpenkdError(f"row {row_id} has no teacher log-probabilities; {FIX}")
+        example = build_example(prompt_ids(tokenizer, prompt), tokens.tolist(), eos_id, max_length)
+        for key in out:
+            out[key].append(example[key])
+    return out
+
+
+def has_answer(batch: dict[str, list]) -> list[bool]:
+    """`datasets.filter` function (batched): examples that kept at least one answer token."""
+    return [
+        start < len(ids) for start, ids in zip(batch["kd_start"], batch["input_ids"], strict=True)
+    ]
+
+
+def answer_text(tokenizer: Any, reader: SidecarReader, row: dict[str, Any], eos_id: int) -> str:
+    """The teacher's answer as its ids decode (what soft-label training trains on)."""
+    tokens = [int(t) for t in reader[row["id"]].token_ids]
+    if tokens and tokens[-1] == eos_id:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+class TeacherCollator:
+    """TRL's collator plus the teacher's top-K arrays, aligned with `labels` and padded.
+
+    Adds `teacher_ids` [B, L, K] (int64), `teacher_logprobs` [B, L, K] (float32) and
+    `teacher_mask` [B, L] (True where position j holds the teacher's distribution for token j).
+    """
+
+    def __init__(self, base: Any, reader: SidecarReader, vocab_size: int) -> None:
+        self.base = base
+        self.reader = reader
+        self.vocab_size = vocab_size
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = self.base([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        rows, length = batch["input_ids"].shape
+        k = int(self.reader.k or 0)
+        ids = np.zeros((rows, length, k), dtype=np.int64)
+        logprobs = np.zeros((rows, length, k), dtype=np.float32)
+        mask = np.zeros((rows, length), dtype=bool)
+        for b, example in enumerate(examples):
+            row = self.reader.get(example["id"])
+            if row is None:
+                raise OpenkdError(f"row {example['id']} has no teacher log-probabilities; {FIX}")
+            start = int(example["kd_start"])
+            n = min(len(row.token_ids), len(example["input_ids"]) - start)
+            if n <= 0:
+                continue
+            if not np.array_equal(row.token_ids[:n], example["input_ids"][start : start + n]):
+                raise OpenkdError(
+                    f"row {example['id']}: the prepared example's answer differs from the "
+                    "teacher's token ids in the sidecar (changed since the dataset cache was "
+                    "built?); clear the datasets cache (~/.cache/huggingface/datasets) and rerun"
+                )
+            ids[b, start : start + n] = row.top_ids[:n]
+            logprobs[b, start : start + n] = row.top_logprobs[:n]
+            mask[b, start : start + n] = True
+        if mask.any():
+            largest = int(ids[mask].max())
+            if largest >= self.vocab_size:
+                raise OpenkdError(id_error(largest, self.vocab_size))
+        batch["teacher_ids"] = torch.from_numpy(ids)
+        batch["teacher_logprobs"] = torch.from_numpy(logprobs)
+        batch["teacher_mask"] = torch.from_numpy(mask)
+        return batch
