@@ -15,6 +15,7 @@ import yaml
 
 from openkd import __version__
 from openkd.config import StageConfig, resolve
+from openkd.decontaminate.config import DecontaminateConfig
 from openkd.errors import OpenkdError
 from openkd.eval.config import EvalConfig
 from openkd.flags import config_command
@@ -50,6 +51,9 @@ app.command("generate", help=GenerateConfig.__doc__)(
 )
 app.command("train", help=TrainConfig.__doc__)(_stage(TrainConfig, "openkd.train.run:run"))
 app.command("eval", help=EvalConfig.__doc__)(_stage(EvalConfig, "openkd.eval.run:run"))
+app.command("decontaminate", help=DecontaminateConfig.__doc__)(
+    _stage(DecontaminateConfig, "openkd.decontaminate.run:run")
+)
 
 
 @app.command("run")

@@ -6,6 +6,7 @@ dataset bytes, model files), so an unchanged rerun can reuse it instead of recom
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,8 +20,10 @@ from openkd.data.jsonl import write_jsonl_atomic, write_text_atomic
 from openkd.data.schema import FINISH_STOP
 from openkd.eval import metrics as m
 from openkd.eval.nll import perplexity
+from openkd.verify import Verifier, make_verifier
 
 FORMAT = "openkd.eval/1"
+SCORING = "openkd.verify/1"
 REPORT = "report.json"
 EXAMPLES = "examples.jsonl"
 ROLES = ("teacher", "student", "base")
@@ -58,9 +61,16 @@ def pair_scores(answer: Answer, reference: Answer) -> dict[str, float]:
 
 
 def task_correct(text: str, gold: str | None, pattern: str | None) -> bool | None:
+    """Whether `text`'s final answer is the gold answer (None without one): math-verify
+    equivalence by default (`\\frac{1}{2}` = `0.5`), exact text with --answer-regex."""
     if gold is None:
         return None
-    return m.answers_match(m.extract_answer(text, pattern), gold)
+    return _verifier(pattern)(text, gold).correct
+
+
+@functools.cache
+def _verifier(pattern: str | None) -> Verifier:
+    return make_verifier("exact" if pattern else "math", pattern)
 
 
 def summarize(
@@ -173,6 +183,8 @@ def model_fingerprint(spec: str | None) -> str | None:
 def inputs_fingerprint(config: dict[str, Any], dataset: str, models: dict[str, str | None]) -> str:
     payload = {
         "openkd": __version__,
+        # How final answers are scored: a report from an earlier scorer is not reused.
+        "scoring": SCORING,
         "config": {k: v for k, v in config.items() if k not in ("overwrite", "output_dir")},
         "dataset": dataset_fingerprint(dataset),
         "models": {role: model_fingerprint(spec) for role, spec in models.items()},
