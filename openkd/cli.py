@@ -17,6 +17,7 @@ import yaml
 
 from openkd import __version__
 from openkd.config import StageConfig, resolve
+from openkd.decontaminate.config import DecontaminateConfig
 from openkd.errors import TRACEBACK_ENV, OpenkdError, show_tracebacks
 from openkd.eval.config import EvalConfig
 from openkd.flags import config_command
@@ -52,6 +53,9 @@ app.command("generate", help=GenerateConfig.__doc__)(
 )
 app.command("train", help=TrainConfig.__doc__)(_stage(TrainConfig, "openkd.train.run:run"))
 app.command("eval", help=EvalConfig.__doc__)(_stage(EvalConfig, "openkd.eval.run:run"))
+app.command("decontaminate", help=DecontaminateConfig.__doc__)(
+    _stage(DecontaminateConfig, "openkd.decontaminate.run:run")
+)
 
 
 @app.command("run")

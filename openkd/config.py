@@ -2,7 +2,7 @@
 
 A field's name is its YAML key (`max_new_tokens`, `max-new-tokens` also accepted) and its flag
 (`--max-new-tokens`); its description is its `--help` text. One YAML file may hold a
-`generate:`, a `train:` and an `eval:` section; each stage reads its own.
+`generate:`, a `train:`, an `eval:` and a `decontaminate:` section; each command reads its own.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from openkd.errors import ConfigError
 
-SECTIONS = ("generate", "train", "eval")
+SECTIONS = ("generate", "train", "eval", "decontaminate")
 
 C = TypeVar("C", bound="StageConfig")
 

@@ -59,8 +59,14 @@ def read_recipe(path: Path) -> dict[str, dict[str, Any]]:
     present = {name: body for name, body in sections.items() if name in data}
     if not present:
         raise ConfigError(
-            f"{path}: a recipe needs at least one of the sections {', '.join(SECTIONS)}"
+            f"{path}: a recipe needs at least one of the sections {', '.join(STAGES)}"
         )
+    for name in SECTIONS:
+        if name in data and name not in STAGES:
+            console.warn(
+                f"{path}: `openkd run` does not run the {name}: section; run "
+                f"`openkd {name} --config {path}` first"
+            )
     return present
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from openkd.config import resolve
+from openkd.decontaminate.config import DecontaminateConfig
 from openkd.errors import ConfigError
 from openkd.generate.config import GenerateConfig
 from openkd.train.config import TrainConfig
@@ -92,7 +93,10 @@ def test_top_level_help_lists_stages():
     assert "generate" in proc.stdout and "train" in proc.stdout
 
 
-@pytest.mark.parametrize("stage,cls", [("generate", GenerateConfig), ("train", TrainConfig)])
+@pytest.mark.parametrize(
+    "stage,cls",
+    [("generate", GenerateConfig), ("train", TrainConfig), ("decontaminate", DecontaminateConfig)],
+)
 def test_every_cli_field_is_documented_in_help(stage, cls):
     proc = run_cli(stage, "--help", env={"COLUMNS": "200"})
     assert proc.returncode == 0

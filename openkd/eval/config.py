@@ -53,8 +53,10 @@ class EvalConfig(EngineConfig):
     )
     answer_regex: str | None = Field(
         None,
-        description="Regex extracting the final answer (group 1 if it has one; default: the "
-        "last \\boxed{...}).",
+        description="Regex extracting the final answer (group 1 if it has one), compared with "
+        "the gold answer as text (case, punctuation and spaces ignored; numbers by value). "
+        "Default: math-verify equivalence of the final \\boxed{...} or expression "
+        "(\\frac{1}{2} = 0.5).",
     )
     max_samples: int | None = Field(None, gt=0, description="Score at most this many prompts.")
 

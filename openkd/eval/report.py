@@ -6,6 +6,7 @@ dataset bytes, model files), so an unchanged rerun can reuse it instead of recom
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,12 +23,14 @@ from openkd.data.schema import FINISH_STOP
 from openkd.eval import metrics as m
 from openkd.eval.nll import perplexity
 from openkd.system import library_versions
+from openkd.verify import Verifier, make_verifier
 
 if TYPE_CHECKING:
     from openkd.eval.config import EvalConfig
     from openkd.eval.examples import Decoding, Example
 
 FORMAT = "openkd.eval/1"
+SCORING = "openkd.verify/1"
 REPORT = "report.json"
 EXAMPLES = "examples.jsonl"
 ROLES = ("teacher", "student", "base")
@@ -65,9 +68,16 @@ def pair_scores(answer: Answer, reference: Answer) -> dict[str, float]:
 
 
 def task_correct(text: str, gold: str | None, pattern: str | None) -> bool | None:
+    """Whether `text`'s final answer is the gold answer (None without one): math-verify
+    equivalence by default (`\\frac{1}{2}` = `0.5`), exact text with --answer-regex."""
     if gold is None:
         return None
-    return m.answers_match(m.extract_answer(text, pattern), gold)
+    return _verifier(pattern)(text, gold).correct
+
+
+@functools.cache
+def _verifier(pattern: str | None) -> Verifier:
+    return make_verifier("exact" if pattern else "math", pattern)
 
 
 def summarize(
@@ -182,6 +192,8 @@ def inputs_fingerprint(
 ) -> str:
     payload = {
         "openkd": __version__,
+        # How final answers are scored: a report from an earlier scorer is not reused.
+        "scoring": SCORING,
         "config": {k: v for k, v in config.items() if k not in ("overwrite", "output_dir")},
         "dataset": dataset_fingerprint(dataset),
         "models": {role: model_fingerprint(spec) for role, spec in models.items()},

@@ -1,0 +1,1 @@
+"""`openkd decontaminate`: drop prompts that share word n-grams with benchmark problems."""
