@@ -131,11 +131,15 @@ class GenerateMeta:
     hub: dict[str, Any] | None = None
     merged_from: list[dict[str, Any]] | None = None
     merged_at: str | None = None
+    logprobs: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes written
 
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What must match for new rows to join this output."""
-        return fingerprint(self.teacher.get("name"), self.teacher.get("revision"), self.sampling)
+        soft = {key: self.logprobs[key] for key in ("k", "dtype")} if self.logprobs else None
+        return fingerprint(
+            self.teacher.get("name"), self.teacher.get("revision"), self.sampling, soft
+        )
 
     @classmethod
     def start(
@@ -159,6 +163,7 @@ class GenerateMeta:
         }
         if llm_class:
             teacher["llm_class"] = llm_class
+        soft = config.get("logprobs")
         return cls(
             output=files["train"],
             teacher=teacher,
@@ -170,6 +175,7 @@ class GenerateMeta:
             started_at=(previous.started_at if previous else None) or now(),
             versions=versions,
             runs=list(previous.runs)[-MAX_RUNS + 1 :] if previous else [],
+            logprobs={"k": soft, "dtype": config["logprobs_dtype"]} if soft else None,
         )
 
     def finish(
@@ -222,6 +228,7 @@ class GenerateMeta:
             finished_at=max((m.finished_at for m in known if m.finished_at), default=now()),
             versions=first.versions,
             runs=runs[-MAX_RUNS:],
+            logprobs=first.logprobs,
             merged_from=[
                 {"file": name, "shard": meta.source.get("shard") if meta else None}
                 for name, meta in shards
@@ -249,7 +256,7 @@ class GenerateMeta:
             "runs": self.runs,
             "config": self.config,
         }
-        for key in ("throughput", "hub", "merged_from", "merged_at"):
+        for key in ("logprobs", "throughput", "hub", "merged_from", "merged_at"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -273,6 +280,7 @@ class GenerateMeta:
             hub=data.get("hub"),
             merged_from=data.get("merged_from"),
             merged_at=data.get("merged_at"),
+            logprobs=data.get("logprobs"),
         )
 
     def write(self, path: Path) -> None:
@@ -285,9 +293,12 @@ class GenerateMeta:
         return cls.from_json(data) if data is not None else None
 
 
-def fingerprint(teacher: Any, revision: Any, sampling: dict[str, Any]) -> dict[str, Any]:
-    """What must match for new rows to join an existing output."""
-    return {"teacher": teacher, "revision": revision, "sampling": sampling}
+def fingerprint(
+    teacher: Any, revision: Any, sampling: dict[str, Any], logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What must match for new rows to join an existing output (soft labels: K and dtype)."""
+    found = {"teacher": teacher, "revision": revision, "sampling": sampling}
+    return {**found, "logprobs": logprobs} if logprobs else found
 
 
 def check_compatible(
@@ -307,6 +318,8 @@ def check_compatible(
     for key in ("teacher", "revision"):
         if found.get(key) != expected[key]:
             diffs.append(f"{key} {found.get(key)!r} (this run: {expected[key]!r})")
+    if found.get("logprobs") != expected.get("logprobs"):
+        diffs.append(f"logprobs {found.get('logprobs')!r} (this run: {expected.get('logprobs')!r})")
     old_sampling, new_sampling = found.get("sampling") or {}, expected["sampling"]
     for key in sorted(set(old_sampling) | set(new_sampling)):
         if old_sampling.get(key) != new_sampling.get(key):

@@ -241,6 +241,8 @@ ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("mean_tokens", "mean answer tokens", _num(1)),
     ("nll", "NLL of teacher answers (nats/token)", _num(3)),
     ("perplexity", "perplexity of teacher answers", _num(2)),
+    ("kl_to_teacher", "KL(teacher top-K || model) (nats/token)", _num(3)),
+    ("top1_agreement", "top-1 agreement with the teacher", _pct),
     ("task_accuracy", "final-answer accuracy", _pct),
     ("failed", "failed requests", lambda v: f"{int(v):,}"),
 )

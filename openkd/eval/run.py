@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from openkd import console
+from openkd.data.layout import OutputFiles
 from openkd.data.metadata import GenerateMeta
 from openkd.data.schema import FINISH_STOP
 from openkd.errors import ConfigError
@@ -50,10 +51,11 @@ def run(cfg: EvalConfig) -> None:
     timings: dict[str, rp.Timing] = {role: rp.Timing() for role in models}
     references, ref_finish = _references(cfg, examples, sampling, counter, timings)
     scored: list[str] = [role for role in ("student", "base") if role in models]
-    likelihoods = {
+    scores = {
         role: _likelihood(cfg, role, models[role], examples, references, timings[role])
         for role in (scored if cfg.nll else [])
     }
+    likelihoods = {role: nll for role, (nll, _) in scores.items()}
     answers = {
         role: [
             counter.answer(c)
@@ -77,10 +79,9 @@ def run(cfg: EvalConfig) -> None:
                 sum(s.nll for s in likelihoods[role]),
                 sum(s.tokens for s in likelihoods[role]),
             )
-        summaries[role] = {
-            "name": models[role],
-            "metrics": rp.summarize(answers[role], references, gold, cfg.answer_regex, total),
-        }
+        metrics = rp.summarize(answers[role], references, gold, cfg.answer_regex, total)
+        metrics.update(scores[role][1] if role in scores else {})
+        summaries[role] = {"name": models[role], "metrics": metrics}
     report = rp.build_report(
         cfg, examples, decoding, summaries, timings, counter.unit, fingerprint, started
     )
@@ -206,8 +207,10 @@ def _likelihood(
     examples: list[Example],
     refs: list[rp.Answer],
     timing: rp.Timing,
-) -> list[Any]:
-    """Each teacher answer's NLL under `model_name`, teacher-forced (transformers)."""
+) -> tuple[list[Any], dict[str, Any]]:
+    """Each teacher answer's NLL under `model_name`, teacher-forced (transformers); and, where
+    the teacher's top-K log-probabilities are stored beside the dataset, the model's KL to them
+    and top-1 agreement."""
     from openkd.eval.nll import score_answers
     from openkd.eval.progress import bar
     from openkd.generate.backends.transformers import load_causal_lm
@@ -217,6 +220,7 @@ def _likelihood(
         model_name, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
     )
     t0 = time.monotonic()
+    soft: dict[str, Any] = {}
     try:
         with bar(f"{role} likelihood", len(examples)) as advance:
             scores = score_answers(
@@ -227,11 +231,35 @@ def _likelihood(
                 max_length=cfg.nll_max_length,
                 on_batch=lambda n: advance(n, 0),
             )
+        reader = _stored_logprobs(cfg)
+        if reader is not None:
+            from openkd.eval.kl import teacher_student_kl
+
+            found = teacher_student_kl(
+                model,
+                tokenizer,
+                ({"id": ex.id, "prompt": ex.prompt} for ex in examples),
+                reader,
+                max_length=cfg.nll_max_length,
+                batch_size=cfg.nll_batch_size,
+            )
+            soft = {"kl_to_teacher": found.kl, "top1_agreement": found.top1_agreement}
     finally:
         del model
         free_memory()
     timing.nll_seconds = time.monotonic() - t0
-    return scores
+    return scores, soft
+
+
+def _stored_logprobs(cfg: EvalConfig) -> Any:
+    """A reader of the teacher's top-K log-probabilities beside a local dataset, if any."""
+    path = Path(cfg.dataset).expanduser()
+    sidecar = OutputFiles.of_file(path).logprobs if path.is_file() else None
+    if sidecar is None or not sidecar.is_dir():
+        return None
+    from openkd.data.logprobs import SidecarReader
+
+    return SidecarReader(sidecar)
 
 
 class _TokenCounter:

@@ -67,6 +67,17 @@ class GenerateConfig(EngineConfig):
     keep_truncated: bool = Field(
         False, description="Keep answers cut at --max-new-tokens and empty answers in the output."
     )
+    logprobs: int | None = Field(
+        None,
+        gt=0,
+        description="Also keep the teacher's top-K log-probabilities at every answer position "
+        "(soft labels for `openkd train --loss soft|mix`), in <output>.logprobs/; 20 is vLLM's "
+        "default limit (openkd raises it for its own engines; a server you run needs "
+        "--max-logprobs K).",
+    )
+    logprobs_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of the --logprobs log-probabilities."
+    )
     push_to_hub: str | None = Field(None, description="Push the finished dataset to this Hub repo.")
     private: bool = Field(False, description="Make the Hub dataset repo private.")
 
@@ -149,6 +160,11 @@ class GenerateConfig(EngineConfig):
         if self.serve and self.backend != "openai":
             problems.append(
                 "--serve starts an OpenAI-compatible server; use it with --backend openai"
+            )
+        if self.logprobs and self.backend in ("distilabel", "transformers"):
+            problems.append(
+                f"--logprobs: the {self.backend} backend cannot return the teacher's "
+                "log-probabilities; use --backend vllm, --backend openai (a vLLM server) or mock"
             )
         if self.vllm_args and not (self.backend == "vllm" or self.serve):
             problems.append("--vllm-args configures a vLLM engine: use --backend vllm or --serve")

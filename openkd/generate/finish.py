@@ -33,6 +33,7 @@ class Outcome:
     started_wall: float
     backend_versions: dict[str, str] = field(default_factory=dict)
     failed_rows: int = 0  # failures on file after this run (earlier ones included)
+    soft_labels: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes, bytes_per_token
 
     @property
     def wall(self) -> float:
@@ -109,12 +110,16 @@ def finish_run(
         outcome.failed_rows = _rewrite_failures(files, state, found, outcome.status)
         if outcome.status == "complete" and (outcome.failed_rows or seen.invalid):
             outcome.status = "incomplete"
+        writer.close()  # the sidecar's last batch and end of stream too
         meta.finish(
             outcome.status,
             _counts(state, outcome.failed_rows),
             outcome.run_entry(cfg.backend, seen, found),
             outcome.backend_versions,
         )
+        if meta.logprobs is not None:
+            meta.logprobs.update(_sidecar_size(files, writer))
+            outcome.soft_labels = meta.logprobs
         meta.write(files.meta)
         write_card(files, meta)
         if outcome.status == "complete" and selection:
@@ -150,6 +155,14 @@ def _rewrite_failures(
     elif files.failed.exists():
         files.failed.unlink()
     return len(rows)
+
+
+def _sidecar_size(files: OutputFiles, writer: OutputWriter) -> dict[str, Any]:
+    """The sidecar's size on disk, and what this run's rows cost per answer token."""
+    size = sum(p.stat().st_size for p in files.logprobs.glob("part-*.arrow"))
+    written = writer.sidecar.bytes_written if writer.sidecar is not None else 0
+    per_token = round(written / writer.soft_tokens, 1) if writer.soft_tokens else None
+    return {"bytes": size, "bytes_per_token": per_token}
 
 
 def _counts(state: ResumeState, failed_rows: int) -> Counts:

@@ -51,6 +51,15 @@ def push_dataset(files: OutputFiles, repo_id: str, *, private: bool, card: str) 
             repo_type="dataset",
             commit_message=f"{message} (card)",
         )
+        if files.logprobs.is_dir():  # soft labels: the Arrow parts, as they are
+            api.upload_folder(
+                folder_path=str(files.logprobs),
+                path_in_repo=files.logprobs.name,
+                repo_id=repo_id,
+                repo_type="dataset",
+                allow_patterns=["part-*.arrow"],
+                commit_message=f"{message} (top-k log-probabilities)",
+            )
         api.upload_file(
             path_or_fileobj=str(files.meta),
             path_in_repo=META_IN_REPO,

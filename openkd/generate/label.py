@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, is_complete, make_record
+from openkd.generate.backends.base import Completion
 from openkd.generate.pump import Pump
 from openkd.generate.source import in_eval_split
 
 if TYPE_CHECKING:
-    from openkd.generate.backends.base import Backend, Completion, Request, Sampling
+    from openkd.generate.backends.base import Backend, Request, Sampling
     from openkd.generate.source import PromptSource
     from openkd.generate.writer import OutputWriter
 
@@ -51,6 +52,7 @@ class Routing:
     eval_fraction: float
     keep_truncated: bool
     earlier_failures: frozenset[str] = frozenset()
+    logprobs: bool = False  # every answer must come with its log-probabilities
 
     def kind(self, record: dict[str, Any]) -> str:
         if not is_complete(record) and not self.keep_truncated:
@@ -100,6 +102,8 @@ def _sort(
     routing: Routing,
     counts: LabelCounts,
 ) -> None:
+    if routing.logprobs and not completion.failed and completion.logprobs is None:
+        completion = Completion.failure("the teacher returned no log-probabilities")
     if completion.failed:
         counts.failed += 1
         row = {
@@ -123,7 +127,7 @@ def _sort(
         source_index=request.row,
     )
     kind = routing.kind(record)
-    writer.add(kind, record)
+    writer.add(kind, record, completion.logprobs)
     counts.answered += 1
     counts.prompt_tokens += completion.prompt_tokens
     counts.completion_tokens += completion.completion_tokens

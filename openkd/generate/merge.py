@@ -16,6 +16,7 @@ from pathlib import Path
 from openkd import console
 from openkd.data.jsonl import AtomicWriter, dumps, iter_jsonl
 from openkd.data.layout import KIND_SUFFIX, OutputFiles, is_side_file, resolve_output
+from openkd.data.logprobs import merge_beside
 from openkd.data.metadata import Counts, GenerateMeta
 from openkd.errors import OpenkdError
 from openkd.generate.card import write_card
@@ -70,6 +71,9 @@ def merge_shards(shards: list[Path], output: Path, *, overwrite: bool = False) -
     files = {kind: out.kind_path(kind).name for kind in KIND_SUFFIX} | {"card": out.card.name}
     shard_metas = [(f.output.name, m) for f, m in zip(inputs, metas, strict=True)]
     meta = GenerateMeta.merge(shard_metas, output=out.output.name, files=files, counts=counts)
+    soft = merge_beside([f.output for f in inputs], out.output)
+    if soft is not None and meta.logprobs is not None:
+        meta.logprobs.update(bytes=soft.bytes, bytes_per_token=None)
     meta.write(out.meta)
     write_card(out, meta)
     _report(inputs, out, counts, metas)

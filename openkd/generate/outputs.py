@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def remove_all(files: OutputFiles) -> list[Path]:
         if path.exists():
             path.unlink()
             removed.append(path)
+    if files.logprobs.is_dir():
+        shutil.rmtree(files.logprobs)
+        removed.append(files.logprobs)
     return removed
 
 

@@ -42,6 +42,7 @@ from openkd.paths import require_local_model
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from openkd.data.logprobs import SidecarWriter
     from openkd.generate.config import GenerateConfig
 
 # Backends that load --teacher on this machine, where a missing local path is a typo.
@@ -109,7 +110,9 @@ def run(cfg: GenerateConfig) -> None:
         _announce(job, source, state)
         meta = start_meta(cfg, job.files, job.sampling, state, previous)
         meta.write(job.files.meta)
-        writer = OutputWriter(job.files, state.index, cfg.commit_interval)
+        writer = OutputWriter(
+            job.files, state.index, cfg.commit_interval, sidecar=_sidecar(cfg, job)
+        )
         outcome = started
         try:
             if backend is not None:
@@ -117,7 +120,10 @@ def run(cfg: GenerateConfig) -> None:
                     if backend.in_flight() > 1:
                         console.info(f"keeping {backend.in_flight():,} requests in flight")
                     routing = Routing(
-                        cfg.eval_fraction, cfg.keep_truncated, frozenset(state.failed)
+                        cfg.eval_fraction,
+                        cfg.keep_truncated,
+                        frozenset(state.failed),
+                        logprobs=bool(cfg.logprobs),
                     )
                     label(backend, source, job.sampling, writer, routing, found)
                     outcome.backend_versions = backend.versions()
@@ -178,6 +184,11 @@ def _resume(job: Job) -> tuple[ResumeState, GenerateMeta | None]:
     has_rows = any(p.is_file() and p.stat().st_size for p in job.files.row_files)
     check_compatible(previous, job.fingerprint, job.files.output, has_rows)
     state = load_state(job.files)
+    if job.files.logprobs.is_dir():
+        from openkd.data.logprobs import repair
+
+        if cut := repair(job.files.logprobs):
+            state.repaired.append((job.files.logprobs, cut))
     for path, cut in state.repaired:
         console.warn(
             f"{path}: cut {cut} bytes of a torn last line (an earlier run was killed or ran "
@@ -207,6 +218,16 @@ def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:
         shard=cfg.shard_index,
         done=state.done,
     )
+
+
+def _sidecar(cfg: GenerateConfig, job: Job) -> SidecarWriter | None:
+    """Where --logprobs rows go; the teacher and output travel in its schema metadata."""
+    if not cfg.logprobs:
+        return None
+    from openkd.data.logprobs import SidecarWriter
+
+    meta = {"teacher": job.teacher, "output": job.files.output.name}
+    return SidecarWriter(job.files.logprobs, cfg.logprobs, cfg.logprobs_dtype, meta=meta)
 
 
 def _announce(job: Job, source: PromptSource, state: ResumeState) -> None:

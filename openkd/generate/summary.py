@@ -55,6 +55,15 @@ def summary(
     ]
     if outcome.failed_rows != found.failed:
         rows.append(("failed rows on file", console.fmt_int(outcome.failed_rows)))
+    soft = outcome.soft_labels
+    if soft:
+        per_token = f", {soft['bytes_per_token']} bytes/token" if soft["bytes_per_token"] else ""
+        rows.append(
+            (
+                f"top-{soft['k']} log-probabilities",
+                f"{soft['bytes'] / 2**20:,.1f} MiB{per_token}",
+            )
+        )
     console.summary_table(f"openkd generate: {files.output} ({outcome.status})", rows)
 
 

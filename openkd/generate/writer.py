@@ -6,7 +6,9 @@ fsynced, then the new ids go to `<stem>.ids` and `<stem>.index` is replaced. A c
 no answer arrives) and at exit, so a kill loses at most that interval of finished answers, and a
 1M-row run pays about one fsync per second instead of one per row or batch. A fast teacher's
 rows are handed to the files every `SPILL_ROWS` rows in between (no fsync), so the buffer stays
-small at any speed.
+small at any speed. With `--logprobs` the rows' log-probabilities go to the sidecar
+(`openkd.data.logprobs`), committed before the rows are written: a row is never durable before
+its log-probabilities.
 
 A write that fails (disk full, quota, I/O error) raises one OpenkdError naming the file and
 the free space; rows already committed stay, a line torn by the failed write is cut by the next
@@ -26,8 +28,10 @@ from typing import IO, Any
 
 from openkd.data.jsonl import dumps, fsync_dir
 from openkd.data.layout import ROW_KINDS, OutputFiles
+from openkd.data.logprobs import SidecarWriter
 from openkd.data.metadata import Tally
 from openkd.errors import OpenkdError
+from openkd.generate.backends.base import TokenLogprobs
 from openkd.generate.ids import KEY_BYTES, to_keys
 from openkd.generate.resume import FileMark, Index, append_ids
 
@@ -70,9 +74,12 @@ class OutputWriter:
         index: Index,
         commit_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        sidecar: SidecarWriter | None = None,
     ) -> None:
         self.files = files
         self.index = index
+        self.sidecar = sidecar
+        self.soft_tokens = 0  # answer tokens whose log-probabilities went to the sidecar
         self.interval = commit_interval
         self._clock = clock
         self._lines: dict[str, list[str]] = {kind: [] for kind in (*ROW_KINDS, "failed")}
@@ -86,8 +93,13 @@ class OutputWriter:
 
     # -- buffering ---------------------------------------------------------------------------
 
-    def add(self, kind: str, record: dict[str, Any]) -> None:
-        """A labelled row for the train, eval or truncated file."""
+    def add(self, kind: str, record: dict[str, Any], logprobs: TokenLogprobs | None = None) -> None:
+        """A labelled row for the train, eval or truncated file (and its log-probabilities)."""
+        if self.sidecar is not None and logprobs is not None:
+            self.sidecar.add(
+                record["id"], logprobs.token_ids, logprobs.top_ids, logprobs.top_logprobs
+            )
+            self.soft_tokens += len(logprobs.token_ids)
         self._lines[kind].append(dumps(record))
         self._ids.append(record["id"])
         self._tallies[kind].add(record)
@@ -133,6 +145,11 @@ class OutputWriter:
     def _write_out(self) -> None:
         """Hand the buffered rows to the files (durable at the next commit)."""
         self._buffered = 0
+        if self.sidecar is not None and self.sidecar.pending:
+            try:
+                self.sidecar.commit()
+            except OSError as err:
+                raise write_error(self.sidecar.path, err) from err
         for kind, lines in self._lines.items():
             if not lines:
                 continue
@@ -174,6 +191,9 @@ class OutputWriter:
         return fh
 
     def close(self) -> None:
+        if self.sidecar is not None:
+            with contextlib.suppress(OSError):  # a failed write was reported when it happened
+                self.sidecar.close()
         for fh in self._handles.values():
             # A failed flush was reported by the commit that hit it.
             with contextlib.suppress(OSError):

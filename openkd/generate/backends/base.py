@@ -57,6 +57,15 @@ class Request(NamedTuple):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The teacher's answer as token ids, with its top-K log-probabilities at each position."""
+
+    token_ids: Any  # int [T]
+    top_ids: Any  # int [T, K]
+    top_logprobs: Any  # float [T, K], raw (temperature 1)
+
+
+@dataclass(frozen=True)
 class Completion:
     """One answer. `error` is set (and `text` is None) when the request failed."""
 
@@ -65,6 +74,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: TokenLogprobs | None = None  # with --logprobs K
 
     @property
     def failed(self) -> bool:

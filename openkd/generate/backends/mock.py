@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
-from openkd.errors import OpenkdError
-from openkd.generate.backends.base import Answer, BackendBase, Completion, Request, Sampling
+from openkd.errors import ConfigError, OpenkdError
+from openkd.generate.backends.base import (
+    Answer,
+    BackendBase,
+    Completion,
+    Request,
+    Sampling,
+    TokenLogprobs,
+)
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -91,15 +98,23 @@ class MockBackend(BackendBase):
         self.truncate = _regex("--mock-truncate", cfg.mock_truncate)
         self.teacher = cfg.teacher
         self.trust_remote_code = cfg.trust_remote_code
+        self.logprobs = cfg.logprobs
+        self.logprobs_dtype = cfg.logprobs_dtype
         self._tokenizer: Any = None
+        path = Path(self.teacher).expanduser()
+        self._has_tokenizer = path.is_dir() and any((path / f).exists() for f in TOKENIZER_FILES)
+        if self.logprobs and not self._has_tokenizer:
+            raise ConfigError(
+                "--logprobs with the mock teacher needs token ids: pass --teacher DIR, a model "
+                "directory with tokenizer files (e.g. from `openkd make-tiny`)"
+            )
 
     def start(self) -> None:
-        path = Path(self.teacher).expanduser()
-        if path.is_dir() and any((path / f).exists() for f in TOKENIZER_FILES):
+        if self._has_tokenizer:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                str(path), trust_remote_code=self.trust_remote_code
+                str(Path(self.teacher).expanduser()), trust_remote_code=self.trust_remote_code
             )
 
     def versions(self) -> dict[str, str]:
@@ -163,6 +178,31 @@ class MockBackend(BackendBase):
             finish_reason=finish,
             prompt_tokens=self._prompt_tokens(messages),
             completion_tokens=len(units),
+            logprobs=self._logprobs(units, finish) if self.logprobs else None,
+        )
+
+    def _logprobs(self, ids: list[int], finish: str) -> TokenLogprobs:
+        """A deterministic, learnable teacher distribution: at each position the answer's own
+        token has probability 0.6 and K-1 other tokens (chosen from the position and token)
+        share 0.3 in decreasing steps; 0.1 is left outside the top-K."""
+        import numpy as np
+
+        assert self.logprobs is not None
+        eos = self._tokenizer.eos_token_id
+        tokens = [*ids, eos] if finish == FINISH_STOP and eos is not None else list(ids)
+        k, vocab = self.logprobs, len(self._tokenizer)
+        rest = np.arange(k - 1, 0, -1, dtype=np.float64)
+        others = np.log(0.3 * rest / rest.sum()) if k > 1 else np.empty(0)
+        top_ids = np.empty((len(tokens), k), dtype=np.int32)
+        top_logprobs = np.empty((len(tokens), k), dtype=np.float32)
+        for position, token in enumerate(tokens):
+            rng = np.random.default_rng(token * 1_000_003 + position)
+            choices = rng.choice(vocab - 1, size=k - 1, replace=False)
+            top_ids[position] = [token, *(c + (c >= token) for c in choices)]  # never `token`
+            top_logprobs[position] = [np.log(0.6), *others]
+        dtype = np.float16 if self.logprobs_dtype == "float16" else np.float32
+        return TokenLogprobs(
+            np.asarray(tokens, dtype=np.int32), top_ids, top_logprobs.astype(dtype)
         )
 
     def _split(self, text: str) -> list[Any]:

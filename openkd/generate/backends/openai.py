@@ -29,6 +29,7 @@ from openkd.generate.backends.base import (
     Request,
     Sampling,
     TeacherUnavailable,
+    TokenLogprobs,
 )
 from openkd.generate.vllm.engine import check_answer_fits
 from openkd.system import package_version
@@ -86,6 +87,35 @@ def describe(err: BaseException) -> str:
         text = f"{type(err).__name__}: {err}"
     text = " ".join(text.split())
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def token_id(token: str) -> int:
+    """The id in a `token_id:123` token (what a vLLM server sends with return_tokens_as_token_ids)."""
+    prefix, _, number = token.partition(":")
+    if prefix != "token_id" or not number.isdigit():
+        raise ValueError(
+            f"the server sent the token {token!r}, not a token id; --logprobs needs a vLLM server "
+            "(it returns ids with return_tokens_as_token_ids)"
+        )
+    return int(number)
+
+
+def token_logprobs(choice: Any, k: int, dtype: str) -> TokenLogprobs:
+    """A chat choice's per-token top-`k` log-probabilities as arrays; ValueError if unusable."""
+    import numpy as np
+
+    from openkd.data.logprobs import top_k_arrays
+
+    content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
+    if content is None:
+        raise ValueError("the server returned no log-probabilities; is it a vLLM server?")
+    tokens = np.asarray([token_id(entry.token) for entry in content], dtype=np.int32)
+    positions = [
+        {token_id(top.token): float(top.logprob) for top in entry.top_logprobs or ()}
+        for entry in content
+    ]
+    top_ids, top_logprobs = top_k_arrays(positions, k, dtype)
+    return TokenLogprobs(tokens, top_ids, top_logprobs)
 
 
 def retry_after_seconds(err: BaseException) -> float | None:
@@ -312,6 +342,7 @@ class OpenAIBackend(BackendBase):
                     seed=sampling.seed,
                     stop=list(sampling.stop) or None,
                     n=1,
+                    **self._logprob_arguments(),
                 )
             except Exception as err:
                 if not retryable(err):
@@ -333,6 +364,17 @@ class OpenAIBackend(BackendBase):
             delay = max(delay, min(hinted, self.retry_max_delay))
         return delay
 
+    def _logprob_arguments(self) -> dict[str, Any]:
+        """With --logprobs K: the top-K per answer token, with tokens as ids (a vLLM extension:
+        soft labels need the ids, and text tokens do not map back to them reliably)."""
+        if not self.cfg.logprobs:
+            return {}
+        return {
+            "logprobs": True,
+            "top_logprobs": self.cfg.logprobs,
+            "extra_body": {"return_tokens_as_token_ids": True},
+        }
+
     def _to_completion(self, response: Any) -> Completion:
         if not response.choices:
             return Completion.failure("the server returned no choices")
@@ -340,9 +382,16 @@ class OpenAIBackend(BackendBase):
             self.server_version = str(response.system_fingerprint)
         choice = response.choices[0]
         usage = response.usage
+        logprobs = None
+        if self.cfg.logprobs:
+            try:
+                logprobs = token_logprobs(choice, self.cfg.logprobs, self.cfg.logprobs_dtype)
+            except ValueError as err:
+                return Completion.failure(str(err))
         return Completion(
             text=choice.message.content or "",
             finish_reason=choice.finish_reason or "unknown",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            logprobs=logprobs,
         )

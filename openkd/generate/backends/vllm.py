@@ -26,6 +26,7 @@ from openkd.generate.backends.base import (
     Request,
     Sampling,
     TeacherUnavailable,
+    TokenLogprobs,
 )
 from openkd.generate.vllm.engine import (
     GENERATION_CONFIG_KEYS,
@@ -114,6 +115,7 @@ class VLLMBackend(BackendBase):
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            logprobs=self.cfg.logprobs,
         )
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
@@ -144,7 +146,10 @@ class VLLMBackend(BackendBase):
                     raise
                 for output in outputs:
                     if output.finished:
-                        yield running.pop(output.request_id), to_completion(output)
+                        completion = to_completion(
+                            output, self.cfg.logprobs, self.cfg.logprobs_dtype
+                        )
+                        yield running.pop(output.request_id), completion
         finally:
             if running and self._llm is not None:
                 # A dead engine has nothing left to abort.
@@ -188,16 +193,34 @@ class VLLMBackend(BackendBase):
         return {"vllm": vllm.__version__}
 
 
-def to_completion(output: Any) -> Completion:
-    """A vLLM `RequestOutput` as a Completion; an aborted request is a failure."""
+def to_completion(output: Any, k: int | None = None, dtype: str = "float16") -> Completion:
+    """A vLLM `RequestOutput` as a Completion (with its top-`k` log-probabilities when `k`);
+    an aborted request is a failure."""
     choice = output.outputs[0]
     if choice.finish_reason not in ("stop", "length"):
         return Completion.failure(
             f"vLLM ended the request with finish_reason={choice.finish_reason}"
         )
+    logprobs = None
+    if k:
+        import numpy as np
+
+        from openkd.data.logprobs import top_k_arrays
+
+        try:
+            top_ids, top_logprobs = top_k_arrays(list(choice.logprobs or ()), k, dtype)
+        except ValueError as err:
+            return Completion.failure(f"vLLM's log-probabilities are unusable ({err})")
+        token_ids = np.asarray(choice.token_ids, dtype=np.int32)
+        if len(token_ids) != len(top_ids):
+            return Completion.failure(
+                f"vLLM returned log-probabilities for {len(top_ids)} of {len(token_ids)} tokens"
+            )
+        logprobs = TokenLogprobs(token_ids, top_ids, top_logprobs)
     return Completion(
         text=choice.text,
         finish_reason=choice.finish_reason,
         prompt_tokens=len(output.prompt_token_ids or ()),
         completion_tokens=len(choice.token_ids),
+        logprobs=logprobs,
     )

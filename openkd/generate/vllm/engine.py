@@ -28,6 +28,8 @@ GENERATION_CONFIG_KEYS = (
 )
 
 
+VLLM_MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
 # Engine options openkd sets from its own flags; --vllm-args must not set them a second way.
 OWN_OPTIONS = {
     "model": "--teacher",
@@ -85,6 +87,8 @@ def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
         options["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:
         options["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.logprobs and cfg.logprobs > VLLM_MAX_LOGPROBS:
+        options["max_logprobs"] = cfg.logprobs  # vLLM refuses larger top-K requests otherwise
     options.update(cfg.vllm_args)
     return options
 
