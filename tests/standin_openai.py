@@ -42,6 +42,8 @@ class StandIn:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     latency_of: Callable[[str], float] | None = None  # seconds, from the last user message
+    # With a request's `logprobs`: (prompt, top_logprobs) -> the choice's logprobs.content.
+    logprobs: Callable[[str, int], list[dict[str, Any]]] | None = None
     arrived: list[tuple[float, str]] = field(default_factory=list)  # (time, prompt)
     answered: list[tuple[float, str]] = field(default_factory=list)  # (time sent, prompt)
     dead: bool = False
@@ -131,6 +133,11 @@ class StandIn:
                                 "index": 0,
                                 "message": {"role": "assistant", "content": text},
                                 "finish_reason": reply["finish_reason"],
+                                "logprobs": {
+                                    "content": standin.logprobs(prompt, request["top_logprobs"])
+                                }
+                                if request.get("logprobs") and standin.logprobs
+                                else None,
                             }
                         ],
                         "usage": {

@@ -26,6 +26,12 @@ def test_fast_ids_equal_record_id_for_every_kind_of_prompt() -> None:
         fast = RecordIds(teacher, SAMPLING)
         for messages in prompts:
             assert fast.of(messages) == record_id(messages, teacher, SAMPLING), messages
+            for sample in (1, 7):
+                ours, theirs = (
+                    fast.of(messages, sample),
+                    record_id(messages, teacher, SAMPLING, sample),
+                )
+                assert ours == theirs != fast.of(messages)
 
 
 def test_id_set_membership_matches_a_python_set() -> None:

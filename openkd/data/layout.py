@@ -6,6 +6,7 @@ For `--output data/teacher.jsonl`:
     data/teacher.eval.jsonl       held-out rows (--eval-fraction), for `openkd eval`
     data/teacher.truncated.jsonl  answers cut at --max-new-tokens, or empty (kept, not trained on)
     data/teacher.failed.jsonl     prompts the teacher failed on, with the reason (retried on rerun)
+    data/teacher.rejected.jsonl   answers that did not verify against the gold answer (--verify)
     data/teacher.meta.json        provenance: teacher, sampling, versions, counts, config
     data/teacher.README.md        dataset card (uploaded as README.md on --push-to-hub)
     data/teacher.index            resume index: how far the ids file covers each row file
@@ -34,8 +35,9 @@ KIND_SUFFIX = {
     "eval": ".eval.jsonl",
     "truncated": ".truncated.jsonl",
     "failed": ".failed.jsonl",
+    "rejected": ".rejected.jsonl",
 }
-ROW_KINDS = ("train", "eval", "truncated")
+ROW_KINDS = ("train", "eval", "truncated", "rejected")
 SIDE_SUFFIXES = tuple(suffix for kind, suffix in KIND_SUFFIX.items() if kind != "train")
 META_IN_REPO = "openkd_meta.json"  # the metadata's name in a Hub dataset repo
 

@@ -76,6 +76,7 @@ class Counts:
     train: Tally = field(default_factory=Tally)
     eval: Tally = field(default_factory=Tally)
     truncated: Tally = field(default_factory=Tally)
+    rejected: Tally = field(default_factory=Tally)  # answers that failed --verify
     failed: int = 0
 
     def of(self, kind: str) -> Tally:
@@ -132,6 +133,7 @@ class GenerateMeta:
     merged_from: list[dict[str, Any]] | None = None
     merged_at: str | None = None
     logprobs: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes written
+    verification: dict[str, Any] | None = None  # --verify: method, pass rates, counts
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -256,7 +258,7 @@ class GenerateMeta:
             "runs": self.runs,
             "config": self.config,
         }
-        for key in ("logprobs", "throughput", "hub", "merged_from", "merged_at"):
+        for key in ("logprobs", "verification", "throughput", "hub", "merged_from", "merged_at"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -281,6 +283,7 @@ class GenerateMeta:
             merged_from=data.get("merged_from"),
             merged_at=data.get("merged_at"),
             logprobs=data.get("logprobs"),
+            verification=data.get("verification"),
         )
 
     def write(self, path: Path) -> None:

@@ -23,10 +23,14 @@ class Message(TypedDict):
     content: str
 
 
-def record_id(prompt: list[Message], teacher: str, sampling: dict[str, Any]) -> str:
-    """Stable id of (prompt messages, teacher, sampling settings): same inputs, same id."""
+def record_id(
+    prompt: list[Message], teacher: str, sampling: dict[str, Any], sample: int = 0
+) -> str:
+    """Stable id of (prompt messages, teacher, sampling settings, sample number): same inputs,
+    same id. Sample 0 leaves the number out, so a single answer's id is the same either way."""
+    extra = {"sample": sample} if sample else {}
     payload = json.dumps(
-        {"prompt": prompt, "teacher": teacher, "sampling": sampling},
+        {"prompt": prompt, "teacher": teacher, "sampling": sampling, **extra},
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),

@@ -263,3 +263,37 @@ def iter_rows(
             (index, dict(zip(columns, row, strict=True)))
             for index, row in zip(indices, zip(*values, strict=True), strict=True)
         ]
+
+
+def check_gold_answers(
+    dataset: Dataset, positions: np.ndarray | range, column: str, spec: str
+) -> None:
+    """Every selected row has a gold answer in `column`; else one line naming the first rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in dataset.column_names:
+        raise OpenkdError(
+            f"--answer-column '{column}' is not in --dataset {spec} (columns are: "
+            f"{', '.join(dataset.column_names[:30])}); pass --answer-column NAME with the gold "
+            "answers --verify checks against"
+        )
+    values = dataset.select_columns([column]).with_format("arrow")[:]
+    answers = values.column(column)
+    if isinstance(positions, range) and positions.step == 1:
+        answers = answers.slice(positions.start, len(positions))
+        rows = np.arange(positions.start, positions.stop)
+    else:
+        rows = np.asarray(positions, dtype=np.int64)
+        answers = answers.take(pa.array(rows))
+    text = pc.cast(answers, pa.string())
+    missing = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), ""))
+    bad = rows[np.asarray(pc.fill_null(missing, True).to_numpy(zero_copy_only=False), dtype=bool)]
+    if len(bad):
+        shown = ", ".join(str(int(r)) for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise OpenkdError(
+            f"{len(bad):,} selected rows of --dataset {spec} have no gold answer in "
+            f"'{column}' (rows {shown}); --verify needs one per prompt: fill them in or filter "
+            "those rows out"
+        )

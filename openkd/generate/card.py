@@ -85,7 +85,22 @@ def render_card(meta: GenerateMeta, *, name: str, repo_id: str | None = None) ->
             f"{_fmt(failed)} prompts failed and are missing; rerunning the same "
             "`openkd generate` command retries them."
         )
-    if truncated or failed:
+    checked = meta.verification
+    if checked:
+        rates = ", ".join(f"{k} {v:.1%}" for k, v in checked.items() if k.startswith("pass@") and v)
+        lines.append(
+            f"Every answer's final answer was checked against the gold answer "
+            f"({checked['method']}{', math-verify' if checked['method'] == 'math' else ''}): "
+            f"{_fmt(checked['verified'])} of {_fmt(checked['answers'])} answers to "
+            f"{_fmt(checked['prompts'])} prompts verified ({rates}); "
+            + (
+                "all are kept, each with its verdict."
+                if checked.get("keep") == "all"
+                else f"the {_fmt(counts.rejected.rows)} that did not are left out "
+                "(kept locally in `*.rejected.jsonl`)."
+            )
+        )
+    if truncated or failed or checked:
         lines.append("")
     lines += [
         "## Decoding",

@@ -67,6 +67,32 @@ class GenerateConfig(EngineConfig):
     keep_truncated: bool = Field(
         False, description="Keep answers cut at --max-new-tokens and empty answers in the output."
     )
+    verify: Literal["math", "exact"] | None = Field(
+        None,
+        description="Check each answer's final answer against --answer-column: math "
+        "(math-verify: equivalent forms match) or exact (normalised text, --answer-regex); "
+        "answers that fail go to <output>.rejected.jsonl and are not trained on.",
+    )
+    answer_column: str = Field(
+        "answer", description="Column with the gold final answer, for --verify."
+    )
+    answer_regex: str | None = Field(
+        None,
+        description="Regex extracting the final answer for --verify (group 1 if it has one; "
+        "default: the last \\boxed{...}).",
+    )
+    num_samples: int = Field(
+        1,
+        ge=1,
+        description="Answers per prompt (rejection sampling; needs --temperature > 0). Each has "
+        "its own id and seed, so a rerun labels every sample exactly once.",
+    )
+    keep: Literal["all-verified", "first-verified", "all"] | None = Field(
+        None,
+        description="With --verify, the answers kept for training: every verified one "
+        "(all-verified, the default), one per prompt (first-verified: the lowest sample number "
+        "that verified), or all, verdict recorded (all).",
+    )
     logprobs: int | None = Field(
         None,
         gt=0,
@@ -126,6 +152,11 @@ class GenerateConfig(EngineConfig):
     mock_truncate: str | None = Field(
         None, description="Regex: mock answers to matching prompts end with finish_reason=length."
     )
+    mock_wrong: str | None = Field(
+        None,
+        description="Regex: the mock answers matching prompts wrongly on even-numbered samples "
+        "(sample 0 included), rightly on odd ones; for --verify and --num-samples tests.",
+    )
 
     # distilabel adapter
     llm_class: str | None = Field(
@@ -161,6 +192,19 @@ class GenerateConfig(EngineConfig):
             problems.append(
                 "--serve starts an OpenAI-compatible server; use it with --backend openai"
             )
+        if self.num_samples > 1 and self.greedy:
+            problems.append(
+                f"--num-samples {self.num_samples} draws several answers per prompt, but greedy "
+                "decoding (--temperature 0) gives the same one every time; pass --temperature "
+                "0.6 (Open R1's choice) or --num-samples 1"
+            )
+        if self.keep and not self.verify:
+            problems.append("--keep chooses among verified answers: pass --verify math|exact")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as exc:
+                problems.append(f"--answer-regex is not a valid regex ({exc})")
         if self.logprobs and self.backend in ("distilabel", "transformers"):
             problems.append(
                 f"--logprobs: the {self.backend} backend cannot return the teacher's "

@@ -3,6 +3,7 @@ the metadata and the card, and let a finished selection make the next rerun free
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ class Outcome:
     started_wall: float
     backend_versions: dict[str, str] = field(default_factory=dict)
     failed_rows: int = 0  # failures on file after this run (earlier ones included)
+    verification: dict[str, Any] | None = None  # --verify: pass rates over the output
     soft_labels: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes, bytes_per_token
 
     @property
@@ -110,7 +112,8 @@ def finish_run(
         outcome.failed_rows = _rewrite_failures(files, state, found, outcome.status)
         if outcome.status == "complete" and (outcome.failed_rows or seen.invalid):
             outcome.status = "incomplete"
-        writer.close()  # the sidecar's last batch and end of stream too
+        if cfg.verify and outcome.status == "complete":
+            _verification(files, cfg, state, meta, outcome)
         meta.finish(
             outcome.status,
             _counts(state, outcome.failed_rows),
@@ -157,6 +160,24 @@ def _rewrite_failures(
     return len(rows)
 
 
+def _verification(
+    files: OutputFiles,
+    cfg: GenerateConfig,
+    state: ResumeState,
+    meta: GenerateMeta,
+    outcome: Outcome,
+) -> None:
+    """--keep first-verified, then the pass rates over every answer on file."""
+    from openkd.generate.resume import load_state
+    from openkd.generate.verification import keep_first_verified, pass_rates
+
+    if cfg.keep == "first-verified" and keep_first_verified(files):
+        state.index = load_state(files).index  # the files were rewritten: count them again
+    rates = pass_rates(files, cfg.num_samples)
+    meta.verification = {"method": cfg.verify, "keep": cfg.keep or "all-verified", **rates}
+    outcome.verification = meta.verification
+
+
 def _sidecar_size(files: OutputFiles, writer: OutputWriter) -> dict[str, Any]:
     """The sidecar's size on disk, and what this run's rows cost per answer token."""
     size = sum(p.stat().st_size for p in files.logprobs.glob("part-*.arrow"))
@@ -166,7 +187,4 @@ def _sidecar_size(files: OutputFiles, writer: OutputWriter) -> dict[str, Any]:
 
 
 def _counts(state: ResumeState, failed_rows: int) -> Counts:
-    counts = state.counts
-    return Counts(
-        train=counts.train, eval=counts.eval, truncated=counts.truncated, failed=failed_rows
-    )
+    return dataclasses.replace(state.counts, failed=failed_rows)

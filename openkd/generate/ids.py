@@ -25,11 +25,9 @@ if TYPE_CHECKING:
 
 KEY_BYTES = 16
 KEY_DTYPE = "S16"
-SET_BYTES = 12
+SET_BYTES = 12  # of each key, held by IdSet
 # The JSON record ids hash: sorted keys, UTF-8 text as is, no spaces.
-_dumps = functools.partial(
-    json.dumps, sort_keys=True, ensure_ascii=False, separators=(",", ":")
-)  # of each key, held by IdSet
+_dumps = functools.partial(json.dumps, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 # Keys per sorted run (1.5 MiB). Full runs are never merged again: memory grows by 12 bytes an
 # id with no copies of the whole set, and a lookup costs one binary search per 131k ids.
 MAX_RUN = 1 << 17
@@ -45,9 +43,12 @@ class RecordIds:
         self._teacher = teacher
         self._sampling = sampling
 
-    def of(self, messages: list[Message]) -> str:
+    def of(self, messages: list[Message], sample: int = 0) -> str:
+        """The id of `messages`' answer number `sample` (0, the only one unless --num-samples)."""
+        # "sample" sorts between "prompt" and "sampling", and is left out for sample 0.
+        middle = f',"sample":{sample}' if sample else ""
         return hashlib.sha256(
-            ('{"prompt":' + _messages_json(messages) + self._tail).encode("utf-8")
+            ('{"prompt":' + _messages_json(messages) + middle + self._tail).encode("utf-8")
         ).hexdigest()[:32]
 
 

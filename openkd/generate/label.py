@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from openkd.generate.backends.base import Backend, Request, Sampling
     from openkd.generate.source import PromptSource
     from openkd.generate.writer import OutputWriter
+    from openkd.verify import Verifier
 
 
 @dataclass
@@ -34,6 +35,8 @@ class LabelCounts:
     empty: int = 0
     filtered: int = 0  # truncated or empty answers set aside
     failed: int = 0
+    verified: int = 0  # --verify: answers whose final answer matched the gold one
+    rejected: int = 0  # --verify: answers set aside in <output>.rejected.jsonl
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -47,17 +50,25 @@ class LabelCounts:
 
 @dataclass(frozen=True)
 class Routing:
-    """Where answers go: the held-out share and whether incomplete answers are kept."""
+    """Where answers go: the held-out share, whether incomplete answers are kept, and whether
+    an answer must verify against the gold one to be trained on."""
 
     eval_fraction: float
     keep_truncated: bool
     earlier_failures: frozenset[str] = frozenset()
     logprobs: bool = False  # every answer must come with its log-probabilities
+    verifier: Verifier | None = None
+    keep_rejected: bool = False  # --keep all: verdicts are recorded, nothing is set aside
 
     def kind(self, record: dict[str, Any]) -> str:
         if not is_complete(record) and not self.keep_truncated:
             return "truncated"
-        return "eval" if in_eval_split(record["id"], self.eval_fraction) else "train"
+        verdict = record.get("verification")
+        if verdict is not None and not verdict["correct"] and not self.keep_rejected:
+            return "rejected"
+        # A prompt's samples are held out (or not) together.
+        key = record.get("prompt_id") or record["id"]
+        return "eval" if in_eval_split(key, self.eval_fraction) else "train"
 
 
 def label(
@@ -126,6 +137,12 @@ def _sort(
         completion_tokens=completion.completion_tokens,
         source_index=request.row,
     )
+    if request.prompt_id is not None:
+        record.update(sample=request.sample, prompt_id=request.prompt_id)
+    if routing.verifier is not None and is_complete(record):
+        verdict = routing.verifier(completion.text or "", request.gold or "")
+        record["verification"] = verdict.to_dict()
+        counts.verified += verdict.correct
     kind = routing.kind(record)
     writer.add(kind, record, completion.logprobs)
     counts.answered += 1

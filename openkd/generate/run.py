@@ -21,7 +21,7 @@ from openkd import console
 from openkd.data.layout import OutputFiles, resolve_output
 from openkd.data.metadata import GenerateMeta, check_compatible, fingerprint, now, teacher_key
 from openkd.data.prompts import PromptBuilder
-from openkd.data.sources import load_source, selection, source_stamp
+from openkd.data.sources import check_gold_answers, load_source, selection, source_stamp
 from openkd.generate.backends.base import Sampling
 from openkd.generate.finish import Outcome, finish_run, start_meta
 from openkd.generate.label import LabelCounts, Routing, label
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from openkd.data.logprobs import SidecarWriter
     from openkd.generate.config import GenerateConfig
+    from openkd.verify import Verifier
 
 # Backends that load --teacher on this machine, where a missing local path is a typo.
 LOCAL_TEACHER_BACKENDS = ("vllm", "transformers", "mock")
@@ -77,7 +78,9 @@ class Job:
 
     @property
     def fingerprint(self) -> dict:
-        return fingerprint(self.cfg.teacher, self.cfg.revision, self.sampling.as_dict())
+        cfg = self.cfg
+        soft = {"k": cfg.logprobs, "dtype": cfg.logprobs_dtype} if cfg.logprobs else None
+        return fingerprint(cfg.teacher, cfg.revision, self.sampling.as_dict(), soft)
 
 
 @dataclass
@@ -124,6 +127,8 @@ def run(cfg: GenerateConfig) -> None:
                         cfg.keep_truncated,
                         frozenset(state.failed),
                         logprobs=bool(cfg.logprobs),
+                        verifier=_verifier(cfg),
+                        keep_rejected=cfg.keep == "all",
                     )
                     label(backend, source, job.sampling, writer, routing, found)
                     outcome.backend_versions = backend.versions()
@@ -210,6 +215,8 @@ def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:
     positions = selection(
         len(prompts.dataset), max_samples=cfg.max_samples, shuffle_seed=cfg.shuffle_seed
     )
+    if cfg.verify:
+        check_gold_answers(prompts.dataset, positions, cfg.answer_column, cfg.dataset)
     return PromptSource(
         prompts.dataset,
         prompts.builder,
@@ -217,7 +224,17 @@ def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:
         ids=RecordIds(job.teacher, job.sampling.as_dict()),
         shard=cfg.shard_index,
         done=state.done,
+        samples=cfg.num_samples,
+        gold_column=cfg.answer_column if cfg.verify else None,
     )
+
+
+def _verifier(cfg: GenerateConfig) -> Verifier | None:
+    if not cfg.verify:
+        return None
+    from openkd.verify import make_verifier
+
+    return make_verifier(cfg.verify, cfg.answer_regex)
 
 
 def _sidecar(cfg: GenerateConfig, job: Job) -> SidecarWriter | None:

@@ -49,8 +49,8 @@ def in_shard(rid: str, shard: tuple[int, int] | None) -> bool:
 class SourceCounts:
     """How the selected rows were decided so far; read live by the progress display."""
 
-    scanned: int = 0  # rows read (every shard)
-    selected: int = 0  # rows of this shard
+    scanned: int = 0  # answers to give for the rows read (every shard): rows x samples
+    selected: int = 0  # answers of this shard's prompts
     already_done: int = 0
     duplicates: int = 0
     invalid: int = 0
@@ -70,10 +70,17 @@ class PromptSource:
         ids: RecordIds,
         shard: tuple[int, int] | None,
         done: IdSet,
+        samples: int = 1,
+        gold_column: str | None = None,
     ) -> None:
-        self.total = len(positions)
+        self.samples = samples
+        self.total = len(positions) * samples
         self.counts = SourceCounts()
-        self._rows = iter_rows(dataset, positions, builder.columns, CHUNK)
+        columns = list(builder.columns)
+        if gold_column and gold_column not in columns:
+            columns.append(gold_column)
+        self._gold = gold_column
+        self._rows = iter_rows(dataset, positions, columns, CHUNK)
         self._builder = builder
         self._ids = ids
         self._shard = shard
@@ -124,11 +131,19 @@ class PromptSource:
                 if len(counts.problems) < MAX_REPORTED:
                     counts.problems.append(str(err))
                 continue
-            rid = self._ids.of(messages)
-            if self._shard is None or in_shard(rid, self._shard):
-                built.append(Request(id=rid, messages=messages, row=index))
+            base = self._ids.of(messages)
+            if self._shard is not None and not in_shard(base, self._shard):
+                continue  # a prompt's samples stay in its shard
+            gold = row.get(self._gold) if self._gold else None
+            gold = None if gold is None else str(gold)
+            if self.samples == 1:
+                built.append(Request(base, messages, index, gold=gold))
+                continue
+            for sample in range(self.samples):
+                rid = self._ids.of(messages, sample)
+                built.append(Request(rid, messages, index, sample, base, gold))
         self._first_chunk = False
-        counts.scanned += len(chunk)
+        counts.scanned += len(chunk) * self.samples
         counts.selected += len(built)
         if not built:
             return True

@@ -27,8 +27,13 @@ def summary(
 ) -> None:
     busy = found.seconds
     kept = "kept" if cfg.keep_truncated else "set aside"
+    selected = (
+        "prompts selected"
+        if cfg.num_samples == 1
+        else f"answers to give ({cfg.num_samples} a prompt)"
+    )
     rows = [
-        ("prompts selected", console.fmt_int(seen.selected)),
+        (selected, console.fmt_int(seen.selected)),
         ("already done (skipped)", console.fmt_int(seen.already_done)),
         ("repeated prompts (labelled once)", console.fmt_int(seen.duplicates)),
         ("labelled now", console.fmt_int(found.answered)),
@@ -55,6 +60,16 @@ def summary(
     ]
     if outcome.failed_rows != found.failed:
         rows.append(("failed rows on file", console.fmt_int(outcome.failed_rows)))
+    checked = outcome.verification
+    if checked and checked["answers"]:
+        rows.append(
+            (
+                f"verified ({checked['method']}) / rejected now",
+                f"{found.verified:,} / {found.rejected:,}",
+            )
+        )
+        rates = [f"{k} {v:.1%}" for k, v in checked.items() if k.startswith("pass@") and v]
+        rows.append((f"pass rate over {checked['prompts']:,} prompts", ", ".join(rates)))
     soft = outcome.soft_labels
     if soft:
         per_token = f", {soft['bytes_per_token']} bytes/token" if soft["bytes_per_token"] else ""

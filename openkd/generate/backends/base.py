@@ -49,11 +49,16 @@ class Sampling:
 
 
 class Request(NamedTuple):
-    """One conversation for the teacher; `id` and `row` (its dataset row) are passed back as is."""
+    """One conversation for the teacher. Backends read `messages` and `sample` (the answer's
+    number, which sets its seed: sampling.seed + sample); the rest is the caller's, passed back
+    with the answer as is."""
 
     id: str
     messages: list[Message]
-    row: int = 0
+    row: int = 0  # the dataset row
+    sample: int = 0  # which of --num-samples answers to the same prompt
+    prompt_id: str | None = None  # shared by a prompt's samples (its sample 0's id)
+    gold: str | None = None  # the gold final answer, for --verify
 
 
 @dataclass(frozen=True)

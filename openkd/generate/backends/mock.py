@@ -71,6 +71,14 @@ def _regex(flag: str, pattern: str | None) -> re.Pattern[str] | None:
         raise OpenkdError(f"{flag} '{pattern}' is not a valid regex ({exc}); fix it") from exc
 
 
+def wrong_answer(answer: str) -> str:
+    """A plausible wrong answer: a number off by one, or words in another order."""
+    words = answer.split()
+    if len(words) == 1 and words[0].lstrip("-").isdigit():
+        return str(int(words[0]) + 1)
+    return " ".join(words[1:] + words[:1]) if len(words) > 1 else answer + " indeed"
+
+
 def last_user_message(messages: list[Message]) -> str:
     for message in reversed(messages):
         if message["role"] == "user":
@@ -96,6 +104,7 @@ class MockBackend(BackendBase):
         self.slots = cfg.concurrency or DEFAULT_SLOTS
         self.fail = _regex("--mock-fail", cfg.mock_fail)
         self.truncate = _regex("--mock-truncate", cfg.mock_truncate)
+        self.wrong = _regex("--mock-wrong", cfg.mock_wrong)
         self.teacher = cfg.teacher
         self.trust_remote_code = cfg.trust_remote_code
         self.logprobs = cfg.logprobs
@@ -132,7 +141,7 @@ class MockBackend(BackendBase):
             for request in requests:
                 if self.stopping.is_set():
                     return
-                yield request, self._answer(request.messages, sampling)
+                yield request, self._answer(request.messages, sampling, request.sample)
             return
         yield from self._decode(iter(requests), sampling)
 
@@ -145,7 +154,7 @@ class MockBackend(BackendBase):
                 request = next(pending, None)
                 if request is None:
                     break
-                answer = self._answer(request.messages, sampling)
+                answer = self._answer(request.messages, sampling, request.sample)
                 ends = time.monotonic() + self.latency * max(1, answer.completion_tokens)
                 heapq.heappush(running, (ends, order, request, answer))
                 order += 1
@@ -157,13 +166,16 @@ class MockBackend(BackendBase):
             _, _, request, answer = heapq.heappop(running)
             yield request, answer
 
-    def _answer(self, messages: list[Message], sampling: Sampling) -> Completion:
+    def _answer(self, messages: list[Message], sampling: Sampling, sample: int = 0) -> Completion:
         prompt = last_user_message(messages)
         if self.fail is not None and self.fail.search(prompt):
             return Completion.failure(
                 f"mock teacher: prompt matches --mock-fail '{self.fail.pattern}'"
             )
-        text, stopped = cut_at_stop(self.rule(prompt), sampling.stop)
+        answer = self.rule(prompt)
+        if self.wrong is not None and self.wrong.search(prompt) and sample % 2 == 0:
+            answer = wrong_answer(answer)
+        text, stopped = cut_at_stop(answer, sampling.stop)
         units = self._split(text)
         limit = sampling.max_new_tokens
         finish = FINISH_STOP

@@ -35,7 +35,6 @@ from openkd.generate.vllm.engine import check_answer_fits
 from openkd.system import package_version
 
 if TYPE_CHECKING:
-    from openkd.data.schema import Message
     from openkd.generate.config import GenerateConfig
     from openkd.generate.vllm.server import ServedTeacher
 
@@ -289,7 +288,7 @@ class OpenAIBackend(BackendBase):
                     request = next(pending, None)
                     if request is None:
                         break
-                    task = self._loop.create_task(self._complete(request.messages, sampling))
+                    task = self._loop.create_task(self._complete(request, sampling))
                     running[task] = request
                 if not running or self.stopping.is_set():
                     yield from unsure
@@ -326,20 +325,18 @@ class OpenAIBackend(BackendBase):
             task.cancel()
         self._run(asyncio.gather(*running, return_exceptions=True))
 
-    async def _complete(
-        self, conversation: list[Message], sampling: Sampling
-    ) -> tuple[Completion, bool]:
+    async def _complete(self, request: Request, sampling: Sampling) -> tuple[Completion, bool]:
         """The answer, and whether the last attempt failed to reach the server at all."""
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             try:
                 response = await self._client.chat.completions.create(
                     model=self.cfg.teacher,
-                    messages=conversation,
+                    messages=request.messages,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     max_tokens=sampling.max_new_tokens,
-                    seed=sampling.seed,
+                    seed=sampling.seed + request.sample,
                     stop=list(sampling.stop) or None,
                     n=1,
                     **self._logprob_arguments(),

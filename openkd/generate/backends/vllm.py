@@ -158,6 +158,9 @@ class VLLMBackend(BackendBase):
 
     def _add(self, request: Request, params: Any) -> str | Completion:
         """Add one conversation to the engine: its request id, or the failure if vLLM refuses it."""
+        if request.sample:  # each of a prompt's samples draws with its own seed
+            params = params.clone()
+            params.seed = (params.seed or 0) + request.sample
         try:
             [added] = self._llm.enqueue_chat([request.messages], params, use_tqdm=False)
         except Exception as err:
@@ -207,8 +210,14 @@ def to_completion(output: Any, k: int | None = None, dtype: str = "float16") -> 
 
         from openkd.data.logprobs import top_k_arrays
 
+        # Per position {token id: Logprob(logprob, rank, decoded_token)}, the sampled token
+        # added when it is not among the top k.
+        positions = [
+            {token: entry.logprob for token, entry in (position or {}).items()}
+            for position in choice.logprobs or ()
+        ]
         try:
-            top_ids, top_logprobs = top_k_arrays(list(choice.logprobs or ()), k, dtype)
+            top_ids, top_logprobs = top_k_arrays(positions, k, dtype)
         except ValueError as err:
             return Completion.failure(f"vLLM's log-probabilities are unusable ({err})")
         token_ids = np.asarray(choice.token_ids, dtype=np.int32)
