@@ -139,6 +139,8 @@ def _sort(
     )
     if request.prompt_id is not None:
         record.update(sample=request.sample, prompt_id=request.prompt_id)
+    if routing.verifier is not None:
+        record["answer"] = request.gold  # the gold answer travels with the row (eval reads it)
     if routing.verifier is not None and is_complete(record):
         verdict = routing.verifier(completion.text or "", request.gold or "")
         record["verification"] = verdict.to_dict()
