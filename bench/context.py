@@ -90,9 +90,14 @@ class Context:
         _write_atomic(path, head)
         return path
 
-    def teacher_labels(self, n: int) -> Path:
-        """`openkd generate --backend mock` answers to `n` prompts: the training data."""
-        out = self.path("assets", f"labels-{n}", "teacher.jsonl")
+    def teacher_labels(self, n: int, logprobs: int | None = None) -> Path:
+        """`openkd generate --backend mock` answers to `n` prompts: the training data.
+
+        With `logprobs` K the mock reads the tiny model's tokenizer and also writes its
+        synthetic top-K log-probabilities to the `<stem>.logprobs/` sidecar.
+        """
+        name = f"labels-{n}" + (f"-top{logprobs}" if logprobs else "")
+        out = self.path("assets", name, "teacher.jsonl")
         meta = out.with_name("teacher.meta.json")
         if (
             out.exists()
@@ -100,14 +105,16 @@ class Context:
             and json.loads(meta.read_text()).get("status") == "complete"
         ):
             return out
+        teacher = ["--teacher", str(self.tiny_model())] if logprobs else ["--teacher", "mock"]
+        extra = ["--logprobs", str(logprobs)] if logprobs else []
         self.run(
-            f"labelling {n:,} prompts with the mock teacher (training data)",
+            f"labelling {n:,} prompts with the mock teacher (training data"
+            + (f", top-{logprobs} log-probabilities)" if logprobs else ")"),
             proc.openkd_command(
                 "generate",
                 "--backend",
                 "mock",
-                "--teacher",
-                "mock-reverse",
+                *teacher,
                 "--mock-rule",
                 "reverse",
                 "--dataset",
@@ -115,8 +122,9 @@ class Context:
                 "--output",
                 out,
                 "--overwrite",
+                *extra,
             ),
-            log=f"assets-labels-{n}",
+            log=f"assets-{name}",
         )
         return out
 

@@ -3,14 +3,13 @@ sidecar's size per completion token.
 
 Same student, labels, steps, batch and seed for both losses; the mix run also reads the
 teacher's top-20 log-probabilities from the `<stem>.logprobs/` sidecar (written once per work
-directory from the tiny model's own top-20 with openkd's sidecar writer, as `openkd generate
---logprobs 20` will write it) and computes the chunked KL over top-20 + rest buckets.
+directory by `openkd generate --backend mock --logprobs 20`, the mock's synthetic top-20 over
+the tiny model's tokenizer) and computes the chunked KL over top-20 + rest buckets.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,37 +26,13 @@ METHOD = (
     f"tiny float32 Llama student (vocabulary 2,000), the train benchmark's {ROWS:,} mock-teacher "
     f"rows, {STEPS} steps of batch {BATCH}, --max-length {MAX_LENGTH}, lr {LEARNING_RATE}, seed "
     f"42, CPU. `openkd train --loss mix` (alpha 0.5, T 1, top-{K} float16 log-probabilities "
-    "written once from the tiny model's own top-20 with openkd's SidecarWriter) against `openkd "
+    "written once by `openkd generate --backend mock --logprobs 20`) against `openkd "
     "train --loss hard`, alternating, "
     f"{REPEATS} runs each, both under bench/probe.py (tokens = non-padding tokens given to the "
     "model, time = first step to the end of Trainer.train); each step counts at its fastest "
     "over the runs. Bytes per token = the sidecar's files / the completion tokens it holds; "
     f"the baseline is the column data alone, 4 + {K} × (4 + 2) bytes."
 )
-
-
-def sidecar(ctx: Context, labels: Path) -> Path:
-    """The labels' top-K sidecar, written once per work directory."""
-    from openkd.data.logprobs import SidecarReader, sidecar_dir
-
-    target = sidecar_dir(labels)
-    if target.is_dir() and (target / "complete").exists():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    tmp = labels.with_name("tmp-soft")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    copy = tmp / labels.name
-    os.link(labels, copy)
-    with proc.console.status(f"  writing the top-{K} sidecar of {ROWS:,} rows (once)"):
-        from tests.soft_helpers import write_teacher_logprobs
-
-        written = write_teacher_logprobs(ctx.tiny_model(), copy, k=K, rows_per_commit=256)
-    SidecarReader(written)  # readable
-    os.replace(written, target)
-    (target / "complete").write_text("")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def train(ctx: Context, labels: Path, loss: str) -> dict:
@@ -108,10 +83,10 @@ def bytes_per_completion_token(directory: Path) -> tuple[float, int]:
 
 def run(ctx: Context) -> list[Result]:
     from bench.train import fastest_steps_seconds, summary
-    from openkd.data.logprobs import bytes_per_token
+    from openkd.data.logprobs import bytes_per_token, sidecar_dir
 
-    labels = ctx.teacher_labels(ROWS)
-    directory = sidecar(ctx, labels)
+    labels = ctx.teacher_labels(ROWS, logprobs=K)
+    directory = sidecar_dir(labels)
     mix, hard = [], []
     for _ in range(REPEATS):
         mix.append(train(ctx, labels, "mix"))

@@ -98,6 +98,11 @@ def make_tiny(
         None, help="MLP width (default: 2 x hidden size)."
     ),
     seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights."),
+    weights_seed: int | None = typer.Option(
+        None,
+        help="Seed for the weights alone (default: --seed): another initialisation with the "
+        "same tokenizer, e.g. a student for a tiny teacher's soft labels.",
+    ),
     init_std: float = typer.Option(
         0.02,
         help="Std of the random weights; 0.3 makes greedy answers end at EOS after widely "
@@ -129,6 +134,7 @@ def make_tiny(
         heads=heads,
         kv_heads=kv_heads,
         seed=seed,
+        weights_seed=weights_seed,
         init_std=init_std,
     )
     path = build_tiny_model(out_dir, spec)

@@ -144,7 +144,7 @@ def _trained_student(train: TrainConfig, problems: list[str]) -> Path:
             "train.merge_lora: true or eval.student"
         )
     if train.lora and train.merge_lora:
-        from openkd.train.run import MERGED_DIR
+        from openkd.train.results import MERGED_DIR
 
         return Path(train.output_dir) / MERGED_DIR
     return Path(train.output_dir)

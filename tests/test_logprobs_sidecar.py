@@ -58,7 +58,7 @@ def write(directory: Path, rows: dict[str, tuple], per_commit: int = 3, **kw) ->
 
 
 def test_naming_beside_the_output_and_its_side_files():
-    from openkd.generate.outputs import OutputFiles, resolve_output
+    from openkd.data.layout import OutputFiles, resolve_output
 
     assert sidecar_dir("data/teacher.jsonl") == Path("data/teacher.logprobs")
     assert sidecar_dir("data/teacher.eval.jsonl") == Path("data/teacher.logprobs")

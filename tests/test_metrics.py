@@ -9,6 +9,7 @@ import pytest
 from openkd.eval import metrics as m
 from openkd.eval.nll import perplexity, token_budget_batches
 from openkd.eval.report import Answer, summarize, table_rows
+from openkd.verify.extract import extract_answer, same_answer
 
 
 def test_exact_match_ignores_case_punctuation_and_spacing_only():
@@ -61,15 +62,15 @@ def test_length_ratio():
     ],
 )
 def test_extract_answer(text, pattern, expected):
-    assert m.extract_answer(text, pattern) == expected
+    assert extract_answer(text, pattern) == expected
 
 
-def test_answers_match_numbers_and_text():
-    assert m.answers_match("1,234", "1234")
-    assert m.answers_match("0.50", "0.5")
-    assert m.answers_match("$\\frac{1}{2}$", "\\frac{1}{2}")
-    assert not m.answers_match("3", "4")
-    assert not m.answers_match(None, "4")
+def test_same_answer_numbers_and_text():
+    assert same_answer("1,234", "1234")
+    assert same_answer("0.50", "0.5")
+    assert same_answer("$\\frac{1}{2}$", "\\frac{1}{2}")
+    assert not same_answer("3", "4")
+    assert not same_answer(None, "4")
 
 
 def test_summarize_means_and_stop_rate():

@@ -139,7 +139,7 @@ def test_cli_end_to_end_saves_a_student_that_stops(e2e, tiny_model):
 def test_trl_trains_on_the_answer_and_eos_only(tiny_model, dataset, tmp_path):
     from openkd.config import resolve
     from openkd.train.config import TrainConfig
-    from openkd.train.run import build_trainer, prepare
+    from openkd.train.prepare import build_trainer, prepare
 
     cfg = resolve(
         TrainConfig,
@@ -163,7 +163,7 @@ def test_trl_trains_on_the_answer_and_eos_only(tiny_model, dataset, tmp_path):
 def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path):
     from openkd.config import resolve
     from openkd.train.config import TrainConfig
-    from openkd.train.run import build_trainer, prepare
+    from openkd.train.prepare import build_trainer, prepare
     from tests.test_train_preflight import QWEN_STYLE
 
     template = tmp_path / "qwen_style.jinja"

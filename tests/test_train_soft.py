@@ -166,7 +166,7 @@ def test_examples_use_the_teachers_ids_and_the_collator_aligns_its_top_k(
 
     from openkd.config import resolve
     from openkd.train.config import TrainConfig
-    from openkd.train.run import build_trainer, prepare
+    from openkd.train.prepare import build_trainer, prepare
 
     # Rewrite one row's answer ids as a non-canonical tokenisation: one token per character.
     rows = [row for _, row in iter_jsonl(soft_data)][:6]

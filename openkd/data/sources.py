@@ -14,11 +14,13 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from openkd.data.jsonl import iter_jsonl
 from openkd.data.layout import is_side_file
+from openkd.data.prompts import PromptBuilder
 from openkd.errors import OpenkdError, brief
 from openkd.paths import looks_like_path
 
@@ -35,6 +37,39 @@ BUILDERS = {
 }
 SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")
 GLOB_CHARS = "*?["
+
+
+class PromptOptions(Protocol):
+    """The options of a command that reads prompts (`openkd.data.fields`)."""
+
+    dataset: str
+    split: str
+    subset: str | None
+    prompt_column: str | None
+    messages_column: str | None
+    prompt_template: str | None
+
+
+@dataclass
+class Prompts:
+    """The dataset, and how a row becomes a conversation; both checked against each other."""
+
+    dataset: Dataset
+    builder: PromptBuilder
+
+
+def load_prompts(opts: PromptOptions, system_prompt: str | None = None) -> Prompts:
+    """Open `opts.dataset` and check its columns against the prompt options."""
+    dataset = load_source(opts.dataset, split=opts.split, subset=opts.subset)
+    builder = PromptBuilder(
+        columns=list(dataset.column_names),
+        source=opts.dataset,
+        prompt_column=opts.prompt_column,
+        messages_column=opts.messages_column,
+        template=opts.prompt_template,
+        system_prompt=system_prompt,
+    )
+    return Prompts(dataset, builder)
 
 
 def local_files(spec: str) -> list[Path] | None:

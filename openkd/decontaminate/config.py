@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from openkd.config import StageConfig
+from openkd.data.fields import PROMPTS_HELP, MessagesColumn, PromptColumn, Split, Subset
 
 DEFAULT_NGRAM = 8  # Open R1's choice (scripts/decontaminate.py), after s1
 DEFAULT_BENCHMARK_COLUMN = "problem"
@@ -72,18 +73,11 @@ class DecontaminateConfig(StageConfig):
     section: ClassVar[str] = "decontaminate"
 
     # What to check
-    dataset: str = Field(
-        description="Prompts: Hub dataset id, .jsonl/.json/.parquet/.csv file or glob, "
-        "or a save_to_disk directory."
-    )
-    split: str = Field("train", description="Dataset split to read.")
-    subset: str | None = Field(None, description="Dataset configuration (subset) name.")
-    prompt_column: str | None = Field(
-        None, description="Column holding the prompt text (default: 'prompt')."
-    )
-    messages_column: str | None = Field(
-        None, description="Column holding a chat list of {role, content} messages instead."
-    )
+    dataset: str = Field(description=PROMPTS_HELP)
+    split: Split = "train"
+    subset: Subset = None
+    prompt_column: PromptColumn = None
+    messages_column: MessagesColumn = None
     prompt_template: str | None = Field(
         None,
         description="Jinja template over the row's columns whose rendering is checked, "

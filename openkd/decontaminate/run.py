@@ -22,8 +22,7 @@ from typing import Any
 
 from openkd import __version__, console
 from openkd.data.jsonl import AtomicWriter, write_text_atomic
-from openkd.data.prompts import PromptBuilder
-from openkd.data.sources import iter_rows, load_source
+from openkd.data.sources import iter_rows, load_prompts
 from openkd.decontaminate.benchmarks import build_index
 from openkd.decontaminate.config import DecontaminateConfig
 from openkd.errors import OpenkdError
@@ -51,14 +50,8 @@ def run(cfg: DecontaminateConfig) -> None:
     _check_output(cfg)
     # Benchmarks first: they are small, so a wrong one fails before a large dataset is read.
     index, benchmarks = build_index(cfg.benchmark, cfg.ngram_size)
-    dataset = load_source(cfg.dataset, split=cfg.split, subset=cfg.subset)
-    builder = PromptBuilder(
-        columns=list(dataset.column_names),
-        source=cfg.dataset,
-        prompt_column=cfg.prompt_column,
-        messages_column=cfg.messages_column,
-        template=cfg.prompt_template,
-    )
+    prompts = load_prompts(cfg)
+    dataset, builder = prompts.dataset, prompts.builder
     for b in benchmarks:
         if b.short:
             console.warn(

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from openkd.data.fields import Split, Subset
 from openkd.engine import EngineConfig
 from openkd.generate.config import Backend
 
@@ -26,8 +27,8 @@ class EvalConfig(EngineConfig):
         description="Held-out prompts, normally the <stem>.eval.jsonl `openkd generate` wrote "
         "(JSONL, save_to_disk directory or Hub id)."
     )
-    split: str = Field("train", description="Dataset split to read.")
-    subset: str | None = Field(None, description="Dataset configuration (subset) name.")
+    split: Split = "train"
+    subset: Subset = None
     prompt_column: str = Field(
         "prompt", description="Column with the prompt (text or a list of chat messages)."
     )

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _WS = re.compile(r"\s+")
-BOXED = r"\\boxed\{"
 
 
 def normalize(text: str) -> str:
@@ -72,52 +71,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 def length_ratio(prediction_tokens: int, reference_tokens: int) -> float:
     """Student answer length over teacher answer length, in tokens (0 when the teacher's is empty)."""
     return prediction_tokens / reference_tokens if reference_tokens > 0 else 0.0
-
-
-def extract_answer(text: str, pattern: str | None = None) -> str | None:
-    """The final answer in `text`: the last match of `pattern` (its first group, if any) or,
-    by default, the content of the last `\\boxed{...}` (nested braces allowed). None if absent."""
-    if pattern is None:
-        return _last_boxed(text)
-    matches = list(re.finditer(pattern, text))
-    if not matches:
-        return None
-    last = matches[-1]
-    return (last.group(1) if last.groups() else last.group(0)).strip()
-
-
-def _last_boxed(text: str) -> str | None:
-    starts = [m.end() for m in re.finditer(BOXED, text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i].strip()
-    return None
-
-
-def answers_match(predicted: str | None, gold: str) -> bool:
-    """Final-answer equality: normalised text, and numerically when both parse as numbers."""
-    if predicted is None:
-        return False
-    a, b = _canonical(predicted), _canonical(gold)
-    if a == b:
-        return True
-    try:
-        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
-    except ValueError:
-        return False
-
-
-def _canonical(answer: str) -> str:
-    text = answer.strip().strip("$").strip()
-    text = text.replace(",", "") if re.fullmatch(r"-?[\d,]+(\.\d+)?", text) else text
-    return _WS.sub("", text).rstrip(".").lower()
 
 
 def mean(values: Sequence[float]) -> float:

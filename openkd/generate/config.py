@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from openkd.config import cli_only
+from openkd.data.fields import PROMPTS_HELP, MessagesColumn, PromptColumn, Split, Subset
 from openkd.engine import EngineConfig
 
 Backend = Literal["vllm", "openai", "mock", "distilabel", "transformers"]
@@ -25,18 +26,11 @@ class GenerateConfig(EngineConfig):
     # What to label
     teacher: str = Field(description="Teacher model: local path or Hub id (for mock: any name).")
     revision: str | None = Field(None, description="Teacher revision (branch, tag or commit).")
-    dataset: str = Field(
-        description="Prompts: Hub dataset id, .jsonl/.json/.parquet/.csv file or glob, "
-        "or a save_to_disk directory."
-    )
-    split: str = Field("train", description="Dataset split to read.")
-    subset: str | None = Field(None, description="Dataset configuration (subset) name.")
-    prompt_column: str | None = Field(
-        None, description="Column holding the prompt text (default: 'prompt')."
-    )
-    messages_column: str | None = Field(
-        None, description="Column holding a chat list of {role, content} messages instead."
-    )
+    dataset: str = Field(description=PROMPTS_HELP)
+    split: Split = "train"
+    subset: Subset = None
+    prompt_column: PromptColumn = None
+    messages_column: MessagesColumn = None
     prompt_template: str | None = Field(
         None,
         description="Jinja template over the row's columns, rendered sandboxed, "

@@ -20,8 +20,13 @@ from typing import TYPE_CHECKING
 from openkd import console
 from openkd.data.layout import OutputFiles, resolve_output
 from openkd.data.metadata import GenerateMeta, check_compatible, fingerprint, now, teacher_key
-from openkd.data.prompts import PromptBuilder
-from openkd.data.sources import check_gold_answers, load_source, selection, source_stamp
+from openkd.data.sources import (
+    Prompts,
+    check_gold_answers,
+    load_prompts,
+    selection,
+    source_stamp,
+)
 from openkd.generate.backends.base import Sampling
 from openkd.generate.finish import Outcome, finish_run, start_meta
 from openkd.generate.label import LabelCounts, Routing, label
@@ -40,8 +45,6 @@ from openkd.generate.writer import OutputWriter
 from openkd.paths import require_local_model
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
     from openkd.data.logprobs import SidecarWriter
     from openkd.generate.config import GenerateConfig
     from openkd.verify import Verifier
@@ -83,20 +86,12 @@ class Job:
         return fingerprint(cfg.teacher, cfg.revision, self.sampling.as_dict(), soft)
 
 
-@dataclass
-class Prompts:
-    """The dataset, and how a row becomes a conversation; both checked against each other."""
-
-    dataset: Dataset
-    builder: PromptBuilder
-
-
 def run(cfg: GenerateConfig) -> None:
     started = Outcome("stopped", now(), time.monotonic())
     job = prepare(cfg)
     if not cfg.overwrite and _already_complete(job, started):
         return
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg, system_prompt=cfg.system_prompt)
     found = LabelCounts()
     with exclusive(job.files):
         state, previous = _resume(job)
@@ -165,20 +160,6 @@ def prepare(cfg: GenerateConfig) -> Job:
     check_output(files)
     teacher = teacher_key(cfg.teacher, cfg.revision)
     return Job(cfg, files, sampling, teacher, source_stamp(cfg.dataset))
-
-
-def load_prompts(cfg: GenerateConfig) -> Prompts:
-    """The dataset, with its columns checked against the prompt options."""
-    dataset = load_source(cfg.dataset, split=cfg.split, subset=cfg.subset)
-    builder = PromptBuilder(
-        columns=list(dataset.column_names),
-        source=cfg.dataset,
-        prompt_column=cfg.prompt_column,
-        messages_column=cfg.messages_column,
-        template=cfg.prompt_template,
-        system_prompt=cfg.system_prompt,
-    )
-    return Prompts(dataset, builder)
 
 
 def _resume(job: Job) -> tuple[ResumeState, GenerateMeta | None]:

@@ -43,6 +43,9 @@ class TinySpec:
     kv_heads: int = 2
     max_position_embeddings: int = 1024
     seed: int = 0
+    # Seed of the weights alone (None: `seed`): another value gives another initialisation with
+    # the same tokenizer, e.g. a student for a tiny teacher's soft labels.
+    weights_seed: int | None = None
     # Std of the random weights. At 0.3 the model decodes chaotically and greedy answers end at
     # EOS after widely varying lengths (from a few tokens to hundreds), like a real teacher's.
     init_std: float = 0.02
@@ -100,7 +103,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
         initializer_range=spec.init_std,
         dtype="float32",
     )
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if spec.weights_seed is None else spec.weights_seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, do_sample=False

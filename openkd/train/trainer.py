@@ -92,20 +92,23 @@ class OpenkdSFTTrainer(SFTTrainer):
                 )
                 trimmed = sum(dataset["_trimmed"])
                 dataset = dataset.remove_columns("_trimmed")
-            tokens, trained, cut = token_stats(dataset, self.eos_id)
-            self.prepared[dataset_name] = PreparedStats(
-                rows_in=rows_in,
-                examples=len(dataset),
-                tokens=tokens,
-                trained_tokens=trained,
-                cut=cut,
-                trimmed=trimmed,
-            )
+            self._record_stats(dataset_name, dataset, rows_in, trimmed)
         if packing and len(dataset):
             dataset = super()._prepare_dataset(
                 dataset, processing_class, args, True, formatting_func, dataset_name
             )
         return dataset
+
+    def _record_stats(self, name: str, dataset: Any, rows_in: int, trimmed: int) -> None:
+        tokens, trained, cut = token_stats(dataset, self.eos_id)
+        self.prepared[name] = PreparedStats(
+            rows_in=rows_in,
+            examples=len(dataset),
+            tokens=tokens,
+            trained_tokens=trained,
+            cut=cut,
+            trimmed=trimmed,
+        )
 
     def prepare_one(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """One raw row through the same preparation as the training data (None if dropped)."""
@@ -186,15 +189,7 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
                 desc=f"Dropping {dataset_name} examples whose prompt fills --max-length",
             )
         if len(dataset):
-            tokens, trained, cut = token_stats(dataset, self.eos_id)
-            self.prepared[dataset_name] = PreparedStats(
-                rows_in=rows_in,
-                examples=len(dataset),
-                tokens=tokens,
-                trained_tokens=trained,
-                cut=cut,
-                trimmed=0,
-            )
+            self._record_stats(dataset_name, dataset, rows_in, 0)
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
