@@ -29,9 +29,9 @@ from bench.results import INFO, Result, Target
 
 NAME = "generate_mock"
 SIZES = (100_000, 1_000_000)
-# Runs per size, the median counts. The 100k run takes seconds and its peak moves with what
-# happens to be buffered at its last commits (136-168 MiB RssAnon over six runs here); the 1M
-# run's peak comes at the same point every time (170-173 MiB over three runs), and takes 40 s.
+# Runs per size; the median counts. The 100k run takes a few seconds, most of them start-up, so
+# its wall time is the noisiest figure here (6.2-8.7 s over three runs); the 1M run takes ~50 s.
+# Peak RssAnon barely moves at either size (110-111 MiB at 100k, 122 MiB at 1M, on this machine).
 REPEATS = {100_000: 3, 1_000_000: 1}
 METHOD = (
     "`openkd generate --backend mock --mock-latency 0` (its defaults: answers are committed "
@@ -39,10 +39,10 @@ METHOD = (
     "datasets cache is emptied and the JSONL is converted to Arrow by openkd's own loader "
     "(`openkd.data.sources.load_source`) in a separate process; the measured run then finds the "
     "cache warm (checked: it adds nothing to the cache). Why: measured inside the run (a cold "
-    "cache), datasets' JSON -> Arrow conversion set the peak anonymous memory (measured on the "
-    "2-core bench machine: 161 MiB at 100k and 249 MiB at 1M cold, vs 135 and 170 MiB warm; the "
-    "conversion alone peaked at 151 and 198 MiB), so a cold run measures datasets more than "
-    "openkd; the conversion takes about 2 s of the 1M run. rows/s = rows / wall time of the whole measured process (start-up, "
+    "cache), datasets' JSON -> Arrow conversion sets the peak anonymous memory (measured on the "
+    "2-core bench machine: 156 MiB at 100k and 202 MiB at 1M cold, vs 110 and 122 MiB warm; the "
+    "conversion alone peaked at 151 and 199 MiB), so a cold run measures datasets, not openkd; "
+    "the conversion takes about 2 s of the 1M run. rows/s = rows / wall time of the whole measured process (start-up, "
     "dataset load, planning, labelling, writing), and the same ratio per CPU second in the note "
     "(steadier on a busy machine). Memory of the openkd process, sampled every 10 ms from "
     "/proc/<pid>/status by bench/proc.py's wrapper: peak RssAnon (what it allocates itself) is "
@@ -50,9 +50,9 @@ METHOD = (
     "peak RssFile: file-backed pages (shared libraries and the memory-mapped Arrow file, which "
     "datasets reads through once), reclaimable page cache that grows with the dataset's size on "
     "disk, not with openkd's state. The baseline of the 1M figures is the 100k run. The 100k "
-    "run is measured 3 times and the 1M run once, on the same converted cache, and each "
-    "figure takes the median run of its size (the 100k peak moves by up to 20% from run to "
-    "run, the 1M peak by 2%). Last row: the conversion process alone (datasets' work, "
+    "run is measured 3 times (it takes a few seconds, mostly start-up, so its wall time is "
+    "noisy) and the 1M run once, on the same converted cache; each figure takes the median "
+    "run of its size. Last row: the conversion process alone (datasets' work, "
     "informational)."
 )
 # openkd's own loader, so the measured run's load_dataset call hits exactly this cache entry.
