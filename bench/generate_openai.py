@@ -37,8 +37,8 @@ METHOD = (
     "Row `--serve`: `openkd generate --backend openai --serve --dtype float32 --enforce-eager` "
     "(openkd starts and stops its own server) vs the baseline's first run against a server the "
     "bench starts with the same engine flags. Row `same server`: `openkd generate --backend "
-    "openai --base-url` and the baseline alternate against that one server, "
-    f"{REPEATS} runs each, median of each: the client-side overhead without server-to-server "
+    "openai --base-url` and the baseline alternate against that one server in the order "
+    f"baseline, openkd, openkd, baseline ({REPEATS} runs each), median of each: the client-side overhead without server-to-server "
     "variation. The notes list every run's time."
 )
 
@@ -147,9 +147,14 @@ def run(ctx: Context) -> list[Result]:
             f"http://127.0.0.1:{port}/health", child, log=server_log, timeout=SERVER_TIMEOUT
         )
         proc.console.print(f"  baseline vLLM server healthy after {started:.0f} s")
-        for _ in range(REPEATS):
-            theirs.append(raw_openai(ctx, model, prompts, base_url))
-            ours.append(openkd_openai(ctx, model, prompts, base_url=base_url))
+        # baseline, openkd, openkd, baseline: a load that rises or falls during the runs (other
+        # work on the machine) hits both sides alike.
+        for i in range(REPEATS):
+            for side in ("baseline", "openkd") if i % 2 == 0 else ("openkd", "baseline"):
+                if side == "openkd":
+                    ours.append(openkd_openai(ctx, model, prompts, base_url=base_url))
+                else:
+                    theirs.append(raw_openai(ctx, model, prompts, base_url))
     return [
         compare(
             NAME,

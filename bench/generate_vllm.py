@@ -58,7 +58,9 @@ METHOD = (
     "is committed. Baseline: bench/baselines/raw_vllm.py, all prompts in one `LLM.chat` call "
     "(vLLM's advice for offline inference) with the same engine options, timed from engine "
     "ready to its JSONL written. Engine start is excluded from both. The two alternate, "
-    f"{REPEATS} runs each per workload (a fresh process and engine every time); the median of "
+    f"{REPEATS} runs each per workload in the order openkd, baseline, baseline, openkd (so a "
+    "load that drifts during the runs hits both alike), a fresh process and engine every time; "
+    "the median of "
     "each counts (the mean of two), and the note lists every run's time. Both sides must do "
     "the same work: greedy decoding on one engine gives identical answers, so token totals "
     "(and the answer-length distribution) are compared and any difference is noted."
@@ -224,8 +226,13 @@ def run(ctx: Context) -> list[Result]:
         model_for(ctx, workload)  # built before timing
         ctx.prompts(workload.prompts)
         ours, theirs = [], []
-        for _ in range(REPEATS):
-            ours.append(openkd_vllm(ctx, workload))
-            theirs.append(raw_vllm(ctx, workload))
+        # openkd, baseline, baseline, openkd: a load that rises or falls during the runs (other
+        # work on the machine) hits both sides alike.
+        for i in range(REPEATS):
+            for side in ("openkd", "baseline") if i % 2 == 0 else ("baseline", "openkd"):
+                if side == "openkd":
+                    ours.append(openkd_vllm(ctx, workload))
+                else:
+                    theirs.append(raw_vllm(ctx, workload))
         results.append(result(ctx, workload, ours, theirs))
     return results
