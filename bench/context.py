@@ -59,12 +59,25 @@ class Context:
 
     def tiny_model(self) -> Path:
         """The tiny float32 Llama + tokenizer of the test suite, built offline once."""
-        out = self.path("assets", "tiny-model")
+        return self._built_model("tiny-model", "the tiny model")
+
+    def chaotic_model(self) -> Path:
+        """The tiny Llama with large random weights (`TinySpec(seed=2, init_std=0.3)`): it
+        decodes chaotically, and its greedy answers end at EOS after anything from a few tokens
+        to hundreds, a heavy-tailed spread like a real teacher's."""
+        from openkd.testing import TinySpec
+
+        return self._built_model(
+            "tiny-model-chaotic", "the chaotic tiny model", TinySpec(seed=2, init_std=0.3)
+        )
+
+    def _built_model(self, name: str, what: str, spec=None) -> Path:
+        out = self.path("assets", name)
         if not (out / "config.json").exists() or not (out / "tokenizer.json").exists():
             from openkd.tiny import build_tiny_model
 
-            proc.console.print("  building the tiny model")
-            build_tiny_model(out)
+            proc.console.print(f"  building {what}")
+            build_tiny_model(out, spec)
         return out
 
     def prompts(self, n: int) -> Path:

@@ -1,12 +1,7 @@
-"""Run a Python module with training or teacher calls instrumented; write what it measured.
+"""Run a Python module with its training calls instrumented; write what it measured.
 
     python -m bench.probe train STATS.json -m openkd train ...
     python -m bench.probe train STATS.json -m bench.baselines.plain_trl ...
-    python -m bench.probe generate STATS.json -m openkd generate ...
-
-`generate` times every `backend.generate(batch)` call of `openkd generate`: what is left of
-openkd's labelling time is openkd's own work (prompts, ids, records, writing, fsync), measured
-inside one run, so other load on the machine hardly moves it.
 
 `train` runs openkd and the plain TRL baseline the same way, so their tokens/s are measured
 identically: tokens are counted in the batches the model is given (`input_ids` elements, and the
@@ -94,46 +89,12 @@ class TrainerProbe:
         }
 
 
-class TeacherProbe:
-    """Wall time spent inside the teacher backend's `generate` calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.seconds = 0.0
-
-    def install(self) -> None:
-        import openkd.generate.backends as backends
-
-        probe = self
-        make_backend = backends.make_backend
-
-        def timed_backend(cfg: Any) -> Any:
-            backend = make_backend(cfg)
-            generate = backend.generate
-
-            def timed_generate(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return generate(*args, **kwargs)
-                finally:
-                    probe.calls += 1
-                    probe.seconds += time.perf_counter() - t0
-
-            backend.generate = timed_generate
-            return backend
-
-        backends.make_backend = timed_backend
-
-    def stats(self) -> dict[str, Any]:
-        return {"teacher_calls": self.calls, "teacher_seconds": self.seconds}
-
-
-PROBES = {"train": TrainerProbe, "generate": TeacherProbe}
+PROBES = {"train": TrainerProbe}
 
 
 def main() -> None:
     if len(sys.argv) < 5 or sys.argv[1] not in PROBES or sys.argv[3] != "-m":
-        sys.exit("usage: python -m bench.probe {train|generate} STATS.json -m MODULE [ARGS...]")
+        sys.exit("usage: python -m bench.probe train STATS.json -m MODULE [ARGS...]")
     kind, stats_path, module, args = sys.argv[1], Path(sys.argv[2]), sys.argv[4], sys.argv[5:]
     probe = PROBES[kind]()
     probe.install()

@@ -1,8 +1,13 @@
-"""Running the measured programs: one fresh process each, output to a log file, optional peak RSS.
+"""Running the measured programs: one fresh process each, output to a log file, peak memory.
 
-Peak RSS comes from `getrusage(RUSAGE_CHILDREN)` in a small wrapper process started fresh for
-each run, so it is the measured program's own high-water mark (the largest of it and the
-children it waited for), not a sample and not polluted by earlier runs.
+Each run goes through a small wrapper process started fresh for it. Peak RSS comes from its
+`getrusage(RUSAGE_CHILDREN)`: the measured program's own high-water mark (the largest of it and
+the children it waited for), not a sample and not polluted by earlier runs. RSS also counts
+file-backed pages, such as a memory-mapped Arrow dataset the program read through, which the
+kernel can drop at any time and which grow with the file on disk, not with the program's state.
+So the wrapper also samples the program's /proc/<pid>/status every 10 ms: the peak of RssAnon
+(memory the process allocated itself: heap, stacks, private copies) and of RssFile (file-backed
+pages mapped in), for the program's own process (children it starts are not included).
 """
 
 from __future__ import annotations
@@ -25,14 +30,31 @@ console = Console(stderr=True, highlight=False)
 _WRAPPER = """\
 import json, resource, subprocess, sys, time
 stats, log, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+peak = {"RssAnon:": 0, "RssFile:": 0}
+
+def sample(pid):
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                key = line[:8].decode()
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+
 t0 = time.perf_counter()
 with open(log, "ab") as fh:
-    code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    while child.poll() is None:
+        sample(child.pid)
+        time.sleep(0.01)
+    code = child.returncode
 wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(stats, "w") as fh:
     json.dump({"returncode": code, "wall_seconds": wall, "max_rss_kib": usage.ru_maxrss,
-               "cpu_seconds": usage.ru_utime + usage.ru_stime}, fh)
+               "cpu_seconds": usage.ru_utime + usage.ru_stime,
+               "max_anon_kib": peak["RssAnon:"], "max_file_kib": peak["RssFile:"]}, fh)
 """
 
 
@@ -46,6 +68,9 @@ class Measured:
     cpu_seconds: float  # user + system, of the program and the children it waited for
     max_rss_mib: float
     log: Path
+    # Peaks of the program's own process, sampled every 10 ms (0 where /proc has no status).
+    max_anon_mib: float = 0.0  # RssAnon: memory it allocated itself
+    max_file_mib: float = 0.0  # RssFile: file-backed pages mapped in (page cache)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -101,11 +126,17 @@ def run(
             f"{label} exited with code {result['returncode']} (log: {log}):\n{log_tail(log)}"
         )
     measured = Measured(
-        result["wall_seconds"], result["cpu_seconds"], result["max_rss_kib"] / 1024, log
+        result["wall_seconds"],
+        result["cpu_seconds"],
+        result["max_rss_kib"] / 1024,
+        log,
+        max_anon_mib=result["max_anon_kib"] / 1024,
+        max_file_mib=result["max_file_kib"] / 1024,
     )
     console.print(
         f"  {label}: {measured.wall_seconds:.1f} s (CPU {measured.cpu_seconds:.1f} s, "
-        f"peak RSS {measured.max_rss_mib:,.0f} MiB)"
+        f"peak RSS {measured.max_rss_mib:,.0f} MiB, anon {measured.max_anon_mib:,.0f} MiB, "
+        f"file {measured.max_file_mib:,.0f} MiB)"
     )
     return measured
 

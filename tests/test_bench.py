@@ -154,17 +154,43 @@ def test_every_shipped_benchmark_module_has_run_and_method():
         assert name == module.NAME
 
 
-def test_measured_run_reports_the_childs_peak_rss_and_fails_with_its_log(tmp_path):
+def test_measured_run_reports_the_childs_peak_memory_and_fails_with_its_log(tmp_path):
     import os
 
     env = dict(os.environ)
+    # The child holds its memory for a while: anonymous and file-backed peaks are sampled.
+    allocate = (
+        "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+        "time.sleep(0.5)"
+    )
     measured = proc.run(
-        [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+        [sys.executable, "-c", allocate],
         log=tmp_path / "alloc.log",
         env=env,
         label="allocate 300 MiB",
     )
     assert 300 <= measured.max_rss_mib < 600
+    assert 300 <= measured.max_anon_mib < 600
+    assert measured.max_file_mib < 200
+
+    # Reading a file through a memory map: RSS grows, anonymous memory does not.
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(96 * 2**20))
+    read_mapped = (
+        "import mmap, sys, time\n"
+        "with open(sys.argv[1], 'rb') as fh:\n"
+        "    m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "    total = sum(m[i] for i in range(0, len(m), 4096))\n"
+        "    time.sleep(0.5)\n"
+    )
+    mapped = proc.run(
+        [sys.executable, "-c", read_mapped, str(blob)],
+        log=tmp_path / "mmap.log",
+        env=env,
+        label="read a 96 MiB file through mmap",
+    )
+    assert mapped.max_file_mib >= 96 and mapped.max_rss_mib >= 96
+    assert mapped.max_anon_mib < 96
 
     with pytest.raises(proc.BenchError, match=r"exited with code 3 .*\n.*boom"):
         proc.run(
@@ -199,11 +225,18 @@ def test_generation_comparison_uses_the_median_run_and_flags_unequal_work():
     assert unequal.note.endswith("token totals differ: openkd 1,000, baseline 900")
 
 
-def test_own_work_is_the_share_of_the_loop_outside_the_teacher():
-    from bench.generate_vllm import own_work
+def test_answer_length_spread_and_the_window_openkd_logged(tmp_path):
+    from bench.context import Context
+    from bench.generate_vllm import HEAVY, answer_lengths, in_flight, spread
 
-    # 1000 tokens; loop 10 s of which 9.7 s inside the teacher -> 3% openkd's own work.
-    result = own_work("g", [(1000, 10.0, 9.7), (1000, 10.0, 9.9)])
-    assert result.ratio == pytest.approx(0.98, abs=1e-3)  # median of 0.97 and 0.99
-    assert result.passed is True
-    assert result.note == "openkd's own share of the loop: 3.0%/1.0%"
+    rows = tmp_path / "answers.jsonl"
+    rows.write_text("".join(f'{{"completion_tokens": {n}}}\n' for n in [512, 4, 300, 512, 80] * 2))
+    lengths = answer_lengths(rows)
+    assert lengths == sorted([512, 4, 300, 512, 80] * 2)
+    assert spread(lengths, 512) == "answer tokens p10 4, p50 300, p90 512, max 512 (40% at the cap)"
+
+    ctx = Context(tmp_path, {})
+    log = ctx.path("logs", f"generate_vllm-openkd-{HEAVY.name}.log")
+    log.parent.mkdir()
+    log.write_text("1,024 prompts selected\nkeeping 512 requests in flight\n")
+    assert in_flight(ctx, HEAVY) == "512"

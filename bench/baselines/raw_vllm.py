@@ -1,11 +1,12 @@
-"""Baseline for `openkd generate --backend vllm`: the same prompts through `vllm.LLM.chat`.
+"""Baseline for `openkd generate --backend vllm`: the same prompts in one `vllm.LLM.chat` call.
 
-Same engine options and sampling as openkd's vLLM backend. Timed like openkd's labelling
-time: from the moment the engine is ready (engine start excluded) until every answer is
-written to a JSONL file.
+All prompts go to vLLM at once, its own advice for offline inference: the engine schedules
+them itself and stays full until the last answer. Same engine options and sampling as openkd's
+vLLM backend. Timed like openkd's labelling time: from the moment the engine is ready (engine
+start excluded) until every answer is written to a JSONL file.
 
     python -m bench.baselines.raw_vllm --model DIR --prompts prompts.jsonl --output out.jsonl \
-        --stats stats.json --max-tokens 128 [--dtype float32 --enforce-eager --chunk 256]
+        --stats stats.json --max-tokens 128 [--dtype float32 --enforce-eager]
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--chunk", type=int, default=0, help="prompts per LLM.chat call (0: all in one call)"
-    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -46,16 +44,18 @@ def main() -> None:
         prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=args.seed)
-    chunk = args.chunk or len(conversations)
-    outputs = []
-    for start in range(0, len(conversations), chunk):
-        outputs += llm.chat(conversations[start : start + chunk], params, use_tqdm=False)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
     tokens = 0
     with open(args.output, "w", encoding="utf-8") as fh:
         for prompt, output in zip(prompts, outputs, strict=True):
             choice = output.outputs[0]
             tokens += len(choice.token_ids)
-            row = {"prompt": prompt, "text": choice.text, "finish_reason": choice.finish_reason}
+            row = {
+                "prompt": prompt,
+                "text": choice.text,
+                "finish_reason": choice.finish_reason,
+                "completion_tokens": len(choice.token_ids),
+            }
             fh.write(json.dumps(row) + "\n")
     seconds = time.perf_counter() - t0
     stats = {
