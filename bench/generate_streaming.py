@@ -27,7 +27,7 @@ from bench.results import INFO, Result, Target
 NAME = "generate_streaming"
 PROMPTS = 2048
 # distilabel runs at a small fraction of the engine, so it gets a prefix of the prompts.
-DISTILABEL_PROMPTS = 512
+DISTILABEL_PROMPTS = 256
 DISTILABEL_BATCH = 64  # TextGeneration's input_batch_size in Open R1's generate.py
 SLOTS = 256
 STEP_MS = 10

@@ -164,7 +164,8 @@ def _root(
         help=f"Show the traceback behind a one-line error (same as {TRACEBACK_ENV}=1).",
     ),
 ) -> None:
-    """Hard-label distillation of LLMs: `generate` teacher answers, then `train` a student."""
+    """Distillation of LLMs: `generate` teacher answers (and log-probabilities), then `train` a
+    student on them."""
     if debug:
         os.environ[TRACEBACK_ENV] = "1"  # child processes (accelerate, servers) inherit it
 

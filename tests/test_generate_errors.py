@@ -142,3 +142,20 @@ def test_a_second_writer_to_the_same_output_is_refused(tmp_path):
     assert proc.returncode == 1
     assert "another `openkd generate` is writing" in proc.stderr
     assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("switch", ["--debug", "OPENKD_TRACEBACK"])
+def test_debug_switch_shows_the_traceback_behind_the_one_line_error(tmp_path, switch):
+    dataset = _write(tmp_path / "p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n')
+    args = ["generate", "--backend", "mock", "--teacher", "t", "--dataset", dataset]
+    args += ["--output", tmp_path / "out" / "t.jsonl"]
+    plain = run_cli(*args, cwd=tmp_path)
+    assert "Traceback" not in plain.stderr
+    if switch == "--debug":
+        shown = run_cli("--debug", *args, cwd=tmp_path)
+    else:
+        shown = run_cli(*args, cwd=tmp_path, env={"OPENKD_TRACEBACK": "1"})
+    assert shown.returncode == plain.returncode == 1
+    # The chain down to the parser's own error, then the same one line, last.
+    assert "Traceback" in shown.stderr and "JSONDecodeError" in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]

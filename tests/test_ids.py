@@ -59,3 +59,22 @@ def test_empty_set_and_keys_with_zero_bytes() -> None:
     s = IdSet(to_keys(zeros[:2]))
     assert s.contains(to_keys(zeros)).tolist() == [True, True, False]
     assert s.keys().dtype == np.dtype("S12")
+
+
+def test_large_runs_spill_to_an_unlinked_memory_map_and_still_answer(tmp_path, monkeypatch):
+    import openkd.generate.ids as ids_module
+
+    monkeypatch.setattr(ids_module, "MAX_RUN", 512)
+    ids = [os.urandom(16).hex() for _ in range(3000)]
+    ours = IdSet(spill_dir=tmp_path)
+    for start in range(0, 3000, 100):
+        ours.add(to_keys(ids[start : start + 100]))
+    spilled = [run for run in ours._runs if isinstance(run, np.memmap)]
+    assert spilled and sum(map(len, spilled)) >= 2000  # the bulk left the process's heap
+    assert list(tmp_path.iterdir()) == []  # unlinked at once: a kill leaves nothing behind
+    probe = ids[::7] + [os.urandom(16).hex() for _ in range(50)]
+    assert ours.contains(to_keys(probe)).tolist() == [True] * len(ids[::7]) + [False] * 50
+    assert len(ours) == 3000
+    # Nowhere to write (a missing or full directory): the set keeps its runs in memory.
+    fallback = IdSet(to_keys(ids), spill_dir=tmp_path / "missing")
+    assert not isinstance(fallback._runs[0], np.memmap) and len(fallback) == 3000

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.backends.base import FINISH_ERROR, Sampling, answer_in_order
+from openkd.generate.backends.base import FINISH_ERROR, Request, Sampling, answer_in_order
 from openkd.generate.backends.openai import OpenAIBackend
 from openkd.generate.config import GenerateConfig
 from tests.standin_openai import StandIn, completion
@@ -125,6 +126,30 @@ def test_batch_runs_concurrently_in_order_on_one_loop(standin: StandIn) -> None:
     assert [r.text for r in first] == [f"prompt {i}" for i in range(8)]
     assert [r.text for r in second] == ["prompt 0", "prompt 1"]
     assert standin.max_in_flight == 2
+
+
+def test_window_refills_as_answers_land_and_stops_on_a_failing_prompt_reader(
+    standin: StandIn,
+) -> None:
+    standin.echo, standin.latency = True, 0.05
+
+    def requests() -> Iterator[Request]:
+        for i in range(6):
+            yield Request(f"id-{i}", [{"role": "user", "content": f"prompt {i}"}])
+        raise OSError("the dataset file went away")
+
+    answered = []
+    with make_backend(standin.base_url, concurrency=3) as backend:
+        with pytest.raises(OSError, match="went away"):
+            for request, completion in backend.stream(requests(), GREEDY):
+                answered.append((request.id, completion.text))
+        # Nothing is left running on the loop, and the backend still answers.
+        assert backend._loop is not None and not asyncio.all_tasks(backend._loop)
+        [again] = answer_in_order(backend, [CONV], GREEDY)
+    assert standin.max_in_flight == 3
+    # The prompts read before the failure were answered (the rest of the window may be cut).
+    assert answered and all(text == f"prompt {rid[3:]}" for rid, text in answered)
+    assert again.text == CONV[0]["content"]
 
 
 def test_teacher_not_served_names_the_served_models(standin: StandIn) -> None:

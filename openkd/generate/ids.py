@@ -8,14 +8,21 @@ of the hashed JSON is built once, and {role, content} messages are serialised by
 share them is 1e-13) in sorted numpy arrays (small ones merged like a binary counter, none
 larger than `MAX_RUN`, so no merge ever copies the whole set): a 1M-prompt run keeps 12 MB of
 ids instead of ~100 MB of Python strings, and membership is checked a chunk of prompts at a time.
+Given a `spill_dir`, runs of MAX_RUN/2 keys and more move to an unlinked scratch file there,
+memory-mapped: the kernel pages them in as lookups need them and can drop them again, so the
+process's own memory stays flat however many prompts the dataset has, and a kill leaves no file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
+import tempfile
 from json.encoder import encode_basestring
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.data.schema import Message
@@ -82,12 +89,13 @@ def to_keys(ids: list[str]) -> np.ndarray:
 class IdSet:
     """A growing set of 16-byte keys in sorted runs; queried and extended in chunks."""
 
-    def __init__(self, keys: np.ndarray | None = None) -> None:
+    def __init__(self, keys: np.ndarray | None = None, spill_dir: Path | None = None) -> None:
         import numpy as np
 
         self._runs: list[np.ndarray] = []
+        self._spill_dir = spill_dir
         if keys is not None and len(keys):
-            self._runs.append(np.unique(_short(keys)))
+            self._runs.append(self._spilled(np.unique(_short(keys))))
 
     def __len__(self) -> int:
         return sum(len(run) for run in self._runs)
@@ -120,8 +128,26 @@ class IdSet:
             and len(runs[-2]) + len(runs[-1]) <= MAX_RUN
         ):
             last = runs.pop()
-            runs[-1] = np.concatenate((runs[-1], last))
-            runs[-1].sort(kind="stable")  # in place: two sorted runs merge in one pass
+            merged = np.concatenate((runs[-1], last))
+            merged.sort(kind="stable")  # in place: two sorted runs merge in one pass
+            runs[-1] = merged
+        runs[-1] = self._spilled(runs[-1])
+
+    def _spilled(self, run: np.ndarray) -> np.ndarray:
+        """`run`, memory-mapped from an unlinked scratch file if it is large and a directory
+        was given; as it is when writing fails (a full disk costs memory, not the run)."""
+        import numpy as np
+
+        if self._spill_dir is None or len(run) < MAX_RUN // 2 or isinstance(run, np.memmap):
+            return run
+        with contextlib.suppress(OSError):
+            fd, name = tempfile.mkstemp(prefix=".openkd-ids-", dir=self._spill_dir)
+            with os.fdopen(fd, "w+b") as fh:
+                os.unlink(name)
+                fh.write(run.tobytes())
+                fh.flush()
+                return np.memmap(fh, dtype=run.dtype, mode="r", shape=run.shape)
+        return run
 
     def keys(self) -> np.ndarray:
         """Every key held (their first SET_BYTES bytes), sorted."""

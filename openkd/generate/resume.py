@@ -170,7 +170,7 @@ def load_state(files: OutputFiles) -> ResumeState:
             index.write(files.index)
     import numpy as np
 
-    done = IdSet(np.frombuffer(known, dtype=KEY_DTYPE))
+    done = IdSet(np.frombuffer(known, dtype=KEY_DTYPE), spill_dir=files.output.parent)
     del known
     state = ResumeState(
         done=done, index=index, repaired=repaired, rebuilt=rebuilt and len(done) > 0

@@ -207,6 +207,7 @@ def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:
         done=state.done,
         samples=cfg.num_samples,
         gold_column=cfg.answer_column if cfg.verify else None,
+        spill_dir=job.files.output.parent,
     )
 
 

@@ -20,6 +20,8 @@ from openkd.generate.backends.base import Request
 from openkd.generate.ids import IdSet, RecordIds, to_keys
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     from datasets import Dataset
 
@@ -72,6 +74,7 @@ class PromptSource:
         done: IdSet,
         samples: int = 1,
         gold_column: str | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.samples = samples
         self.total = len(positions) * samples
@@ -85,7 +88,7 @@ class PromptSource:
         self._ids = ids
         self._shard = shard
         self._done = done if len(done) else None
-        self._seen = IdSet()
+        self._seen = IdSet(spill_dir=spill_dir)  # keeps the process's memory flat
         self._ready: list[Request] = []
         self._first_chunk = True
 
