@@ -26,6 +26,7 @@ from bench.results import Result, Target
 
 NAME = "generate_vllm"
 REPEATS = 2
+LOGPROBS = 20  # vLLM's default max_logprobs, openkd's advice for soft labels
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,10 @@ METHOD = (
     "the median of "
     "each counts (the mean of two), and the note lists every run's time. Both sides must do "
     "the same work: greedy decoding on one engine gives identical answers, so token totals "
-    "(and the answer-length distribution) are compared and any difference is noted."
+    "(and the answer-length distribution) are compared and any difference is noted. Last row "
+    f"(informational): on the uniform workload openkd also runs with --logprobs {LOGPROBS} "
+    "(top-20 raw log-probabilities per answer token into the sidecar), in the order openkd, "
+    "baseline, --logprobs, --logprobs, baseline, openkd, against openkd without it."
 )
 IN_FLIGHT_RE = re.compile(r"keeping ([\d,]+) requests in flight")
 
@@ -87,10 +91,15 @@ def baseline_output(ctx: Context, workload: Workload) -> Path:
     return ctx.path(NAME, f"raw-{workload.name}", "answers.jsonl")
 
 
-def openkd_vllm(ctx: Context, workload: Workload) -> tuple[int, float]:
+def openkd_vllm(ctx: Context, workload: Workload, logprobs: int | None = None) -> tuple[int, float]:
     out = openkd_output(ctx, workload)
+    extra: tuple[str, ...] = ()
+    if logprobs:
+        out = ctx.path(NAME, f"openkd-{workload.name}-top{logprobs}", "teacher.jsonl")
+        extra = ("--logprobs", str(logprobs))
     ctx.run(
-        f"openkd generate --backend vllm ({workload.name})",
+        f"openkd generate --backend vllm ({workload.name}{', --logprobs ' if logprobs else ''}"
+        f"{logprobs or ''})",
         proc.openkd_command(
             "generate",
             "--backend",
@@ -108,8 +117,9 @@ def openkd_vllm(ctx: Context, workload: Workload) -> tuple[int, float]:
             str(workload.max_new_tokens),
             "--keep-truncated",
             "--overwrite",
+            *extra,
         ),
-        log=f"{NAME}-openkd-{workload.name}",
+        log=f"{NAME}-openkd-{workload.name}" + (f"-top{logprobs}" if logprobs else ""),
     )
     return openkd_stats(out)
 
@@ -221,19 +231,48 @@ def result(
     return dataclasses.replace(row, note=note)
 
 
+def logprobs_result(
+    ctx: Context,
+    workload: Workload,
+    captured: list[tuple[int, float]],
+    plain: list[tuple[int, float]],
+) -> Result:
+    meta = json.loads(
+        ctx.path(NAME, f"openkd-{workload.name}-top{LOGPROBS}", "teacher.meta.json").read_text()
+    )
+    row = compare(
+        NAME,
+        f"output tokens/s with --logprobs {LOGPROBS} (top-{LOGPROBS} written to the sidecar), "
+        f"{workload.name} lengths, engine start excluded",
+        "openkd without --logprobs",
+        captured,
+        plain,
+    )
+    note = (
+        f"{row.note.replace('baseline', 'without')}; sidecar "
+        f"{meta['logprobs']['bytes_per_token']:.0f} bytes per answer token; for reference, "
+        "vLLM's PR #9880 reports -17 % at logprobs=5 on a GPU"
+    )
+    return dataclasses.replace(row, target=Target("info", None), note=note)
+
+
 def run(ctx: Context) -> list[Result]:
     results = []
     for workload in WORKLOADS:
         model_for(ctx, workload)  # built before timing
         ctx.prompts(workload.prompts)
-        ours, theirs = [], []
-        # openkd, baseline, baseline, openkd: a load that rises or falls during the runs (other
-        # work on the machine) hits both sides alike.
+        runs: dict[str, list[tuple[int, float]]] = {"openkd": [], "baseline": [], "logprobs": []}
+        sides = ("openkd", "baseline") + (("logprobs",) if workload is UNIFORM else ())
+        # A, B(, C), (C,) B, A: a load that rises or falls during the runs (other work on the
+        # machine) hits every side alike.
         for i in range(REPEATS):
-            for side in ("openkd", "baseline") if i % 2 == 0 else ("baseline", "openkd"):
-                if side == "openkd":
-                    ours.append(openkd_vllm(ctx, workload))
+            for side in sides if i % 2 == 0 else tuple(reversed(sides)):
+                if side == "baseline":
+                    runs[side].append(raw_vllm(ctx, workload))
                 else:
-                    theirs.append(raw_vllm(ctx, workload))
-        results.append(result(ctx, workload, ours, theirs))
+                    logprobs = LOGPROBS if side == "logprobs" else None
+                    runs[side].append(openkd_vllm(ctx, workload, logprobs))
+        results.append(result(ctx, workload, runs["openkd"], runs["baseline"]))
+        if runs["logprobs"]:
+            results.append(logprobs_result(ctx, workload, runs["logprobs"], runs["openkd"]))
     return results

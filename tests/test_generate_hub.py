@@ -88,7 +88,7 @@ def test_failed_push_keeps_the_data_exits_nonzero_and_a_rerun_only_pushes(
     push.reset_mock()
     assert _main(argv, monkeypatch) in (0, None)
     err = capsys.readouterr().err
-    assert "nothing to label: the 50 prompts selected from" in err
+    assert "50 prompts selected; 50 rows already in" in err and "nothing to label" in err
     push.assert_called_once()
     assert [c.kwargs["path_in_repo"] for c in upload.call_args_list] == [
         "README.md",

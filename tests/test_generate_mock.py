@@ -369,8 +369,8 @@ def test_rerun_of_a_finished_run_skips_the_dataset_until_something_changes(tmp_p
     assert generate(dataset, out, "--eval-fraction", "0.2").returncode == 0
     again = generate(dataset, out, "--eval-fraction", "0.2")
     assert again.returncode == 0, again.stderr
-    assert "nothing to label: the 30 prompts selected from" in again.stderr
-    assert "were all labelled by an earlier run" in again.stderr
+    assert "30 prompts selected; 30 rows already in t.jsonl are skipped" in again.stderr
+    assert "dataset files and settings unchanged since the run" in again.stderr
     meta = json.loads((tmp_path / "t.meta.json").read_text())
     assert [r["status"] for r in meta["runs"]] == ["complete", "complete"]
     assert meta["runs"][-1]["already_done"] == 30 and meta["runs"][-1]["labelled"] == 0
@@ -378,7 +378,7 @@ def test_rerun_of_a_finished_run_skips_the_dataset_until_something_changes(tmp_p
     # Other settings, or a changed dataset, are read again: nothing is skipped on trust.
     fewer = generate(dataset, out, "--eval-fraction", "0.2", "--max-samples", "10")
     assert fewer.returncode == 0, fewer.stderr
-    assert "were all labelled by an earlier run" not in fewer.stderr
+    assert "unchanged since the run" not in fewer.stderr
     assert "nothing to label: every selected prompt is in t.jsonl" in fewer.stderr
     write_jsonl(dataset, [{"prompt": p} for p in prompts])  # 10 new prompts appended
     more = generate(dataset, out, "--eval-fraction", "0.2")

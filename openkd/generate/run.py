@@ -261,11 +261,12 @@ def _already_complete(job: Job, outcome: Outcome) -> bool:
             already_done=done["selected"] - done["duplicates"],
             duplicates=done["duplicates"],
         )
+        output = job.files.output.name
         console.info(
-            f"nothing to label: the {seen.selected:,} prompts selected from {job.cfg.dataset} "
-            f"were all labelled by an earlier run into {job.files.output.name} (dataset files "
-            "and settings unchanged; --overwrite relabels)"
+            f"{seen.selected:,} prompts selected; {seen.already_done:,} rows already in {output} "
+            "are skipped (dataset files and settings unchanged since the run that wrote them)"
         )
+        console.info(f"nothing to label: every selected prompt is in {output} (--overwrite relabels)")
         from openkd.generate.ids import IdSet
 
         state = ResumeState(done=IdSet(), index=Index.read(job.files.index) or Index())

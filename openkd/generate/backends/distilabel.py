@@ -19,18 +19,17 @@ used. Facts about distilabel 1.5.3 this adapter relies on:
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import os
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError, brief
 from openkd.generate.backends.base import Answer, BatchedBackend, Completion, Request, Sampling
+from openkd.generate.backends.window import RequestWindow
 from openkd.system import package_version
 
 if TYPE_CHECKING:
@@ -83,7 +82,6 @@ _VLLM_HINT = (
 
 
 DEFAULT_IN_FLIGHT = 64  # hosted APIs rate-limit; raise --concurrency where yours allows more
-POLL_SECONDS = 0.25
 
 
 class DistilabelBackend(BatchedBackend):
@@ -150,37 +148,22 @@ class DistilabelBackend(BatchedBackend):
     def _window(self, pending: Iterator[Request], sampling: Sampling) -> Iterator[Answer]:
         """A sliding window of `agenerate` calls on the class's own event loop."""
         arguments = self._generation_arguments(sampling)
-        loop = self.llm.event_loop
         with_n = getattr(self.llm, "_num_generations_param_supported", True)
-        running: dict[asyncio.Future[Any], Request] = {}
+        if with_n:
+            arguments = {**arguments, "num_generations": 1}
 
-        async def one(messages: list[Message]) -> Any:
+        async def one(request: Request) -> Any:
             try:
-                if with_n:
-                    return await self.llm.agenerate(input=messages, num_generations=1, **arguments)
-                return await self.llm.agenerate(input=messages, **arguments)
+                return await self.llm.agenerate(input=request.messages, **arguments)
             except Exception as exc:  # stays with its prompt
                 return exc
 
-        async def finished() -> set[Any]:
-            done, _ = await asyncio.wait(
-                set(running), timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
-            )
-            return done
-
-        try:
-            while not self.stopping.is_set():
-                for request in islice(pending, self.concurrency - len(running)):
-                    running[loop.create_task(one(request.messages))] = request
-                if not running:
-                    return
-                for task in loop.run_until_complete(finished()):
-                    yield running.pop(task), _completion(task.result(), sampling)
-        finally:
-            for task in running:
-                task.cancel()
-            if running:
-                loop.run_until_complete(asyncio.gather(*running, return_exceptions=True))
+        loop = self.llm.event_loop
+        window: RequestWindow[Any] = RequestWindow(
+            loop, pending, one, self.concurrency, self.stopping
+        )
+        for request, output in window.results(loop.run_until_complete):
+            yield request, _completion(output, sampling)
 
     def _together(self, batch: list[list[Message]], arguments: dict[str, Any]) -> list[Any]:
         """One call for the batch; if it raises, one call per prompt so failures stay local."""

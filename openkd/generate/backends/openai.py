@@ -18,9 +18,7 @@ import importlib
 import importlib.util
 import os
 import random
-import threading
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
@@ -34,12 +32,16 @@ from openkd.generate.backends.base import (
     TeacherUnavailable,
     TokenLogprobs,
 )
+from openkd.generate.backends.window import RequestWindow
 from openkd.generate.vllm.engine import check_answer_fits
 from openkd.system import package_version
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
     from openkd.generate.vllm.server import ServedTeacher
+
+# An answer, and whether its last attempt failed to reach the server at all.
+Outcome = tuple[Completion, bool]
 
 # A local server needs no key, but the client insists on one.
 NO_KEY = "EMPTY"
@@ -51,7 +53,6 @@ DEFAULT_IN_FLIGHT = 256
 SERVED_IN_FLIGHT = 1024
 # Requests in a row that could not connect, each after its retries: the server is gone.
 UNREACHABLE_AFTER = 8
-POLL_SECONDS = 0.25  # how often a waiting stream looks at the stop flag
 
 
 def unreachable(err: BaseException) -> bool:
@@ -279,39 +280,32 @@ class OpenAIBackend(BackendBase):
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
         if self._client is None or self._loop is None:
             raise OpenkdError("the openai teacher is not started; use it as `with backend: ...`")
-        window = _Window(self._loop, iter(requests), self.in_flight(), self.stopping)
-        window.submit = lambda request: self._complete(request, sampling)
+        window: RequestWindow[Outcome] = RequestWindow(
+            self._loop,
+            iter(requests),
+            functools.partial(self._complete, sampling=sampling),
+            self.in_flight(),
+            self.stopping,
+        )
         # Requests that could not connect, held back: if the server is gone they are not
         # failures of their prompts, just unfinished work for the rerun.
         unsure: list[Answer] = []
-        try:
-            window.refill()
-            while True:
-                while window.landed:
-                    request, completion, connect_failed = window.landed.popleft()
-                    if connect_failed:
-                        unsure.append((request, completion))
-                        if len(unsure) >= UNREACHABLE_AFTER:
-                            raise TeacherUnavailable(
-                                f"the teacher server at {self.base_url} stopped answering "
-                                f"({completion.error}); finished answers are kept: bring the "
-                                "server back and rerun the same command to continue"
-                            )
-                        continue
-                    yield from unsure
-                    unsure.clear()
-                    yield request, completion
-                window.raise_error()
-                if not window.running or self.stopping.is_set():
-                    yield from unsure
-                    return
-                self._run(window.wait(POLL_SECONDS))
-        finally:
-            window.close()
-            if window.running:
-                self._run(asyncio.gather(*window.running, return_exceptions=True))
+        for request, (completion, connect_failed) in window.results(self._run):
+            if connect_failed:
+                unsure.append((request, completion))
+                if len(unsure) >= UNREACHABLE_AFTER:
+                    raise TeacherUnavailable(
+                        f"the teacher server at {self.base_url} stopped answering "
+                        f"({completion.error}); finished answers are kept: bring the "
+                        "server back and rerun the same command to continue"
+                    )
+                continue
+            yield from unsure
+            unsure.clear()
+            yield request, completion
+        yield from unsure
 
-    async def _complete(self, request: Request, sampling: Sampling) -> tuple[Completion, bool]:
+    async def _complete(self, request: Request, sampling: Sampling) -> Outcome:
         """The answer, and whether the last attempt failed to reach the server at all."""
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
@@ -378,87 +372,3 @@ class OpenAIBackend(BackendBase):
             completion_tokens=usage.completion_tokens if usage else 0,
             logprobs=logprobs,
         )
-
-
-class _Window:
-    """The sliding window of requests, refilled inside the event loop.
-
-    When an answer lands, its task's done-callback queues it in `landed` and submits the next
-    request at once, in the same loop iteration: the server's batch is refilled without waiting
-    for the consumer, and no connection sits idle in the pool meanwhile (the pool probes the
-    socket of every idle keep-alive connection on each request it handles).
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pending: Iterator[Request],
-        limit: int,
-        stopping: threading.Event,
-    ) -> None:
-        self.loop = loop
-        self.pending: Iterator[Request] | None = pending
-        self.limit = limit
-        self.stopping = stopping
-        self.submit: Callable[[Request], Coroutine[Any, Any, tuple[Completion, bool]]]
-        self.running: set[asyncio.Task[tuple[Completion, bool]]] = set()
-        self.landed: deque[tuple[Request, Completion, bool]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-
-    def refill(self) -> None:
-        while self.pending is not None and len(self.running) < self.limit:
-            if self.stopping.is_set():
-                return
-            try:
-                request = next(self.pending, None)
-            except BaseException as err:  # reading the prompts failed: the stream re-raises it
-                self._error, self.pending = err, None
-                self._wake()
-                return
-            if request is None:
-                self.pending = None
-                return
-            task = self.loop.create_task(self.submit(request))
-            self.running.add(task)
-            task.add_done_callback(functools.partial(self._landed, request))
-
-    def _landed(self, request: Request, task: asyncio.Task[tuple[Completion, bool]]) -> None:
-        self.running.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:  # a bug, not a failed request (those are answers): stop the run
-            self._error = self._error or error
-            self.pending = None
-        else:
-            self.landed.append((request, *task.result()))
-            self.refill()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def wait(self, timeout: float) -> None:
-        """Until an answer lands, reading the prompts fails, or `timeout` seconds pass."""
-        if self.landed or self._error is not None:
-            return
-        self._waiter = self.loop.create_future()
-        timer = self.loop.call_later(timeout, self._wake)
-        try:
-            await self._waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-    def raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def close(self) -> None:
-        """Submit nothing more and cancel what is running."""
-        self.pending = None
-        for task in self.running:
-            task.cancel()
