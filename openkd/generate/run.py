@@ -266,7 +266,9 @@ def _already_complete(job: Job, outcome: Outcome) -> bool:
             f"{seen.selected:,} prompts selected; {seen.already_done:,} rows already in {output} "
             "are skipped (dataset files and settings unchanged since the run that wrote them)"
         )
-        console.info(f"nothing to label: every selected prompt is in {output} (--overwrite relabels)")
+        console.info(
+            f"nothing to label: every selected prompt is in {output} (--overwrite relabels)"
+        )
         from openkd.generate.ids import IdSet
 
         state = ResumeState(done=IdSet(), index=Index.read(job.files.index) or Index())
