@@ -22,8 +22,10 @@ METHOD = (
 
 def run(ctx: Context) -> list[Result]:
     labels = ctx.teacher_labels(ROWS)
-    packed = openkd_train(ctx, NAME, labels, steps=STEPS, packing=True)
-    padded = openkd_train(ctx, NAME, labels, steps=STEPS, packing=False)
+    packed = openkd_train(
+        ctx, NAME, labels, steps=STEPS, flags=("--packing",), variant="openkd-packed"
+    )
+    padded = openkd_train(ctx, NAME, labels, steps=STEPS)
 
     def share(stats: dict) -> float:
         return stats["real_tokens"] / stats["tensor_tokens"]

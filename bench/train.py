@@ -42,13 +42,21 @@ def probe_command(stats: Path, module: str, *args: str | Path) -> list[str]:
     return proc.python_module("bench.probe", "train", stats, "-m", module, *map(str, args))
 
 
-def openkd_train(ctx: Context, name: str, labels: Path, *, steps: int, packing: bool) -> dict:
-    """One `openkd train` run under the probe; its stats."""
-    out = ctx.path(name, "openkd-packed" if packing else "openkd")
+def openkd_train(
+    ctx: Context,
+    name: str,
+    labels: Path,
+    *,
+    steps: int,
+    flags: tuple[str, ...] = (),
+    variant: str = "openkd",
+) -> dict:
+    """One `openkd train` run (with extra `flags`) under the probe; its stats."""
+    out = ctx.path(name, variant)
     shutil.rmtree(out, ignore_errors=True)
     stats = out.with_name(out.name + ".stats.json")
     ctx.run(
-        f"openkd train{' --packing' if packing else ''}",
+        " ".join(("openkd train", *flags)),
         probe_command(
             stats,
             "openkd",
@@ -73,9 +81,9 @@ def openkd_train(ctx: Context, name: str, labels: Path, *, steps: int, packing: 
             "10",
             "--resume",
             "no",
-            *(["--packing"] if packing else []),
+            *flags,
         ),
-        log=f"{name}-openkd{'-packed' if packing else ''}",
+        log=f"{name}-{variant}",
     )
     return json.loads(stats.read_text())
 
@@ -140,7 +148,7 @@ def run(ctx: Context) -> list[Result]:
     labels = ctx.teacher_labels(ROWS)
     ours, theirs = [], []
     for _ in range(REPEATS):
-        ours.append(openkd_train(ctx, NAME, labels, steps=STEPS, packing=False))
+        ours.append(openkd_train(ctx, NAME, labels, steps=STEPS))
         theirs.append(plain_trl(ctx, labels, steps=STEPS))
     a, b = best(ours), best(theirs)
     if a["real_tokens"] != b["real_tokens"]:

@@ -9,14 +9,12 @@ the tiny model's tokenizer) and computes the chunked KL over top-20 + rest bucke
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from bench import proc
 from bench.context import Context
 from bench.results import INFO, Result, Target
-from bench.train import BATCH, LEARNING_RATE, MAX_LENGTH, ROWS, probe_command, tokens_per_second
+from bench.train import BATCH, LEARNING_RATE, MAX_LENGTH, ROWS, openkd_train, tokens_per_second
 
 NAME = "train_soft"
 K = 20
@@ -36,41 +34,9 @@ METHOD = (
 
 
 def train(ctx: Context, labels: Path, loss: str) -> dict:
-    out = ctx.path(NAME, f"openkd-{loss}")
-    shutil.rmtree(out, ignore_errors=True)
-    stats = out.with_name(out.name + ".stats.json")
-    ctx.run(
-        f"openkd train --loss {loss}",
-        probe_command(
-            stats,
-            "openkd",
-            "train",
-            "--student",
-            ctx.tiny_model(),
-            "--dataset",
-            labels,
-            "--output-dir",
-            out,
-            "--loss",
-            loss,
-            "--max-steps",
-            str(STEPS),
-            "--batch-size",
-            str(BATCH),
-            "--max-length",
-            str(MAX_LENGTH),
-            "--learning-rate",
-            LEARNING_RATE,
-            "--save-steps",
-            "1000",
-            "--logging-steps",
-            "10",
-            "--resume",
-            "no",
-        ),
-        log=f"{NAME}-{loss}",
+    return openkd_train(
+        ctx, NAME, labels, steps=STEPS, flags=("--loss", loss), variant=f"openkd-{loss}"
     )
-    return json.loads(stats.read_text())
 
 
 def bytes_per_completion_token(directory: Path) -> tuple[float, int]:

@@ -14,20 +14,15 @@ JSONL. The pipeline's cache goes to `--cache-dir` (not ~/.cache/distilabel) and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from bench.baselines.cli import generation_parser, read_rows
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--max-tokens", type=int, required=True)
+    parser = generation_parser(__doc__)
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--input-batch-size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600)
@@ -37,8 +32,7 @@ def main() -> None:
     from distilabel.pipeline import Pipeline
     from distilabel.steps.tasks import TextGeneration
 
-    with open(args.prompts, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = read_rows(args.prompts)
     t0 = time.perf_counter()
     with Pipeline(name="openkd-bench-distilabel", cache_dir=args.cache_dir) as pipeline:
         TextGeneration(

@@ -14,7 +14,8 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
+
+from bench.baselines.cli import generation_parser, read_rows
 
 
 async def answer_all(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
@@ -48,19 +49,12 @@ async def answer_all(args: argparse.Namespace, prompts: list[str]) -> list[dict]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--max-tokens", type=int, required=True)
+    parser = generation_parser(__doc__)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    with open(args.prompts, encoding="utf-8") as fh:
-        prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+    prompts = [row["prompt"] for row in read_rows(args.prompts)]
     t0 = time.perf_counter()
     rows = asyncio.run(answer_all(args, prompts))
     with open(args.output, "w", encoding="utf-8") as fh:

@@ -11,19 +11,14 @@ start excluded) until every answer is written to a JSONL file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
+
+from bench.baselines.cli import generation_parser, read_rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--max-tokens", type=int, required=True)
+    parser = generation_parser(__doc__, server=False)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-model-len", type=int)
@@ -40,8 +35,7 @@ def main() -> None:
     start_seconds = time.perf_counter() - t_engine
 
     t0 = time.perf_counter()
-    with open(args.prompts, encoding="utf-8") as fh:
-        prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+    prompts = [row["prompt"] for row in read_rows(args.prompts)]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=args.seed)
     outputs = llm.chat(conversations, params, use_tqdm=False)

@@ -19,8 +19,9 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import TextIO
+
+from bench.baselines.cli import generation_parser, read_rows
 
 
 async def answer_all(args: argparse.Namespace, prompts: list[str], out: TextIO) -> tuple[int, int]:
@@ -74,21 +75,14 @@ async def answer_all(args: argparse.Namespace, prompts: list[str], out: TextIO) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--max-tokens", type=int, required=True)
+    parser = generation_parser(__doc__)
     parser.add_argument("--concurrency", type=int, default=256, help="requests in flight")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
 
-    with open(args.prompts, encoding="utf-8") as fh:
-        prompts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+    prompts = [row["prompt"] for row in read_rows(args.prompts)]
     t0 = time.perf_counter()
     with open(args.output, "w", encoding="utf-8") as out:
         rows, tokens = asyncio.run(answer_all(args, prompts, out))
