@@ -65,7 +65,7 @@ class Context:
         """The tiny Llama with large random weights (`TinySpec(seed=2, init_std=0.3)`): it
         decodes chaotically, and its greedy answers end at EOS after anything from a few tokens
         to hundreds, a heavy-tailed spread like a real teacher's."""
-        from openkd.testing import TinySpec
+        from openkd.tiny import TinySpec
 
         return self._built_model(
             "tiny-model-chaotic", "the chaotic tiny model", TinySpec(seed=2, init_std=0.3)

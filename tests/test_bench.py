@@ -240,3 +240,16 @@ def test_answer_length_spread_and_the_window_openkd_logged(tmp_path):
     log.parent.mkdir()
     log.write_text("1,024 prompts selected\nkeeping 512 requests in flight\n")
     assert in_flight(ctx, HEAVY) == "512"
+
+
+def test_the_cached_models_build_from_the_bench_context(tmp_path):
+    import json
+
+    from bench.context import Context
+
+    ctx = Context.create(tmp_path)
+    plain, chaotic = ctx.tiny_model(), ctx.chaotic_model()
+    for model in (plain, chaotic):
+        assert (model / "config.json").exists() and (model / "tokenizer.json").exists()
+    assert json.loads((chaotic / "config.json").read_text())["initializer_range"] == 0.3
+    assert ctx.chaotic_model() == chaotic  # cached: built once
