@@ -104,3 +104,30 @@ def test_cli_unknown_key_fails_before_the_engine_starts(tiny_model: Path, tmp_pa
     assert "loading teacher" not in result.stderr  # no engine was started
     assert not out.exists()
     assert time.monotonic() - t0 < 120
+
+
+def test_answer_text_decodes_like_vllms_fast_detokenizer(tmp_path: Path):
+    """With --logprobs openkd decodes answers itself (vLLM's detokenizer off): the stop token is
+    not text, and an answer cut inside a multi-byte character ends before it, as in vLLM."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from openkd.generate.backends.vllm import answer_text
+    from openkd.tiny import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "tiny"))
+    raw = tokenizer._tokenizer
+    prompt = tokenizer.encode("Reverse the words: a b", add_special_tokens=False)
+
+    def output(text_ids: list[int], finish: str) -> SimpleNamespace:
+        choice = SimpleNamespace(token_ids=text_ids, finish_reason=finish)
+        return SimpleNamespace(outputs=[choice], prompt_token_ids=prompt)
+
+    answer = tokenizer.encode(" b a café", add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    assert answer_text(raw, output([*answer, eos], "stop")) == " b a café"
+    cut = tokenizer.encode(" b a €", add_special_tokens=False)  # the € is 3 byte tokens
+    assert tokenizer.decode(cut[:-1]).endswith("\ufffd")  # what a plain decode would give
+    assert answer_text(raw, output(cut[:-1], "length")) == " b a "
+    assert answer_text(raw, output(cut, "length")) == " b a €"

@@ -12,9 +12,10 @@ engine stops the run with `TeacherUnavailable`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
@@ -54,6 +55,7 @@ class VLLMBackend(BackendBase):
         self._max_model_len = 0
         self._max_num_seqs = 0
         self._defaults: dict[str, Any] = {}
+        self._tokenizer: Any = None
         self.start_seconds = 0.0
 
     def in_flight(self) -> int:
@@ -93,6 +95,11 @@ class VLLMBackend(BackendBase):
         model_config = self._llm.model_config
         self._max_model_len = int(model_config.max_model_len)
         check_answer_fits(self.cfg.max_new_tokens, self._max_model_len, "vLLM's max_model_len")
+        from tokenizers import Tokenizer
+
+        # The Rust tokenizer behind a fast tokenizer, which vLLM's fast detokenizer drives.
+        raw = getattr(self._llm.get_tokenizer(), "_tokenizer", None)
+        self._tokenizer = raw if isinstance(raw, Tokenizer) else None
         scheduler = self._llm.llm_engine.vllm_config.scheduler_config
         self._max_num_seqs = int(scheduler.max_num_seqs)
         # `vllm serve` applies these from generation_config.json to every request; doing
@@ -116,12 +123,24 @@ class VLLMBackend(BackendBase):
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
             logprobs=self.cfg.logprobs,
+            # Flat lists instead of a dict of Logprob objects per position.
+            flat_logprobs=bool(self.cfg.logprobs),
+            detokenize=not self._decodes_itself(sampling),
         )
+
+    def _decodes_itself(self, sampling: Sampling) -> bool:
+        """With --logprobs, vLLM would decode each of the K alternatives at every position to
+        text nobody reads (on CPU most of the labelling time: measured 5x slower). So openkd
+        turns vLLM's detokenizer off and decodes each finished answer once, the way vLLM's fast
+        detokenizer does (`answer_text`). Stop strings need vLLM's detokenizer, and a slow
+        (Python) tokenizer is decoded differently: then it stays on."""
+        return bool(self.cfg.logprobs) and not sampling.stop and self._tokenizer is not None
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
         if self._llm is None:
             raise OpenkdError("the vLLM teacher is not started; use it as `with backend: ...`")
         params = self.sampling_params(sampling)
+        decode = None if params.detokenize else functools.partial(answer_text, self._tokenizer)
         engine = self._llm.llm_engine
         pending = iter(requests)
         running: dict[str, Request] = {}
@@ -147,7 +166,7 @@ class VLLMBackend(BackendBase):
                 for output in outputs:
                     if output.finished:
                         completion = to_completion(
-                            output, self.cfg.logprobs, self.cfg.logprobs_dtype
+                            output, self.cfg.logprobs, self.cfg.logprobs_dtype, decode
                         )
                         yield running.pop(output.request_id), completion
         finally:
@@ -196,9 +215,14 @@ class VLLMBackend(BackendBase):
         return {"vllm": vllm.__version__}
 
 
-def to_completion(output: Any, k: int | None = None, dtype: str = "float16") -> Completion:
-    """A vLLM `RequestOutput` as a Completion (with its top-`k` log-probabilities when `k`);
-    an aborted request is a failure."""
+def to_completion(
+    output: Any,
+    k: int | None = None,
+    dtype: str = "float16",
+    decode: Callable[[Any], str] | None = None,
+) -> Completion:
+    """A vLLM `RequestOutput` as a Completion (with its top-`k` log-probabilities when `k`; its
+    text from `decode` when vLLM did not detokenize); an aborted request is a failure."""
     choice = output.outputs[0]
     if choice.finish_reason not in ("stop", "length"):
         return Completion.failure(
@@ -210,12 +234,7 @@ def to_completion(output: Any, k: int | None = None, dtype: str = "float16") -> 
 
         from openkd.data.logprobs import top_k_arrays
 
-        # Per position {token id: Logprob(logprob, rank, decoded_token)}, the sampled token
-        # added when it is not among the top k.
-        positions = [
-            {token: entry.logprob for token, entry in (position or {}).items()}
-            for position in choice.logprobs or ()
-        ]
+        positions = _positions(choice.logprobs)
         try:
             top_ids, top_logprobs = top_k_arrays(positions, k, dtype)
         except ValueError as err:
@@ -227,9 +246,45 @@ def to_completion(output: Any, k: int | None = None, dtype: str = "float16") -> 
             )
         logprobs = TokenLogprobs(token_ids, top_ids, top_logprobs)
     return Completion(
-        text=choice.text,
+        text=choice.text if decode is None else decode(output),
         finish_reason=choice.finish_reason,
         prompt_tokens=len(output.prompt_token_ids or ()),
         completion_tokens=len(choice.token_ids),
         logprobs=logprobs,
     )
+
+
+def _positions(logprobs: Any) -> list[dict[int, float]]:
+    """Per position {token id: log-probability}, the sampled token included when it is not
+    among the top k; from vLLM's flat lists, or from its {id: Logprob} dicts."""
+    if logprobs is None:
+        return []
+    starts = getattr(logprobs, "start_indices", None)
+    if starts is not None:
+        ids, values = logprobs.token_ids, logprobs.logprobs
+        return [
+            dict(zip(ids[a:b], values[a:b], strict=True))
+            for a, b in zip(starts, logprobs.end_indices, strict=True)
+        ]
+    return [{token: entry.logprob for token, entry in (p or {}).items()} for p in logprobs]
+
+
+def answer_text(tokenizer: Any, output: Any) -> str:
+    """An answer's text as vLLM's fast detokenizer builds it: a `DecodeStream` primed with the
+    prompt's ids, stepped through the answer's, special tokens skipped, the stop token that
+    ended it not decoded, and a trailing incomplete UTF-8 sequence left out."""
+    from tokenizers.decoders import DecodeStream
+
+    choice = output.outputs[0]
+    ids = list(choice.token_ids)
+    if choice.finish_reason == "stop" and ids:  # ended by EOS or a stop token id
+        ids.pop()
+    stream = DecodeStream(ids=list(output.prompt_token_ids or ()), skip_special_tokens=True)
+    parts = []
+    for token in ids:
+        try:
+            parts.append(stream.step(tokenizer, token))
+        except Exception:  # invalid UTF-8 across the prompt boundary: restart, as vLLM does
+            stream = DecodeStream(skip_special_tokens=True)
+            parts.append(stream.step(tokenizer, token))
+    return "".join(part for part in parts if part)
