@@ -32,9 +32,10 @@ demo: setup
 test *args: setup
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest {{args}}
 
-# The edit loop: the suite without the tests marked slow (no vLLM engine, no ZeRO-3), < 2 min.
+# The edit loop: the suite without the tests marked slow (engines, training, kills and reruns), on
+# two pytest-xdist workers (one file per worker, so module fixtures are built once): ~1.5 min here.
 test-fast *args: setup
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -m "not slow" -q {{args}}
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -m "not slow" -q -n 2 --dist loadfile {{args}}
 
 # ruff lint + format check, mypy, and hadolint on the Dockerfile.
 lint: setup

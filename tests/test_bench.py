@@ -154,6 +154,7 @@ def test_every_shipped_benchmark_module_has_run_and_method():
         assert name == module.NAME
 
 
+@pytest.mark.slow
 def test_measured_run_reports_the_childs_peak_memory_and_fails_with_its_log(tmp_path):
     import os
 

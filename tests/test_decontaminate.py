@@ -200,6 +200,7 @@ def test_bad_input_is_one_line_with_the_fix(files, tmp_path, case):
     assert not files["out"].exists()
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(files):
     assert _run(files).returncode == 0
     before = files["out"].read_bytes()

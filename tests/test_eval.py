@@ -61,6 +61,7 @@ def evaluated(tmp_path_factory, tiny_model, labelled):
     return args, out_dir, proc
 
 
+@pytest.mark.slow
 def test_same_model_as_teacher_agrees_fully(evaluated):
     """Sanity: a student that is the teacher reproduces every answer."""
     _, out_dir, proc = evaluated
@@ -81,6 +82,7 @@ def test_same_model_as_teacher_agrees_fully(evaluated):
     assert "exact match with teacher" in proc.stderr and "100.0 %" in proc.stderr
 
 
+@pytest.mark.slow
 def test_examples_file_has_every_answer_and_score(evaluated, labelled):
     _, out_dir, _ = evaluated
     rows = read_jsonl(out_dir / "examples.jsonl")

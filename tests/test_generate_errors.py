@@ -110,6 +110,7 @@ def test_malformed_shard_is_a_config_error(tmp_path):
     assert not (tmp_path / "t.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_foreign_or_differently_made_output_is_not_appended_to(tmp_path):
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Reverse the words: a b"}])
     foreign = write_jsonl(tmp_path / "mine.jsonl", [{"id": "x", "text": "my own data"}])
@@ -144,6 +145,7 @@ def test_a_second_writer_to_the_same_output_is_refused(tmp_path):
     assert not (tmp_path / "t.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", ["--debug", "OPENKD_TRACEBACK"])
 def test_debug_switch_shows_the_traceback_behind_the_one_line_error(tmp_path, switch):
     dataset = _write(tmp_path / "p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n')

@@ -78,6 +78,7 @@ def test_every_row_has_its_tokens_and_top_k(tiny_model, tmp_path):
     assert len(list(out.with_name("t.logprobs").glob("part-*.arrow"))) == 1
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_leaves_no_row_without_log_probabilities(tiny_model, tmp_path):
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in make_prompts(3000)])
     out = tmp_path / "t.jsonl"

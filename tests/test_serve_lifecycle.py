@@ -110,6 +110,7 @@ def test_exception_inside_the_run_still_stops_everything(
     assert group_members(pid) == []
 
 
+@pytest.mark.slow
 def test_server_that_ignores_sigterm_is_killed(standin_script: Path, tmp_path: Path) -> None:
     server = make_server(standin_script, tmp_path / "s.log", "ignore-term", stop_timeout=1.0)
     server.start(timeout=30)

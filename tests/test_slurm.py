@@ -381,6 +381,7 @@ def vllm_server_parser():
     pytest.fail("vLLM's server argument parser was not found")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", VLLM, ids=ids(VLLM))
 def test_vllm_server_command_parses(cmd: Command, vllm_server_parser):
     start = 3 if cmd.words[0].startswith("python") else 2

@@ -83,6 +83,7 @@ def reference(tiny_model: Path, soft_data: Path, tmp_path_factory) -> tuple[Path
     return out, proc.stderr
 
 
+@pytest.mark.slow
 def test_mix_trains_from_the_cli(reference: tuple[Path, str], teacher: Path) -> None:
     out, stderr = reference
     err = flat(stderr)

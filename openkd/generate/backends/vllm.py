@@ -140,7 +140,9 @@ class VLLMBackend(BackendBase):
         if self._llm is None:
             raise OpenkdError("the vLLM teacher is not started; use it as `with backend: ...`")
         params = self.sampling_params(sampling)
-        decode = None if params.detokenize else functools.partial(answer_text, self._tokenizer)
+        decode = None
+        if self._decodes_itself(sampling):
+            decode = functools.partial(answer_text, self._tokenizer)
         engine = self._llm.llm_engine
         pending = iter(requests)
         running: dict[str, Request] = {}
