@@ -1,6 +1,6 @@
 """`python -m bench`: run openkd's benchmarks and write bench/RESULTS.md.
 
-python -m bench                         # everything (about 10-15 minutes on 2 CPU cores)
+python -m bench                         # everything (about 30 minutes on 2 CPU cores)
 python -m bench --only generate_mock    # one benchmark (repeat --only for more)
 python -m bench --list
 """

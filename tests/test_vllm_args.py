@@ -131,3 +131,36 @@ def test_answer_text_decodes_like_vllms_fast_detokenizer(tmp_path: Path):
     assert tokenizer.decode(cut[:-1]).endswith("\ufffd")  # what a plain decode would give
     assert answer_text(raw, output(cut[:-1], "length")) == " b a "
     assert answer_text(raw, output(cut, "length")) == " b a €"
+
+
+def test_flat_logprobs_give_the_same_top_k_as_the_per_position_dicts():
+    """vLLM's flat layout (sampled token, then ranks 1..k per position) is read without Python
+    dicts; any other layout falls back to sorting each position's entries."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from openkd.data.logprobs import top_k_arrays
+    from openkd.generate.backends.vllm import _positions, _ranked_top_k
+
+    rng = np.random.default_rng(0)
+    k, flat = (
+        4,
+        SimpleNamespace(start_indices=[], end_indices=[], token_ids=[], logprobs=[], ranks=[]),
+    )
+    for _ in range(6):
+        ids = rng.choice(1000, k, replace=False).tolist()
+        values = sorted(rng.normal(size=k).tolist(), reverse=True)
+        sampled = int(rng.integers(k))
+        flat.start_indices.append(len(flat.token_ids))
+        flat.token_ids += [ids[sampled], *ids]
+        flat.logprobs += [values[sampled], *values]
+        flat.ranks += [sampled + 1, *range(1, k + 1)]
+        flat.end_indices.append(len(flat.token_ids))
+    fast = _ranked_top_k(flat, k, "float16")
+    slow = top_k_arrays(_positions(flat), k, "float16")
+    assert fast is not None
+    assert fast[0].tolist() == slow[0].tolist() and fast[1].tolist() == slow[1].tolist()
+    assert fast[0].dtype == np.int32 and fast[1].dtype == np.float16
+    flat.ranks[1] = 2  # not ranks 1..k in order: the general path decides
+    assert _ranked_top_k(flat, k, "float16") is None

@@ -236,9 +236,10 @@ def to_completion(
 
         from openkd.data.logprobs import top_k_arrays
 
-        positions = _positions(choice.logprobs)
         try:
-            top_ids, top_logprobs = top_k_arrays(positions, k, dtype)
+            top_ids, top_logprobs = _ranked_top_k(choice.logprobs, k, dtype) or top_k_arrays(
+                _positions(choice.logprobs), k, dtype
+            )
         except ValueError as err:
             return Completion.failure(f"vLLM's log-probabilities are unusable ({err})")
         token_ids = np.asarray(choice.token_ids, dtype=np.int32)
@@ -290,3 +291,25 @@ def answer_text(tokenizer: Any, output: Any) -> str:
             stream = DecodeStream(skip_special_tokens=True)
             parts.append(stream.step(tokenizer, token))
     return "".join(part for part in parts if part)
+
+
+def _ranked_top_k(logprobs: Any, k: int, dtype: str) -> tuple[Any, Any] | None:
+    """[T, k] ids and log-probabilities straight from vLLM's flat lists, where each position
+    holds the sampled token and then ranks 1..k in order; None when they are not laid out so."""
+    import numpy as np
+
+    from openkd.data.logprobs.format import DTYPES, value_dtype
+
+    starts = getattr(logprobs, "start_indices", None)
+    if starts is None or not len(starts):
+        return None
+    width = k + 1
+    if len(logprobs.token_ids) != width * len(starts) or starts[-1] != width * (len(starts) - 1):
+        return None
+    ranks = np.asarray(logprobs.ranks, dtype=object).reshape(-1, width)[:, 1:]
+    if not (ranks == np.arange(1, width)).all():
+        return None
+    ids = np.asarray(logprobs.token_ids, dtype=np.int32).reshape(-1, width)[:, 1:]
+    values = np.asarray(logprobs.logprobs, dtype=np.float32).reshape(-1, width)[:, 1:]
+    out_dtype = DTYPES[np.dtype(value_dtype(dtype)).name]
+    return np.ascontiguousarray(ids), values.astype(out_dtype)
