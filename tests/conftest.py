@@ -47,6 +47,33 @@ def run_cli(
     )
 
 
+def sigkill_once(
+    *args: str | os.PathLike[str], written: Path, env: dict | None = None, timeout: float = 300
+) -> None:
+    """Start `openkd ARGS...` and SIGKILL it as soon as `written` exists, as a crash would."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openkd", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not written.exists():
+            assert proc.poll() is None, f"openkd ended before {written.name} was written"
+            assert time.monotonic() < deadline, f"no {written} within {timeout:.0f} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def cli():
     return run_cli

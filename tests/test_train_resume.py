@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from openkd.train.integrity import checkpoint_problems
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sigkill_once
 from tests.train_resume_helpers import (
     assert_same_weights,
     flat,
@@ -82,21 +80,8 @@ def test_sigkill_then_rerun_resumes_and_ends_like_an_uninterrupted_run(
 ) -> None:
     out = tmp_path / "out"
     args = train_args(tiny_model, dataset, out)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openkd", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **ENV},
-    )
-    # Kill as soon as the first checkpoint is complete (trainer_state.json is written last).
-    first = out / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    # Killed as soon as the first checkpoint is complete (trainer_state.json is written last).
+    sigkill_once(*args, written=out / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json", env=ENV)
     assert not (out / "model.safetensors").exists(), "the run finished before the kill"
 
     started = time.monotonic()

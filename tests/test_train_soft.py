@@ -9,13 +9,8 @@ own writer.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +18,7 @@ import pytest
 
 from openkd.data.jsonl import iter_jsonl
 from openkd.data.logprobs import SidecarReader, SidecarWriter
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import run_cli, sigkill_once, write_jsonl
 from tests.soft_helpers import write_teacher_logprobs
 from tests.test_eval_kl import sharper_copy
 from tests.test_train import error_line, in_process
@@ -111,20 +106,8 @@ def test_mix_sigkill_then_rerun_resumes_like_an_uninterrupted_run(
 ) -> None:
     out = tmp_path / "out"
     args = mix_args(tiny_model, soft_data, out)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openkd", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **ENV},
-    )
-    first = out / "checkpoint-4" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    # Killed as soon as the first checkpoint is complete (trainer_state.json is written last).
+    sigkill_once(*args, written=out / "checkpoint-4" / "trainer_state.json", env=ENV)
     assert not (out / "model.safetensors").exists(), "the run finished before the kill"
 
     resumed = run_cli(*args, env=ENV)

@@ -306,7 +306,10 @@ def _ranked_top_k(logprobs: Any, k: int, dtype: str) -> tuple[Any, Any] | None:
     width = k + 1
     if len(logprobs.token_ids) != width * len(starts) or starts[-1] != width * (len(starts) - 1):
         return None
-    ranks = np.asarray(logprobs.ranks, dtype=object).reshape(-1, width)[:, 1:]
+    try:
+        ranks = np.asarray(logprobs.ranks, dtype=np.int64).reshape(-1, width)[:, 1:]
+    except (TypeError, ValueError):  # a rank vLLM left unset
+        return None
     if not (ranks == np.arange(1, width)).all():
         return None
     ids = np.asarray(logprobs.token_ids, dtype=np.int32).reshape(-1, width)[:, 1:]
