@@ -125,8 +125,8 @@ def test_foreign_or_differently_made_output_is_not_appended_to(tmp_path):
     before = out.read_bytes()
     proc = run_cli(*base, "--teacher", "teacher-b", "--output", out)
     assert proc.returncode == 1
-    assert "was generated with teacher 'teacher-a' (this run: 'teacher-b')" in proc.stderr
-    assert "pass --overwrite to start fresh, or another --output" in proc.stderr
+    assert "holds rows labelled with --teacher 'teacher-a' (this run: 'teacher-b')" in proc.stderr
+    assert "pass another --output" in proc.stderr and "or --overwrite" in proc.stderr
     assert out.read_bytes() == before
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -19,39 +17,9 @@ from openkd.generate.backends.mock import reverse_words
 from openkd.generate.source import in_eval_split
 from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
+from tests.helpers import invoke
 
 TEACHER = "mock-teacher"
-
-
-def invoke(*args: str | os.PathLike[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """`openkd ARGS...` through the real entry point, in this process (no interpreter start-up).
-
-    Exit code, stdout and stderr are captured as `run_cli` would; the one test that must kill
-    a process uses a subprocess.
-    """
-    from openkd.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_env = {k: os.environ.get(k) for k in env or {}}
-    saved_argv = sys.argv
-    os.environ.update(env or {})
-    sys.argv = ["openkd", *map(str, args)]
-    code: int | str | None = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = saved_argv
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    code = 0 if code is None else code
-    assert isinstance(code, int), code
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def generate(dataset: Path, output: Path, *args: str, env: dict | None = None):
@@ -298,7 +266,7 @@ def test_overwrite_starts_fresh_and_a_changed_setting_is_refused(prompts_file, t
 
     refused = generate(prompts_file, out, "--max-new-tokens", "3")
     assert refused.returncode == 1
-    assert "was generated with max_new_tokens 4096 (this run: 3)" in refused.stderr
+    assert "holds rows labelled with --max-new-tokens 4096 (this run: 3)" in refused.stderr
     assert "--overwrite" in refused.stderr
 
     fresh = generate(prompts_file, out, "--max-new-tokens", "3", "--overwrite")

@@ -11,6 +11,8 @@ For `--output data/teacher.jsonl`:
     data/teacher.README.md        dataset card (uploaded as README.md on --push-to-hub)
     data/teacher.index            resume index: how far the ids file covers each row file
     data/teacher.ids              the ids of every row, 16 bytes each (derived; safe to delete)
+    data/teacher.resplit          present only while rows are re-sorted after a changed
+                                  --eval-fraction or --keep-truncated (openkd.generate.resplit)
     data/teacher.server.log       the vLLM server's log (--serve)
     data/teacher.logprobs/        the teacher's top-k log-probabilities (--logprobs K), Arrow parts:
                                   openkd.data.logprobs
@@ -90,6 +92,10 @@ class OutputFiles:
         return self._sibling(".ids")
 
     @property
+    def resplit(self) -> Path:
+        return self._sibling(".resplit")
+
+    @property
     def server_log(self) -> Path:
         return self._sibling(".server.log")
 
@@ -105,7 +111,7 @@ class OutputFiles:
     def all(self) -> tuple[Path, ...]:
         """Every file `--overwrite` removes (the server log stays: it is a log)."""
         rows = tuple(self.kind_path(kind) for kind in KIND_SUFFIX)
-        return (*rows, self.meta, self.card, self.index, self.ids)
+        return (*rows, self.meta, self.card, self.index, self.ids, self.resplit)
 
     @classmethod
     def of_file(cls, path: Path) -> OutputFiles:

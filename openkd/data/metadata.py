@@ -314,7 +314,8 @@ def check_compatible(
     if meta is None:
         raise OpenkdError(
             f"{output} already has rows but no {output.with_suffix('').name}.meta.json, so "
-            f"openkd cannot tell how they were made; {fix}"
+            "openkd cannot tell how they were made (openkd did not write it, and --overwrite "
+            "never deletes what openkd did not write); pass another --output"
         )
     found = meta.fingerprint
     diffs = []

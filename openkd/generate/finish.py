@@ -73,8 +73,10 @@ def start_meta(
     state: ResumeState,
     previous: GenerateMeta | None,
 ) -> GenerateMeta:
+    from openkd.generate.rerun import dataset_path
+
     counts = _counts(state, len(state.failed))
-    return GenerateMeta.start(
+    meta = GenerateMeta.start(
         config=cfg.to_yaml_dict(),
         files={
             kind: files.kind_path(kind).name for kind in ("train", "eval", "truncated", "failed")
@@ -86,6 +88,9 @@ def start_meta(
         versions=library_versions("datasets", "huggingface_hub"),
         llm_class=cfg.llm_class if cfg.backend == "distilabel" else None,
     )
+    if path := dataset_path(cfg.dataset):  # a rerun from another directory is the same dataset
+        meta.source["dataset_path"] = path
+    return meta
 
 
 def finish_run(
@@ -109,6 +114,10 @@ def finish_run(
     try:
         writer.commit()
         writer.close()
+        if failing and _left_nothing(files, state):
+            return  # stopped before any answer: no output is left behind
+        if not files.output.exists():  # every answer set aside: still an (empty) dataset
+            files.output.touch()
         outcome.failed_rows = _rewrite_failures(files, state, found, outcome.status)
         if outcome.status == "complete" and (outcome.failed_rows or seen.invalid):
             outcome.status = "incomplete"
@@ -142,6 +151,23 @@ def finish_run(
             from openkd.generate.summary import summary
 
             summary(files, cfg, seen, found, outcome)
+
+
+def _left_nothing(files: OutputFiles, state: ResumeState) -> bool:
+    """True (after removing this run's metadata) when the run stopped before writing a row
+    into an output that had none: a failed start leaves no files behind."""
+    if state.has_rows or state.failed:
+        return False
+    if any(p.exists() and p.stat().st_size for p in (*files.row_files, files.failed)):
+        return False
+    if files.logprobs.is_dir() and any(files.logprobs.iterdir()):
+        return False
+    for path in (*files.all(), files.logprobs):
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+    return True
 
 
 def _rewrite_failures(

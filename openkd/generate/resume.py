@@ -163,7 +163,8 @@ def load_state(files: OutputFiles) -> ResumeState:
     if new_ids or rebuilt:
         index.selection = None
         added = to_keys(new_ids).tobytes() if new_ids else b""
-        _save_ids(files, known, added, replace=rebuilt)
+        if added or known or files.ids.exists():  # nothing to record: leave no file behind
+            _save_ids(files, known, added, replace=rebuilt)
         known += added
         index.ids = len(known) // KEY_BYTES
         if index.ids or files.index.exists():
@@ -255,13 +256,13 @@ def selection_key(cfg: GenerateConfig, stamp: str, sampling: dict[str, Any]) -> 
     how prompts are built and selected, the teacher and its sampling."""
     import hashlib
 
+    from openkd.generate.rerun import POLICY
+
     settings = cfg.to_yaml_dict()
-    fields = (
-        "split", "subset", "prompt_column", "messages_column", "prompt_template",
-        "system_prompt", "max_samples", "shuffle_seed", "shard", "eval_fraction",
-        "keep_truncated", "teacher", "revision",
-    )  # fmt: skip
-    payload = {"dataset": stamp, "sampling": sampling, **{f: settings[f] for f in fields}}
+    # Everything that decides which rows exist and where they are; only what merely continues
+    # (engine, server, Hub, output name) is left out.
+    fields = sorted(name for name, policy in POLICY.items() if policy != "continues")
+    payload = {"stamp": stamp, "sampling": sampling, **{f: settings.get(f) for f in fields}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

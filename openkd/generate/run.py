@@ -30,7 +30,13 @@ from openkd.data.sources import (
 from openkd.generate.backends.base import Sampling
 from openkd.generate.finish import Outcome, finish_run, start_meta
 from openkd.generate.label import LabelCounts, Routing, label
-from openkd.generate.outputs import check_output, exclusive, remove_all
+from openkd.generate.outputs import (
+    check_not_input,
+    check_ours,
+    check_output,
+    exclusive,
+    remove_all,
+)
 from openkd.generate.resume import (
     Index,
     ResumeState,
@@ -40,7 +46,12 @@ from openkd.generate.resume import (
     selection_key,
 )
 from openkd.generate.source import PromptSource, SourceCounts
-from openkd.generate.summary import raise_if_incomplete, summary, warn_if_truncating
+from openkd.generate.summary import (
+    raise_if_incomplete,
+    summary,
+    warn_if_empty,
+    warn_if_truncating,
+)
 from openkd.generate.writer import OutputWriter
 from openkd.paths import require_local_model
 
@@ -89,8 +100,10 @@ class Job:
 def run(cfg: GenerateConfig) -> None:
     started = Outcome("stopped", now(), time.monotonic())
     job = prepare(cfg)
-    if not cfg.overwrite and _already_complete(job, started):
-        return
+    if not cfg.overwrite:
+        _reconcile(job)
+        if _already_complete(job, started):
+            return
     prompts = load_prompts(cfg, system_prompt=cfg.system_prompt)
     found = LabelCounts()
     with exclusive(job.files):
@@ -103,8 +116,7 @@ def run(cfg: GenerateConfig) -> None:
 
             backend = make_backend(cfg)  # checks its settings; loads nothing yet
         if cfg.overwrite:  # only now: a bad prompt found by peek must not cost old data
-            for path in remove_all(job.files):
-                console.info(f"--overwrite: removed {path}")
+            remove_all(job.files)
         _announce(job, source, state)
         meta = start_meta(cfg, job.files, job.sampling, state, previous)
         meta.write(job.files.meta)
@@ -117,14 +129,7 @@ def run(cfg: GenerateConfig) -> None:
                 with _terminate_as_interrupt(), backend:
                     if backend.in_flight() > 1:
                         console.info(f"keeping {backend.in_flight():,} requests in flight")
-                    routing = Routing(
-                        cfg.eval_fraction,
-                        cfg.keep_truncated,
-                        frozenset(state.failed),
-                        logprobs=bool(cfg.logprobs),
-                        verifier=_verifier(cfg),
-                        keep_rejected=cfg.keep == "all",
-                    )
+                    routing = _routing(cfg, frozenset(state.failed))
                     label(backend, source, job.sampling, writer, routing, found)
                     outcome.backend_versions = backend.versions()
             outcome.status = "complete"
@@ -134,6 +139,7 @@ def run(cfg: GenerateConfig) -> None:
             )
     summary(job.files, cfg, source.counts, found, outcome)
     warn_if_truncating(cfg, found)
+    warn_if_empty(job.files, cfg, meta.counts)
     console.stdout_line(str(job.files.output))
     raise_if_incomplete(job.files, cfg, source.counts, found)
     if cfg.push_to_hub:
@@ -158,6 +164,9 @@ def prepare(cfg: GenerateConfig) -> Job:
 
         import_llm_class(cfg.llm_class)  # a wrong class fails before the dataset is read
     check_output(files)
+    check_not_input(files, cfg.dataset)
+    if cfg.overwrite:
+        check_ours(files)
     teacher = teacher_key(cfg.teacher, cfg.revision)
     return Job(cfg, files, sampling, teacher, source_stamp(cfg.dataset))
 
@@ -180,13 +189,45 @@ def _resume(job: Job) -> tuple[ResumeState, GenerateMeta | None]:
             f"{path}: cut {cut} bytes of a torn last line (an earlier run was killed or ran "
             "out of disk)"
         )
-    set_aside = state.counts.truncated.rows
-    if job.cfg.keep_truncated and set_aside:
-        console.warn(
-            f"{set_aside:,} answers set aside earlier stay in {job.files.truncated.name} "
-            "(--keep-truncated applies to new answers; --overwrite relabels everything)"
-        )
     return state, (previous if state.has_rows else None)
+
+
+def _reconcile(job: Job) -> None:
+    """Before anything is labelled: refuse settings that would mix labels, and re-sort the rows
+    on disk for a changed --eval-fraction or --keep-truncated (or finish an interrupted re-sort)."""
+    from openkd.generate.rerun import describe, plan_rerun
+
+    files = job.files
+    with exclusive(files):
+        previous = GenerateMeta.read(files.meta)
+        has_rows = any(p.is_file() and p.stat().st_size for p in files.row_files)
+        plan = plan_rerun(previous, job.cfg, has_rows)
+        if not (plan.resplit or files.resplit.exists()):
+            return
+        from openkd.generate.resplit import resplit
+
+        for line in describe(plan):
+            console.info(line)
+        moves = resplit(files, _routing(job.cfg))
+        moved = ", ".join(f"{n:,} {a} -> {b}" for (a, b), n in sorted(moves.items()))
+        console.info(f"rows re-sorted: {moved or 'none had to move'}")
+        if previous is not None:  # the rows on disk now follow this run's settings
+            previous.config.update({name: new for name, (_, new) in plan.resplit.items()})
+            previous.source.update(
+                {n: new for n, (_, new) in plan.resplit.items() if n in previous.source}
+            )
+            previous.write(files.meta)
+
+
+def _routing(cfg: GenerateConfig, earlier_failures: frozenset[str] = frozenset()) -> Routing:
+    return Routing(
+        cfg.eval_fraction,
+        cfg.keep_truncated,
+        earlier_failures,
+        logprobs=bool(cfg.logprobs),
+        verifier=_verifier(cfg),
+        keep_rejected=cfg.keep == "all",
+    )
 
 
 def _source(job: Job, prompts: Prompts, state: ResumeState) -> PromptSource:

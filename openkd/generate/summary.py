@@ -10,6 +10,7 @@ from openkd.errors import OpenkdError
 
 if TYPE_CHECKING:
     from openkd.data.layout import OutputFiles
+    from openkd.data.metadata import Counts
     from openkd.generate.config import GenerateConfig
     from openkd.generate.finish import Outcome
     from openkd.generate.label import LabelCounts
@@ -91,6 +92,27 @@ def warn_if_truncating(cfg: GenerateConfig, found: LabelCounts) -> None:
             + ("" if cfg.keep_truncated else " and were set aside")
             + "; consider a larger --max-new-tokens"
         )
+
+
+def warn_if_empty(files: OutputFiles, cfg: GenerateConfig, counts: Counts) -> None:
+    """An output with no row to train on says why, instead of looking like a success."""
+    if counts.train.rows or not (counts.truncated.rows or counts.rejected.rows or counts.eval.rows):
+        return
+    causes = []
+    if counts.truncated.rows:
+        causes.append(
+            f"{counts.truncated.rows:,} answers cut at --max-new-tokens {cfg.max_new_tokens} or "
+            f"empty are set aside in {files.truncated.name} (raise --max-new-tokens, or pass "
+            "--keep-truncated)"
+        )
+    if counts.rejected.rows:
+        causes.append(
+            f"{counts.rejected.rows:,} answers that failed --verify are in "
+            f"{files.kind_path('rejected').name} (check --answer-column and --answer-regex)"
+        )
+    if counts.eval.rows:
+        causes.append(f"{counts.eval.rows:,} rows are held out in {files.eval.name}")
+    console.warn(f"{files.output.name} has 0 rows to train on: {'; '.join(causes)}")
 
 
 def raise_if_incomplete(
