@@ -77,12 +77,20 @@ def run_recipe(
 def merge(
     shards: list[Path] = typer.Argument(..., help="Shard JSONL files written with --shard i/n."),
     output: Path = typer.Option(..., "--output", "-o", help="Merged JSONL file to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier openkd output at --output."
+    ),
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        help="Merge even if shards are missing or unfinished; the output is marked incomplete.",
+    ),
 ) -> None:
-    """Join `generate --shard i/n` outputs into one dataset, checking ids are unique."""
+    """Join `generate --shard i/n` outputs into one dataset, checking ids are unique and every
+    shard is there and finished."""
     from openkd.generate.merge import merge_shards
 
-    merge_shards(shards, output, overwrite=overwrite)
+    merge_shards(shards, output, overwrite=overwrite, allow_incomplete=allow_incomplete)
 
 
 @app.command("make-tiny")
@@ -113,38 +121,29 @@ def make_tiny(
     ),
     num_prompts: int = typer.Option(4000, help="How many distinct prompts --prompts gets."),
     task: str = typer.Option("reverse", help="Toy task of --prompts: reverse (words) or sum."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace a tiny model make-tiny wrote in DIR (and its --prompts); never a "
+        "directory it did not write.",
+    ),
 ) -> None:
     """Build a tiny random Llama + BPE tokenizer offline, to try openkd without downloads."""
-    from openkd.errors import ConfigError
-    from openkd.tiny import TinySpec, build_tiny_model
+    from openkd.tiny import command
 
-    heads = heads or max(1, hidden_size // 32)
-    kv_heads = kv_heads or max(1, heads // 2)
-    if hidden_size % heads or heads % kv_heads:
-        raise ConfigError(
-            f"--hidden-size {hidden_size}, --heads {heads}, --kv-heads {kv_heads}: the hidden "
-            "size must divide by --heads and --heads by --kv-heads"
-        )
-    if task not in ("reverse", "sum"):
-        raise ConfigError(f"--task {task}: use reverse or sum")
-    spec = TinySpec(
+    options = command.TinyOptions(
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
         layers=layers,
         heads=heads,
         kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
         seed=seed,
         weights_seed=weights_seed,
         init_std=init_std,
+        num_prompts=num_prompts,
+        task=task,
     )
-    path = build_tiny_model(out_dir, spec)
-    if prompts is not None:
-        from openkd.data.jsonl import write_jsonl_atomic
-        from openkd.tiny import make_prompts
-
-        rows = ({"prompt": p} for p in make_prompts(num_prompts, rule=task, seed=seed))
-        write_jsonl_atomic(prompts, rows)
-    typer.echo(str(path))
+    typer.echo(str(command.make_tiny(out_dir, options, prompts=prompts, overwrite=overwrite)))
 
 
 def _version(value: bool) -> None:
@@ -179,7 +178,9 @@ def main() -> None:
     except OpenkdError as err:
         if show_tracebacks():
             traceback.print_exception(err)
-        console.error(str(err))
+        from openkd.pipeline import in_recipe_terms  # a stage of `openkd run`: its keys
+
+        console.error(in_recipe_terms(str(err)))
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:
         if show_tracebacks():

@@ -6,6 +6,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -14,7 +15,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-console = Console(stderr=True, highlight=False, quiet=not is_main_process())
+console = Console(stderr=True, highlight=False, emoji=False, quiet=not is_main_process())
 
 
 def info(message: str) -> None:
@@ -27,8 +28,11 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    """Errors are printed by every rank: a failure on rank 3 must not be silent."""
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Errors are printed by every rank: a failure on rank 3 must not be silent. The message is
+    escaped: it quotes user input (paths, templates), which must not be read as rich markup."""
+    Console(stderr=True, highlight=False, emoji=False).print(
+        f"[bold red]error:[/] {escape(message)}", soft_wrap=True
+    )
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> None:

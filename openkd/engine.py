@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from openkd.config import StageConfig
+from openkd.config import MAX_SECONDS, StageConfig
 
 # Also train's: a model repo's own code runs only when asked for.
 TRUST_REMOTE_CODE = Field(
@@ -40,6 +40,7 @@ class EngineConfig(StageConfig):
     concurrency: int | None = Field(
         None,
         gt=0,
+        le=100_000,
         description="Requests kept in flight at once; answers stream back as each finishes and "
         "the next prompt goes in at once (default: vllm 2 x the engine's max_num_seqs, openai "
         "256, --serve 1024 per replica, distilabel 64, transformers 256, mock 256).",
@@ -69,12 +70,18 @@ class EngineConfig(StageConfig):
     request_timeout: float = Field(
         3600.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Seconds to wait for one answer, queueing on the server included (openai); "
         "long reasoning answers take many minutes.",
     )
-    max_retries: int = Field(5, ge=0, description="Retries per request, with backoff.")
+    max_retries: int = Field(5, ge=0, le=100, description="Retries per request, with backoff.")
     serve_timeout: float = Field(
-        900.0, gt=0, description="Seconds to wait for a --serve server to become healthy."
+        1800.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Seconds to wait for a --serve server to become healthy. 30 min: a first "
+        "start of a 70B teacher downloads ~140 GB of weights before loading and compiling them, "
+        "which 15 min does not cover (the Slurm scripts use the same).",
     )
     serve_args: list[str] | None = Field(
         None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."

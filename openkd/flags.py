@@ -68,7 +68,13 @@ def option_parameter(name: str, info: FieldInfo) -> inspect.Parameter:
         decls = [flag]
         annotation = list[str] | None
         kwargs["help"] = help_text + " (repeat the flag for several values)"
-    elif base in (int, float, str, Path):
+    elif base in (int, float):
+        # Taken as text and parsed by the config, so a bad number ("1e30" for a count, "nan")
+        # gets the same one-line error, naming the flag, as the same value in YAML.
+        decls = [flag]
+        annotation = str | None
+        kwargs["metavar"] = "INTEGER" if base is int else "NUMBER"
+    elif base in (str, Path):
         decls = [flag]
         annotation = base | None
     else:

@@ -4,14 +4,21 @@ named before anything expensive starts."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from openkd.errors import OpenkdError
+from openkd.errors import ConfigError, OpenkdError
 
 
 def looks_like_path(spec: str) -> bool:
     """True for strings a user means as a local path, never as a Hub id."""
     return spec.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def model_path(spec: str) -> str:
+    """A model as its loader must see it: `~` expanded (neither vLLM nor transformers does
+    that, and an unexpanded path reads as a bad Hub id); a Hub id unchanged."""
+    return os.path.expanduser(spec) if spec.startswith("~") else spec
 
 
 def require_local_model(name: str, flag: str, hint: str = "") -> None:
@@ -45,3 +52,48 @@ def check_writable(target: Path, flag: str) -> None:
             f"{flag} {target} is not writable ({err.strerror or err}); pass another {flag} in a "
             "directory you can write to"
         ) from err
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+def refuse_input_as_output(
+    output: str | Path,
+    inputs: dict[str, str | Path | None],
+    *,
+    output_flag: str,
+    written: Callable[[Path], bool] | None = None,
+) -> None:
+    """Refuse a run whose output would write over, or delete, one of its own inputs.
+
+    `inputs` maps each input flag to its value (None, Hub ids and globs are skipped). An input
+    is refused when it is the output, when the output lies inside it (the command would write
+    into an input directory), or when it lies inside the output and `written(relative path)`
+    says the command writes or removes that path there (by default: anything inside it).
+    Paths are compared expanded and resolved, so `~`, `..` and symlinks do not hide a match.
+    """
+    out = _resolved(output)
+    for flag, value in inputs.items():
+        if (
+            value is None
+            or any(ch in str(value) for ch in "*?[")
+            or not looks_like_path(str(value))
+        ):
+            continue
+        path = _resolved(value)
+        if path == out:
+            problem = f"{flag} {value} is also {output_flag} {output}: it would be overwritten"
+        elif out.is_relative_to(path):
+            problem = (
+                f"{output_flag} {output} lies inside {flag} {value}: the output would be "
+                "written into an input"
+            )
+        elif path.is_relative_to(out) and (written is None or written(path.relative_to(out))):
+            problem = (
+                f"{flag} {value} lies inside {output_flag} {output}, where it would be "
+                "overwritten or removed"
+            )
+        else:
+            continue
+        raise ConfigError(f"{problem}; pass another {output_flag}")

@@ -10,6 +10,8 @@ continues where it stopped. Each stage prints its result path on stdout.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +31,15 @@ STAGES: dict[str, type[StageConfig]] = {
     "generate": GenerateConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+}
+# Set for a stage that `openkd run` starts: the recipe, and the stage's section in it.
+RECIPE_ENV = "OPENKD_RECIPE"
+STAGE_ENV = "OPENKD_RECIPE_STAGE"
+# What a stage wrote, to delete where a stage alone would say --overwrite (a recipe refuses it).
+OUTPUTS = {
+    "generate": "generate.output and its side files",
+    "train": "train.output_dir",
+    "eval": "eval.output_dir",
 }
 
 
@@ -52,7 +63,7 @@ class Recipe:
 def read_recipe(path: Path) -> dict[str, dict[str, Any]]:
     """Each section's own keys (unknown sections and keys are ConfigErrors naming them)."""
     sections = {
-        name: read_section(path, name, set(cls.model_fields), cls.removed)
+        name: read_section(path, name, set(cls.model_fields), cls.removed, given_as="recipe")
         for name, cls in STAGES.items()
     }
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -188,7 +199,10 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> None:
 def _run_stage(name: str, config_file: Path, recipe: Path, remaining: list[str]) -> None:
     from openkd.train.launch import run_child
 
-    status = run_child([sys.executable, "-m", "openkd", name, "--config", str(config_file)])
+    env = {**os.environ, RECIPE_ENV: str(recipe), STAGE_ENV: name}
+    status = run_child(
+        [sys.executable, "-m", "openkd", name, "--config", str(config_file)], env=env
+    )
     if status == 0:
         return
     skipped = f"; {', '.join(remaining)} did not run" if remaining else ""
@@ -204,3 +218,28 @@ def _run_stage(name: str, config_file: Path, recipe: Path, remaining: list[str])
         f"`openkd run {recipe}`: finished work is kept and skipped",
         status if 0 < status < 256 else 1,
     )
+
+
+def in_recipe_terms(message: str, env: dict[str, str] | None = None) -> str:
+    """A stage's error as the user of `openkd run` can act on it: the stage's flags become keys
+    of its recipe section (--max-new-tokens -> generate.max_new_tokens), and --overwrite, which
+    a recipe refuses, becomes deleting the stage's outputs. Unchanged outside a recipe."""
+    env = dict(os.environ) if env is None else env
+    stage = env.get(STAGE_ENV, "")
+    if not env.get(RECIPE_ENV) or stage not in STAGES:
+        return message
+    fields = STAGES[stage].model_fields
+    delete = f"delete {OUTPUTS[stage]}"
+    text = re.sub(r"\b(?:re)?run with --overwrite\b", f"{delete}, then rerun", message)
+    text = re.sub(r"\bpass --overwrite\b", delete, text)
+    text = re.sub(r"--overwrite\b", delete, text)
+
+    def key(match: re.Match[str]) -> str:
+        verb, article, name = match.group(1) or "", match.group(2) or "", match.group(3)
+        if name.replace("-", "_") not in fields:
+            return match.group(0)
+        if verb == "pass " or (verb and article):
+            verb = verb.replace("pass ", "") + "set "
+        return f"{verb}{article}{stage}.{name.replace('-', '_')}"
+
+    return re.sub(r"(?<![\w-])(pass |or )?(another |an? )?--([a-z][a-z0-9-]*)", key, text)

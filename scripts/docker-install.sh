@@ -32,7 +32,8 @@ case "$step" in
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"]))
-print("deepspeed>=0.17")
+# DeepSpeed as the gpu extra asks for it (vLLM is the image's own, held below).
+print("\n".join(r for r in project["optional-dependencies"]["gpu"] if r.startswith("deepspeed")))
 PY
     cat "$tmp/held.txt" >>"$tmp/requirements.txt"
     if [ "${2:-}" = "--check" ]; then

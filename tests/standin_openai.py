@@ -47,6 +47,9 @@ class StandIn:
     arrived: list[tuple[float, str]] = field(default_factory=list)  # (time, prompt)
     answered: list[tuple[float, str]] = field(default_factory=list)  # (time sent, prompt)
     dead: bool = False
+    # Connections waiting to be accepted (http.server's default); past it a burst of new ones is
+    # reset. Tests' timings were tuned with 5: raise it only for hundreds at once.
+    backlog: int = 5
     in_flight: int = 0
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -150,8 +153,11 @@ class StandIn:
                 with standin.lock:
                     standin.answered.append((time.monotonic(), prompt))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
         self.server.daemon_threads = True
+        self.server.request_queue_size = self.backlog
+        self.server.server_bind()
+        self.server.server_activate()
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

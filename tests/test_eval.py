@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,10 @@ def test_same_model_as_teacher_agrees_fully(evaluated):
     assert report["models"]["teacher"]["metrics"]["stop_rate"] == 0.0
     # Teacher-forced likelihood of its own greedy answers: finite, over every answer token.
     assert 0 < student["nll"] < 20 and student["perplexity"] > 1
-    assert student["nll_tokens"] >= N_PROMPTS * MAX_NEW
+    # The random teacher's whitespace-only answers are no reference: left out, and counted.
+    scored = report["rows"]
+    assert scored + report["rows_without_reference"] == N_PROMPTS and scored >= N_PROMPTS // 2
+    assert student["nll_tokens"] >= scored * MAX_NEW
     # The report path is the only thing on stdout; the table is on stderr.
     assert proc.stdout.strip() == str(out_dir / "report.json")
     assert "exact match with teacher" in proc.stderr and "100.0 %" in proc.stderr
@@ -87,7 +91,8 @@ def test_examples_file_has_every_answer_and_score(evaluated, labelled):
     _, out_dir, _ = evaluated
     rows = read_jsonl(out_dir / "examples.jsonl")
     teacher_rows = {r["id"]: r for r in read_jsonl(labelled)}
-    assert len(rows) == N_PROMPTS
+    with_text = [i for i, r in teacher_rows.items() if r["completion"][0]["content"].strip()]
+    assert [r["id"] for r in rows] == with_text
     for row in rows:
         assert row["teacher"]["text"] == teacher_rows[row["id"]]["completion"][0]["content"]
         assert row["student"]["text"] == row["teacher"]["text"]
@@ -112,7 +117,7 @@ def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
     proc = run_cli(*args, "--overwrite", "--no-nll", "--max-samples", 4)
     assert proc.returncode == 0, proc.stderr
     fresh = json.loads(report.read_text())
-    assert fresh["rows"] == 4
+    assert fresh["rows"] + fresh["rows_without_reference"] == 4
     assert "nll" not in fresh["models"]["student"]["metrics"]
 
 
@@ -206,6 +211,7 @@ def test_every_eval_setting_is_a_documented_flag():
     [
         ({"backend": "mock"}, "--backend: Input should be 'vllm', 'openai' or 'transformers'"),
         ({"answer_regex": "(unclosed"}, "--answer-regex is not a valid regex"),
+        ({"reference_column": "prompt"}, "--reference-column prompt is also the --prompt-column"),
         ({"backend": "openai"}, "backend openai needs --base-url URL or --serve"),
         (
             {"backend": "openai", "base_url": "http://x/v1", "teacher": "t"},
@@ -220,3 +226,164 @@ def test_bad_settings_are_config_errors(values, expected):
 
     with pytest.raises(ConfigError, match=expected):
         validate(EvalConfig, {"student": "s", "dataset": "d", **values})
+
+
+# --- issue 15: hollow scores and late failures ------------------------------------------
+
+
+def _run_eval(tmp_path, tiny_model, data, **values):
+    from openkd.eval.config import EvalConfig
+    from openkd.eval.run import run
+
+    settings = {"student": str(tiny_model), "dataset": str(data), "backend": "transformers"}
+    run(EvalConfig(**{**settings, "output_dir": tmp_path / "out", **values}))
+
+
+@pytest.mark.slow
+def test_rows_without_reference_or_nll_room_are_counted_not_scored(tmp_path, tiny_model):
+    """A null or empty teacher answer is left out of every score, never a match; an answer
+    whose prompt fills --nll-max-length is left out of the NLL; both are counted and said."""
+    rows = [
+        {"id": "none", "prompt": "alpha beta", "completion": None},
+        {"id": "empty", "prompt": "gamma delta", "completion": [{"role": "assistant", "content": ""}]},
+        {"id": "blank", "prompt": "eta theta", "completion": [{"role": "assistant", "content": " "}]},
+        {"id": "ok", "prompt": "iota kappa", "completion": [{"role": "assistant", "content": "x y"}]},
+        {"id": "long", "prompt": "word " * 60, "completion": [{"role": "assistant", "content": "z"}]},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out_dir = tmp_path / "out"
+    proc = run_cli(
+        "eval", "--student", tiny_model, "--dataset", data, "--backend", "transformers",
+        "--max-new-tokens", 4, "--nll-max-length", 40, "--output-dir", out_dir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "warning: 3 of 5 rows of " + str(data) + " have an empty or missing reference in "
+        "column 'completion'; they are left out of every score"
+    ) in proc.stderr
+    assert (
+        "warning: student: 1 of 2 teacher answers have no token within --nll-max-length 40"
+        in proc.stderr
+    )
+    assert "(3 more without a reference, not scored)" in " ".join(proc.stderr.split())
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["rows"] == 2 and report["rows_without_reference"] == 3
+    student = report["models"]["student"]["metrics"]
+    assert student["rows"] == 2 and student["nll_skipped"] == 1
+    assert student["nll_tokens"] > 0  # the short row was scored
+    examples = read_jsonl(out_dir / "examples.jsonl")
+    assert [r["id"] for r in examples] == ["ok", "long"]
+    assert examples[1]["student"]["nll"] is None
+
+
+def test_every_reference_empty_is_a_one_line_error(tmp_path, tiny_model):
+    rows = [{"prompt": f"p{i}", "completion": None} for i in range(3)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out_dir = tmp_path / "out"
+    proc = run_cli(
+        "eval", "--student", tiny_model, "--dataset", data, "--output-dir", out_dir,
+        "--backend", "transformers",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert (
+        f"error: every row of --dataset {data} has an empty or missing reference in column "
+        "'completion'"
+    ) in lines[0]
+    assert "--reference-column NAME" in lines[0] and "--teacher MODEL" in lines[0]
+    assert not out_dir.exists()
+
+
+def test_live_teacher_failures_are_left_out_not_matched():
+    from openkd.eval.config import EvalConfig
+    from openkd.eval.examples import Example
+    from openkd.eval.report import Answer
+    from openkd.eval.run import _live_answered
+
+    cfg = EvalConfig(student="s", dataset="d", teacher="t", backend="transformers")
+    examples = [
+        Example(str(i), [{"role": "user", "content": "q"}], None, None, None) for i in range(3)
+    ]
+    refs = [Answer("", "error", 0, error="boom"), Answer(" ", "stop", 1), Answer("a b", "stop", 2)]
+    kept, kept_refs, finishes, missing = _live_answered(
+        cfg, examples, refs, ["error", "stop", "stop"]
+    )
+    assert [ex.id for ex in kept] == ["2"] and kept_refs == refs[2:] and finishes == ["stop"]
+    assert missing == 2
+
+    from openkd.errors import OpenkdError
+
+    with pytest.raises(
+        OpenkdError, match=r"--teacher t answered none of the 2 prompts \(first error: boom\)"
+    ):
+        _live_answered(cfg, examples[:2], refs[:2], ["error", "stop"])
+
+
+def test_output_dir_problems_fail_before_any_model_loads(tmp_path, tiny_model):
+    from openkd.errors import OpenkdError
+
+    data = write_jsonl(tmp_path / "data" / "d.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    afile = tmp_path / "report"
+    afile.write_text("mine")
+    cases = [
+        (afile, f"--output-dir {afile} is a file; pass a directory"),
+        (tiny_model, f"--student {tiny_model} is also --output-dir {tiny_model}"),
+        (tiny_model / "eval", f"--output-dir {tiny_model / 'eval'} lies inside --student"),
+        (data.parent, f"--output-dir {data.parent} is the directory of --dataset {data}"),
+    ]
+    for out_dir, expected in cases:
+        with pytest.raises(OpenkdError, match=re.escape(expected)):
+            _run_eval(tmp_path, tiny_model, data, output_dir=out_dir)
+    assert afile.read_text() == "mine"
+    assert sorted(p.name for p in data.parent.iterdir()) == ["d.jsonl"]
+    with pytest.raises(OpenkdError, match=re.escape(f"--base {tmp_path} is also --output-dir")):
+        _run_eval(tmp_path, tiny_model, data, base=str(tmp_path), output_dir=tmp_path)
+
+
+def test_bad_teacher_metadata_names_the_file_key_and_value(tmp_path, tiny_model):
+    from openkd.errors import OpenkdError
+
+    data = write_jsonl(tmp_path / "t.eval.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    meta = tmp_path / "t.meta.json"
+    meta.write_text(json.dumps({"sampling": {"max_new_tokens": "lots", "stop": []}}))
+    expected = f'{meta}: sampling.max_new_tokens is "lots", not a positive whole number'
+    with pytest.raises(OpenkdError, match=re.escape(expected) + ".*--max-new-tokens"):
+        _run_eval(tmp_path, tiny_model, data)
+    meta.write_text(json.dumps({"sampling": {"max_new_tokens": 8, "stop": "lots"}}))
+    with pytest.raises(OpenkdError, match=re.escape('sampling.stop is "lots", not a list')):
+        _run_eval(tmp_path, tiny_model, data)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nll_max_length_too_small_for_any_prompt_is_refused(tmp_path, tiny_model):
+    from openkd.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi there", "completion": "hello"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"--nll-max-length 1 leaves no room for an answer token: the shortest prompt is (\d+) tokens.*pass --nll-max-length \d+ or more .*--no-nll",
+    ):
+        _run_eval(tmp_path, tiny_model, data, nll_max_length=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_errors_name_only_eval_flags(tmp_path, tiny_model):
+    from openkd.errors import OpenkdError
+
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"question": "hi", "completion": "x"}, {"question": "yo", "completion": "y"}],
+    )
+    with pytest.raises(OpenkdError) as err:
+        _run_eval(tmp_path, tiny_model, data)
+    assert str(err.value).endswith("pass --prompt-column NAME")
+    chat = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"prompt": [{"role": "assistant", "content": "a"}], "completion": "x"}],
+    )
+    with pytest.raises(
+        OpenkdError, match=r"row 0 of .*c.jsonl: column 'prompt': no user message"
+    ) as err:
+        _run_eval(tmp_path, tiny_model, chat)
+    assert "--messages-column" not in str(err.value)

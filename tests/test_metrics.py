@@ -15,8 +15,19 @@ from openkd.verify.extract import extract_answer, same_answer
 def test_exact_match_ignores_case_punctuation_and_spacing_only():
     assert m.exact_match("Tiger  apple.", "tiger apple") == 1.0
     assert m.exact_match("tiger apple", "apple tiger") == 0.0
-    assert m.exact_match("", "") == 1.0
     assert m.exact_match("tiger", "") == 0.0
+    assert m.exact_match("?", "?") == 1.0 and m.exact_match("!", "?") == 0.0
+
+
+def test_an_empty_reference_never_matches():
+    """A row without a teacher answer must not score as perfect agreement (issue 15)."""
+    for reference in ("", "   ", "\n"):
+        for prediction in ("", "  ", "tiger"):
+            assert m.exact_match(prediction, reference) == 0.0
+            assert m.token_f1(prediction, reference) == 0.0
+            assert m.rouge_l(prediction, reference) == 0.0
+    # Punctuation alone normalises to nothing, yet is not the same as whitespace.
+    assert m.exact_match("\n\n", '""') == 0.0
 
 
 def test_token_f1_by_hand():
@@ -25,8 +36,7 @@ def test_token_f1_by_hand():
     # Counts are clipped: pred "a a a" vs ref "a b": common 1 -> P = 1/3, R = 1/2, F1 = 0.4.
     assert m.token_f1("a a a", "a b") == pytest.approx(0.4)
     assert m.token_f1("x y", "a b") == 0.0
-    assert m.token_f1("", "") == 1.0
-    assert m.token_f1("a", "") == 0.0
+    assert m.token_f1("a", "") == 0.0 and m.token_f1("", "a") == 0.0
 
 
 def test_rouge_l_by_hand():

@@ -215,3 +215,44 @@ def test_close_is_idempotent(standin: StandIn) -> None:
     backend.close()
     with pytest.raises(OpenkdError, match="not started"):
         answer_in_order(backend, [CONV], GREEDY)
+
+
+def test_sampled_top_k_drops_a_sampled_token_ranked_below_k(standin: StandIn) -> None:
+    """A vLLM server lists the sampled token first, then ranks 1, 2, ..., and sends the first
+    `top_logprobs` of them. Sampling at K=3, openkd asks for 4 and keeps the true top 3, also
+    where the sampled token ranks 5th (it would otherwise push rank 3 out)."""
+    ranked = [(100, -0.5), (101, -1.0), (102, -1.5), (103, -2.0), (104, -2.5)]
+
+    def position(chosen: int, n: int) -> dict:
+        value = dict(ranked)[chosen]
+        entries = [(chosen, value)] + [entry for entry in ranked if entry[0] != chosen]
+        return {
+            "token": f"token_id:{chosen}",
+            "logprob": value,
+            "top_logprobs": [{"token": f"token_id:{i}", "logprob": v} for i, v in entries[:n]],
+        }
+
+    standin.logprobs = lambda prompt, n: [position(104, n), position(102, n), position(100, n)]
+    sampled = Sampling(temperature=0.8, max_new_tokens=16, seed=3)
+    with make_backend(standin.base_url, logprobs=3, temperature=0.8) as backend:
+        [result] = answer_in_order(backend, [CONV], sampled)
+    assert standin.requests[-1]["top_logprobs"] == 4
+    assert result.logprobs is not None
+    assert result.logprobs.token_ids.tolist() == [104, 102, 100]
+    assert result.logprobs.top_ids.tolist() == [[100, 101, 102]] * 3
+    assert result.logprobs.top_logprobs.tolist() == [[-0.5, -1.0, -1.5]] * 3
+
+    with make_backend(standin.base_url, logprobs=3) as greedy:  # rank 1 is chosen: K is enough
+        answer_in_order(greedy, [CONV], GREEDY)
+    assert standin.requests[-1]["top_logprobs"] == 3
+
+
+def test_a_served_engine_allows_the_extra_log_probability_when_sampling() -> None:
+    from openkd.generate.vllm.engine import engine_options
+
+    def options(**overrides) -> dict:
+        return engine_options(GenerateConfig(teacher="t", dataset="d.jsonl", **overrides))
+
+    assert "max_logprobs" not in options(logprobs=20)  # vLLM's default limit is 20
+    assert options(logprobs=20, temperature=0.7)["max_logprobs"] == 21
+    assert options(logprobs=32)["max_logprobs"] == 32

@@ -212,10 +212,11 @@ def test_vllm_command_carries_every_engine_setting(tmp_path: Path) -> None:
         serve_args=["--kv-cache-dtype fp8", "--max-model-len=4096"],
     )
     cmd = vllm_server_command(cfg, 8123)
-    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    line = " ".join(cmd[3:])
+    # `vllm serve` (one API server per replica by default), vLLM's command line as a module.
+    assert cmd[:5] == [sys.executable, "-m", "openkd.generate.vllm.cli", "serve", "org/teacher"]
+    line = " ".join(cmd[5:])
     for expected in (
-        "--model org/teacher --served-model-name org/teacher",
+        "--served-model-name org/teacher",
         "--host 127.0.0.1 --port 8123",
         "--tensor-parallel-size 2",
         "--data-parallel-size 4",

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from openkd.generate.vllm.server import SERVE_MODULE
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "configs" / "slurm"
 SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")])
@@ -45,14 +47,8 @@ PLAUSIBLE_ENV = {
     "OUTPUT": "outputs/numina-qwen7b/teacher.jsonl",
     # generate_node.sh reads these from `openkd generate --dry-run` at run time.
     "TEACHER": "Qwen/Qwen2.5-7B-Instruct",
-    "DTYPE": "bfloat16",
-    "GPU_MEMORY_UTILIZATION": "0.9",
-    "SEED": "0",
-    "MAX_MODEL_LEN": "8192",
-    "MAX_NUM_SEQS": "",
-    "REVISION": "",
-    "ENFORCE_EAGER": "",
-    "TRUST_REMOTE_CODE": "",
+    "MODEL": "Qwen/Qwen2.5-7B-Instruct",
+    "SERVE_MODULE": SERVE_MODULE,  # --serve's way to run `vllm serve`; the node script's too
     "MASTER_ADDR": "gpu001",
     "OUTPUT_DIR": "outputs/numina-qwen7b/student",
     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -68,7 +64,8 @@ sbatch() { echo 4240; }
 
 COMMAND_START = re.compile(
     r"(?P<accelerate>\baccelerate\s+launch\b)"
-    r"|(?P<vllm>\bpython3?\s+-m\s+vllm\.entrypoints\.openai\.api_server\b|\bvllm\s+serve\b)"
+    r"|(?P<vllm>\bpython3?\s+-m\s+vllm\.entrypoints\.openai\.api_server\b"
+    r"|\bpython3?\s+-m\s+\S+\s+serve\b|\bvllm\s+serve\b)"
     r"|(?P<openkd>(?<![\w/.-])openkd\s+(?:generate|train|merge)\b)"
 )
 ASSIGNMENT = re.compile(r"^(?:export\s+)?[A-Za-z_][A-Za-z0-9_]*=")
@@ -265,7 +262,7 @@ def test_extraction_found_every_kind_of_command():
     assert "openkd merge" in by_source["merge.sbatch"]
     assert "accelerate launch" in by_source["train_multinode.sbatch"]
     readme = set().union(*(v for k, v in by_source.items() if k.startswith("README")))
-    assert {"openkd generate", "openkd train", "accelerate launch", "python -m"} <= readme
+    assert {"openkd generate", "openkd train", "accelerate launch", "vllm serve"} <= readme
 
 
 def test_array_task_shards_by_array_index():
@@ -384,9 +381,9 @@ def vllm_server_parser():
 @pytest.mark.slow
 @pytest.mark.parametrize("cmd", VLLM, ids=ids(VLLM))
 def test_vllm_server_command_parses(cmd: Command, vllm_server_parser):
-    start = 3 if cmd.words[0].startswith("python") else 2
-    if cmd.words[:2] == ("vllm", "serve"):
-        start = 2
+    # The arguments after `vllm serve`, `python -m MODULE serve` or the older
+    # `python -m vllm.entrypoints.openai.api_server`.
+    start = cmd.words.index("serve") + 1 if "serve" in cmd.words[:4] else 3
     args = vllm_server_parser.parse_args(list(cmd.words[start:]))
     model = args.model if args.model_tag is None else args.model_tag
     assert model, f"{cmd}: no model"

@@ -50,10 +50,11 @@ printf '%s\\0' "$@" > "$STUB_LOG/accelerate.$SLURM_NODEID"
     "curl": """#!/bin/bash
 echo "$*" >> "$STUB_LOG/curl"
 """,
-    # The vLLM server is a sleeping stand-in; any other python call is the real interpreter.
+    # `vllm serve` is a sleeping stand-in; any other python call is the real interpreter.
     "python": f"""#!/bin/bash
-if [[ "$1 $2" == "-m vllm.entrypoints.openai.api_server" ]]; then
-  printf '%s\\0' "${{@:3}}" > "$STUB_LOG/vllm-args"
+if [[ "$1" == -m && "$3" == serve ]]; then
+  printf '%s\\0' "${{@:4}}" > "$STUB_LOG/vllm-args"
+  echo "$2" > "$STUB_LOG/vllm-module"
   echo $$ > "$STUB_LOG/vllm-pid"
   exec sleep 600
 fi
@@ -289,6 +290,44 @@ def test_submit_generate_chains_the_merge_after_every_array_task(repo_copy, tmp_
     assert bad.returncode == 2 and "positive integer" in bad.stderr
 
 
+def test_submit_generate_gives_the_merge_job_the_account_qos_and_partition(repo_copy, tmp_path):
+    """The merge job must be accepted by the same account, QoS and partition as the array;
+    a task's size (GPUs, memory, time) is the array's alone."""
+    stubs = make_stubs(tmp_path / "bin", ["sbatch"])
+    script = repo_copy / "configs" / "slurm" / "submit_generate.sh"
+    flags = [
+        "--account=proj7",
+        "--qos", "high",
+        "-p", "gpu",
+        "--gpus-per-task=2",
+        "--mem", "128G",
+        "-t", "08:00:00",
+        "--reservation=kd",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(script), "4", *flags],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PATH": f"{stubs}{os.pathsep}/usr/bin:/bin",
+            "STUB_LOG": str(log_dir(stubs)),
+        },
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    array, merge = (log_dir(stubs) / "sbatch").read_text().splitlines()
+    assert array == (
+        "--parsable --array=0-3 --export=ALL,NUM_SHARDS=4 " + " ".join(flags)
+        + " configs/slurm/generate_array.sbatch"
+    )  # fmt: skip
+    assert merge == (
+        "--parsable --dependency=afterok:1001 --export=ALL,NUM_SHARDS=4 "
+        "--account=proj7 --qos high -p gpu --reservation=kd configs/slurm/merge.sbatch"
+    )
+
+
 def test_train_job_starts_one_accelerate_launcher_per_node(tmp_path):
     from accelerate.commands.launch import launch_command_parser
 
@@ -335,30 +374,83 @@ exec {sys.executable} -m openkd "$@" --dry-run
 """
 
 
-def test_node_script_runs_its_own_vllm_server_and_stops_it(tmp_path):
-    import psutil
+def server_args(stubs: Path):
+    """What the node script passed to `vllm serve`, parsed by vLLM's own parser."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    words = (log_dir(stubs) / "vllm-args").read_text().split("\0")[:-1]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(words)
+
+
+def node_config(tmp_path: Path, **generate) -> str:
+    """distill.yaml's generate section with `generate` on top."""
+    section = yaml.safe_load((SLURM / "distill.yaml").read_text())["generate"]
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"generate": {**section, **generate}}))
+    return str(path)
+
+
+def test_node_script_runs_its_own_vllm_server_and_stops_it(tmp_path):
+    import psutil
 
     stubs = make_stubs(tmp_path / "bin", ["python", "curl", "openkd"], {"openkd": OPENKD_DRY})
     (tmp_path / "logs").mkdir()
     proc = run_script(SLURM / "generate_node.sh", node_env(tmp_path, TP="2"), stubs, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
-    words = (log_dir(stubs) / "vllm-args").read_text().split("\0")[:-1]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(words)
-    assert args.model == "Qwen/Qwen2.5-7B-Instruct" == args.served_model_name[0]
+    from openkd.generate.vllm.server import SERVE_MODULE
+
+    # `vllm serve`, started the way openkd's --serve starts it.
+    assert (log_dir(stubs) / "vllm-module").read_text().strip() == SERVE_MODULE
+    args = server_args(stubs)
+    assert args.model_tag == "Qwen/Qwen2.5-7B-Instruct" == args.served_model_name[0]
     assert (args.tensor_parallel_size, args.data_parallel_size) == (2, 4)
     assert (args.dtype, args.max_model_len) == ("bfloat16", 8192)
     assert not args.trust_remote_code
+    assert args.max_logprobs == 20, "vLLM's default: no --logprobs in distill.yaml"
     server = int((log_dir(stubs) / "vllm-pid").read_text())
     assert not psutil.pid_exists(server) or psutil.Process(server).status() == "zombie"
 
     assert "http://127.0.0.1:8000/health" in (log_dir(stubs) / "curl").read_text()
-    labelling = (log_dir(stubs) / "openkd").read_text().splitlines()[-1]
+    calls = (log_dir(stubs) / "openkd").read_text().splitlines()
+    labelling = calls[-1]
     host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-    assert f"--backend openai --base-url http://{host or socket.gethostname()}:8000/v1" in labelling
-    assert "--shard 1/2" in labelling
+    assert f"--base-url http://{host or socket.gethostname()}:8000/v1" in labelling
+    assert "--backend openai --no-serve" in labelling and "--shard 1/2" in labelling
+    # The client's exact command was validated first, before the server started.
+    assert calls[0] == labelling + " --dry-run"
+
+
+def test_node_server_gets_the_configs_engine_options_and_the_client_does_not(tmp_path):
+    """--logprobs above 20 needs the server's --max-logprobs; vllm_args go to the server only
+    (the client would refuse them without --serve)."""
+    stubs = make_stubs(tmp_path / "bin", ["python", "curl", "openkd"], {"openkd": OPENKD_DRY})
+    (tmp_path / "logs").mkdir()
+    config = node_config(tmp_path, logprobs=32, vllm_args={"enable_prefix_caching": True})
+    env = node_env(tmp_path, CONFIG=config, TP="8")
+    proc = run_script(SLURM / "generate_node.sh", env, stubs, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    args = server_args(stubs)
+    assert args.max_logprobs == 32
+    assert args.enable_prefix_caching is True
+    assert (args.tensor_parallel_size, args.data_parallel_size) == (8, 1)
+    labelling = (log_dir(stubs) / "openkd").read_text().splitlines()[-1]
+    assert "--vllm-args {}" in labelling
+
+
+def test_node_script_refuses_a_bad_client_config_before_starting_the_server(tmp_path):
+    stubs = make_stubs(tmp_path / "bin", ["python", "curl", "openkd"], {"openkd": OPENKD_DRY})
+    (tmp_path / "logs").mkdir()
+    config = node_config(tmp_path, num_samples=4)  # greedy decoding: the same answer 4 times
+    proc = run_script(
+        SLURM / "generate_node.sh", node_env(tmp_path, CONFIG=config), stubs, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "--num-samples 4" in line
+    assert not (log_dir(stubs) / "vllm-args").exists(), "no server was started"
+    assert not (log_dir(stubs) / "curl").exists()
 
 
 def test_node_script_refuses_more_gpus_than_the_node_has(tmp_path):

@@ -208,7 +208,7 @@ def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path, mon
         monkeypatch, capsys, *args, *short, "--learning-rate", "5e-3", "--overwrite"
     )
     assert code == 0, err[-3000:]
-    assert "--overwrite: removed" in err and "resuming from" not in err
+    assert "--overwrite: removing" in err and "resuming from" not in err
     record = json.loads((out / "openkd_run.json").read_text())
     assert record["identity"]["settings"]["learning_rate"] == 0.005
 
@@ -268,7 +268,8 @@ def test_eos_mismatch_is_an_error_with_the_fix(tiny_model, dataset, tmp_path, mo
         ("student_missing", r"--student \S+: no such directory"),
         (
             "all_filtered",
-            r"all 2 rows were filtered out \(1 truncated .* 1 empty .*--keep-truncated",
+            r"0 usable rows in --dataset \S+: all 2 rows were filtered out \(1 truncated .* 1 empty "
+            r".*--keep-truncated",
         ),
         ("max_length", r"--max-length 8 is shorter than every prompt .*longest \d+ tokens"),
         ("no_template", r"has no chat template .*--chat-template FILE"),

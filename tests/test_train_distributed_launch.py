@@ -318,3 +318,80 @@ def test_cli_missing_accelerate_config(tiny_model: Path, tmp_path: Path) -> None
         "file or one of the shipped names: zero3, zero3_offload, zero2, ddp, multinode_zero3"
     )
     assert not (tmp_path / "out").exists()
+
+
+SLURM_NODE_2_OF_4 = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NNODES": "4",
+    "SLURM_NODEID": "2",
+    "SLURM_GPUS_ON_NODE": "8",
+    "MASTER_ADDR": "gpu001",
+    "MASTER_PORT": "29500",
+}
+
+
+def test_multinode_under_slurm_takes_the_world_from_the_job(no_launcher_env: None) -> None:
+    """4 nodes x 8 GPUs: 4 machines and 32 processes, whatever the YAML's 2 x 16 says."""
+    from accelerate.commands.launch import launch_command_parser
+
+    cfg = _cfg(deepspeed="multinode_zero3", bf16=True)
+    plan = launch_plan(cfg, env=SLURM_NODE_2_OF_4)
+    assert plan is not None
+    args = launch_command_parser().parse_args(launch_command(plan, ["train", "--student", "s"])[3:])
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (4, 32, 2)
+    assert (args.main_process_ip, args.main_process_port) == ("gpu001", 29500)
+    assert args.module and args.training_script == "openkd"
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        ({"SLURM_GPUS_PER_NODE": "h100:8"}, 32),
+        ({"SLURM_GPUS_PER_NODE": "4"}, 16),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 16),
+    ],
+)
+def test_gpus_per_node_from_the_other_slurm_and_cuda_variables(
+    no_launcher_env: None, gpus: dict[str, str], expected: int
+) -> None:
+    env = {k: v for k, v in SLURM_NODE_2_OF_4.items() if k != "SLURM_GPUS_ON_NODE"}
+    plan = launch_plan(_cfg(deepspeed="multinode_zero3", bf16=True), env={**env, **gpus})
+    assert plan is not None and _flag(plan.args, "--num_processes") == str(expected)
+
+
+def test_explicit_settings_win_over_slurm(no_launcher_env: None) -> None:
+    cfg = _cfg(deepspeed="multinode_zero3", bf16=True, num_processes=12)
+    plan = launch_plan(cfg, env={**SLURM_NODE_2_OF_4, "NUM_MACHINES": "3"})
+    assert plan is not None
+    assert _flag(plan.args, "--num_processes") == "12"
+    assert _flag(plan.args, "--num_machines") == "3"
+    # NUM_MACHINES alone: processes follow it.
+    plan = launch_plan(
+        _cfg(deepspeed="multinode_zero3", bf16=True), {**SLURM_NODE_2_OF_4, "NUM_MACHINES": "3"}
+    )
+    assert plan is not None and _flag(plan.args, "--num_processes") == "24"
+
+
+def test_single_node_config_ignores_a_multinode_slurm_job(no_launcher_env: None) -> None:
+    plan = launch_plan(_cfg(deepspeed="zero3", bf16=True), env=SLURM_NODE_2_OF_4)
+    assert plan is not None
+    assert "--num_machines" not in plan.args and "--num_processes" not in plan.args
+
+
+def test_rank_outside_the_machines_is_refused(no_launcher_env: None) -> None:
+    env = {**SLURM_NODE_2_OF_4, "NUM_MACHINES": "2"}
+    with pytest.raises(OpenkdError) as info:
+        launch_plan(_cfg(deepspeed="multinode_zero3", bf16=True, num_processes=16), env=env)
+    assert str(info.value) == (
+        "this node's rank 2 (SLURM_NODEID) is outside 0..1 for 2 machines; set NUM_MACHINES "
+        "to the number of nodes"
+    )
+
+
+def test_slurm_without_a_gpu_count_says_how_to_fix_it(
+    no_launcher_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "_cuda_device_count", lambda: 0)
+    env = {k: v for k, v in SLURM_NODE_2_OF_4.items() if k != "SLURM_GPUS_ON_NODE"}
+    with pytest.raises(OpenkdError, match="pass --num-processes with the total over all nodes"):
+        launch_plan(_cfg(deepspeed="multinode_zero3", bf16=True), env=env)

@@ -3,7 +3,6 @@ wrong key fails before any engine starts, naming it."""
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from openkd.errors import ConfigError
 from openkd.generate.config import GenerateConfig
-from openkd.generate.vllm.engine import check_vllm_args, engine_options
+from openkd.generate.vllm.engine import check_vllm_args, engine_options, llm_arguments
 from openkd.generate.vllm.server import vllm_server_command
 from tests.conftest import run_cli, write_jsonl
 
@@ -42,17 +41,22 @@ def test_json_flag_and_yaml_mapping_give_the_same_options() -> None:
 
 @pytest.mark.slow
 def test_served_command_carries_them_and_vllms_parser_accepts_it(tmp_path: Path) -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    cfg = config(backend="openai", serve=True, vllm_args=TUNED, output=tmp_path / "t.jsonl")
+    cfg = config(
+        backend="openai", serve=True, vllm_args=TUNED, output=tmp_path / "t.jsonl",
+        data_parallel_size=2,
+    )  # fmt: skip
     cmd = vllm_server_command(cfg, 8123)
-    for module in ("vllm.entrypoints.openai.cli_args", "vllm.entrypoints.launchers.cli_args"):
-        try:
-            parser = importlib.import_module(module).make_arg_parser(FlexibleArgumentParser())
-            break
-        except (ImportError, AttributeError):
-            continue
+    # The parser of vLLM's command line (vllm.entrypoints.cli.main) with its `serve` subcommand.
+    parser = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
     args = parser.parse_args(cmd[3:])
+    assert args.subparser == "serve" and args.model_tag == "org/teacher"
+    assert args.served_model_name == ["org/teacher"] and args.port == 8123
+    # Unset: `vllm serve` then runs one API server per data-parallel replica.
+    assert args.data_parallel_size == 2 and args.api_server_count is None
     assert args.quantization == "fp8" and args.kv_cache_dtype == "fp8"
     assert args.max_num_batched_tokens == 16384 and args.enable_prefix_caching is True
     assert args.speculative_config["num_speculative_tokens"] == 4
@@ -164,3 +168,30 @@ def test_flat_logprobs_give_the_same_top_k_as_the_per_position_dicts():
     assert fast[0].dtype == np.int32 and fast[1].dtype == np.float16
     flat.ranks[1] = 2  # not ranks 1..k in order: the general path decides
     assert _ranked_top_k(flat, k, "float16") is None
+
+
+def test_a_teacher_path_with_a_tilde_reaches_vllm_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """openkd's checks expand `~`; vLLM does not: it must get the expanded path (the client
+    still asks the server for the teacher as typed, the name it is served under)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home_teacher = str(tmp_path / "models" / "teacher")
+    cfg = config(teacher="~/models/teacher", output=tmp_path / "t.jsonl")
+    assert llm_arguments(cfg)["model"] == home_teacher
+    cmd = vllm_server_command(cfg.model_copy(update={"backend": "openai", "serve": True}), 8123)
+    assert cmd[3:5] == ["serve", home_teacher]
+    assert cmd[cmd.index("--served-model-name") + 1] == "~/models/teacher"
+    assert llm_arguments(config(teacher="org/teacher"))["model"] == "org/teacher"  # a Hub id
+
+
+@pytest.mark.slow
+def test_transformers_loads_a_model_under_a_tilde(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openkd.generate.backends.transformers import load_causal_lm
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny").symlink_to(tiny_model)
+    model, tokenizer = load_causal_lm("~/tiny")
+    assert tokenizer.eos_token is not None and model.config.vocab_size > 0

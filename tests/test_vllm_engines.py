@@ -141,6 +141,62 @@ def test_served_vllm_matches_in_process(
         assert np.allclose(a.top_logprobs, b.top_logprobs, atol=2e-2), rid
 
 
+SAMPLED_FLAGS = (
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-new-tokens", "32",
+    "--keep-truncated", "--gpu-memory-utilization", "0.25", "--concurrency", "8",
+    "--temperature", "1.0", "--seed", "7", "--logprobs", "2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sampled(workdir: Path, tiny_model: Path) -> dict[str, Path]:
+    """Both engines sampling (T=1, seeded) with --logprobs 2: the chaotic teacher often samples
+    a token outside its top 2, the case a server's first-K entries get wrong."""
+    prompts = write_jsonl(
+        workdir / "sampled" / "prompts.jsonl", [{"prompt": p} for p in make_prompts(8, seed=3)]
+    )
+    outs = {}
+    for name, backend in (
+        ("vllm", ("--backend", "vllm")),
+        ("serve", ("--backend", "openai", "--serve")),
+    ):
+        out = workdir / "sampled" / name / "labels.jsonl"
+        result = run_cli(
+            "generate", "--teacher", tiny_model, "--dataset", prompts, "--output", out,
+            *backend, *SAMPLED_FLAGS, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outs[name] = out
+    return outs
+
+
+def same_context(a: np.ndarray, b: np.ndarray) -> int:
+    """How many first positions have the same tokens before them in both answers (a position's
+    top-K depends only on those): up to and including the first that differs."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return n if not len(differ) else int(differ[0]) + 1
+
+
+def test_sampled_top_k_is_the_same_in_process_and_served(sampled: dict[str, Path]) -> None:
+    from openkd.data.logprobs import SidecarReader
+
+    ours = SidecarReader(sampled["vllm"].with_name("labels.logprobs"))
+    theirs = SidecarReader(sampled["serve"].with_name("labels.logprobs"))
+    rows = read_jsonl(sampled["vllm"])
+    assert {r["id"] for r in rows} == {r["id"] for r in read_jsonl(sampled["serve"])}
+    compared = outside = 0
+    for row in rows:
+        a, b = ours[row["id"]], theirs[row["id"]]
+        n = same_context(a.token_ids, b.token_ids)
+        assert a.top_ids[:n].tolist() == b.top_ids[:n].tolist(), row["id"]
+        assert np.allclose(a.top_logprobs[:n], b.top_logprobs[:n], atol=2e-2), row["id"]
+        compared += n
+        outside += sum(int(a.token_ids[i] not in a.top_ids[i]) for i in range(n))
+    assert compared >= 64, compared
+    assert outside >= 3, "no sampled token fell outside the top 2: the case is not exercised"
+
+
 def test_serve_logs_to_file_and_leaves_no_process(
     served: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -148,7 +204,7 @@ def test_serve_logs_to_file_and_leaves_no_process(
     log = out.with_name("labels.server.log")
     assert "labels.server.log" in " ".join(result.stderr.split())
     text = log.read_text()
-    assert "vllm.entrypoints.openai.api_server --model" in text
+    assert "-m openkd.generate.vllm.cli serve " in text  # `vllm serve`, run as a module
     assert "--served-model-name" in text and "--host 127.0.0.1" in text
     pid = int(re.search(r"vLLM server pid (\d+)", text).group(1))
     assert group_members(pid) == []
@@ -181,3 +237,63 @@ def read_meta(out: Path) -> dict:
     import json
 
     return json.loads(out.with_name("labels.meta.json").read_text())
+
+
+def engine_core_of(pid: int) -> psutil.Process | None:
+    """The EngineCore process among openkd's children (vLLM titles it VLLM::EngineCore)."""
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_engine_killed_mid_run_stops_openkd_with_one_line_and_keeps_rows(
+    workdir: Path, tiny_model: Path
+) -> None:
+    """SIGKILL (the OOM killer's signal) of vLLM's engine process: openkd must not wait forever
+    for its next output; it exits 1 soon, with one line, keeping every row written before."""
+    import os
+    import signal
+    import sys
+    import time
+
+    prompts = write_jsonl(
+        workdir / "kill" / "prompts.jsonl", [{"prompt": p} for p in make_prompts(400, seed=5)]
+    )
+    out = workdir / "kill" / "labels.jsonl"
+    flags = [f for f in ENGINE_FLAGS if f not in ("--logprobs", "5")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openkd", "generate", "--teacher", str(tiny_model),
+         "--dataset", str(prompts), "--output", str(out), "--backend", "vllm", *flags,
+         "--concurrency", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and read_jsonl(out)):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no row written within 300 s"
+            time.sleep(0.1)
+        core = engine_core_of(proc.pid)
+        assert core is not None, "no EngineCore process under openkd"
+        core.send_signal(signal.SIGKILL)
+        before = len(read_jsonl(out))
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    assert took < 60, f"openkd took {took:.0f} s to notice the dead engine"
+    [line] = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: the vLLM engine died (")
+    assert "killed by SIGKILL" in line and "rerun the same command to continue" in line
+    assert "Traceback" not in stderr
+    rows = read_jsonl(out)  # every line whole JSON: nothing torn
+    assert before <= len(rows) < 400
+    assert read_meta(out)["status"] == "stopped"

@@ -1,5 +1,6 @@
 """The vLLM backend's engine loop against a stand-in engine: answers stream out in finish order,
-the window is refilled as they finish, a prompt vLLM refuses fails alone, a dead engine stops.
+the window is refilled as they finish, a prompt vLLM refuses fails alone, a dead engine stops
+(also one whose process was killed while a step waited for it).
 
 The stand-in has vLLM's offline surface (`LLM.enqueue_chat`, `LLMEngine.step`/`abort_request`);
 the real engine's answers are covered by tests/test_vllm_engines.py.
@@ -8,7 +9,9 @@ the real engine's answers are covered by tests/test_vllm_engines.py.
 from __future__ import annotations
 
 import itertools
+import queue
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +140,51 @@ def test_stop_returns_and_aborts_what_is_running() -> None:
     assert first[0].messages[0]["content"] == "a"
     assert sorted(engine.aborted) == ["1", "2"]  # running when it stopped; nothing more added
     assert engine.added == ["a", "bbbbbb", "cccccc"]
+
+
+class SilentlyDyingEngine(StubEngine):
+    """A step waits on an output queue, as vLLM's multiprocess client does; the engine process
+    then dies without a word (SIGKILL): vLLM's monitor only marks it dead, nothing is queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ended = {"EngineCore_DP0": -9}
+        manager = SimpleNamespace(finished_procs=lambda: ended)
+        self.engine_core = SimpleNamespace(
+            outputs_queue=queue.Queue(),
+            resources=SimpleNamespace(engine_dead=False, engine_manager=manager),
+        )
+
+    def step(self):
+        if self.steps == 1:  # the monitor notices the death while the second step waits
+            threading.Timer(0.2, setattr, (self.engine_core.resources, "engine_dead", True)).start()
+        if self.steps >= 1:
+            outputs = self.engine_core.outputs_queue.get()  # vLLM's SyncMPClient.get_output
+            if isinstance(outputs, Exception):
+                raise outputs
+        return super().step()
+
+
+def test_an_engine_killed_without_a_word_stops_the_stream_instead_of_hanging() -> None:
+    engine = SilentlyDyingEngine()
+    result: list = []
+
+    def consume() -> None:
+        stream = backend_with(engine).stream(requests("a", "bcdef", "ghijk"), Sampling())
+        try:
+            for answer in stream:
+                result.append(answer)
+        except TeacherUnavailable as err:
+            result.append(err)
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the stream hung on a dead engine"
+    *answers, error = result
+    assert [r.messages[0]["content"] for r, _ in answers] == ["a"]
+    assert isinstance(error, TeacherUnavailable)
+    assert str(error).startswith(
+        "the vLLM engine died (EngineCore_DP0 was killed by SIGKILL (the OOM killer sends it))"
+    )
+    assert sorted(engine.aborted) == ["1", "2"]

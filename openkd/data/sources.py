@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from openkd.data.jsonl import iter_jsonl
 from openkd.data.layout import is_side_file
 from openkd.data.prompts import PromptBuilder
-from openkd.errors import OpenkdError, brief
+from openkd.errors import ConfigError, OpenkdError, brief
 from openkd.paths import looks_like_path
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ BUILDERS = {
 }
 SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")
 GLOB_CHARS = "*?["
+DEFAULT_SPLIT = "train"  # what `datasets` calls the one split of plain data files
 
 
 class PromptOptions(Protocol):
@@ -117,10 +118,14 @@ def load_source(
     subset: str | None = None,
     flag: str = "--dataset",
     empty_hint: str = "point it at a dataset with prompts",
+    split_flag: str = "--split",
+    subset_flag: str = "--subset",
 ) -> Dataset:
     """The dataset at `spec` as one split; OpenkdError naming `flag` and the problem if it can't
     be read. `datasets`' own error logging and progress bars are off: loading is a step of a
-    larger command with its own output, and the message says what went wrong."""
+    larger command with its own output, and the message says what went wrong. A split other
+    than train, or a subset, that a local dataset cannot honour is refused (`split_flag` and
+    `subset_flag` say how the user gave them), never silently ignored."""
     import logging
 
     from datasets.utils import logging as ds_logging  # configures its logger; quiet it after
@@ -130,7 +135,8 @@ def load_source(
     log.setLevel(logging.CRITICAL)
     ds_logging.disable_progress_bar()
     try:
-        dataset = _load(spec, split=split, subset=subset, flag=flag, empty_hint=empty_hint)
+        where = _Where(spec, flag, split_flag, subset_flag)
+        dataset = _load(spec, split=split, subset=subset, where=where, empty_hint=empty_hint)
     finally:
         log.setLevel(level)
         if bars:
@@ -140,16 +146,44 @@ def load_source(
     return dataset
 
 
-def _load(spec: str, *, split: str, subset: str | None, flag: str, empty_hint: str) -> Dataset:
+@dataclass(frozen=True)
+class _Where:
+    """How the user named a source and its split and subset, for the messages."""
+
+    spec: str
+    flag: str
+    split_flag: str
+    subset_flag: str
+
+    def one_split(self, split: str) -> None:
+        """A local dataset without splits is read as its one split, `train`: refuse another."""
+        if split != DEFAULT_SPLIT:
+            raise ConfigError(
+                f"{self.flag} {self.spec} is a local dataset with one split, so "
+                f"{self.split_flag} '{split}' cannot apply; drop it"
+            )
+
+    def no_subset(self, subset: str | None) -> None:
+        if subset is not None:
+            raise ConfigError(
+                f"{self.flag} {self.spec} is local, and {self.subset_flag} '{subset}' names a "
+                "configuration of a Hub dataset; drop it"
+            )
+
+
+def _load(spec: str, *, split: str, subset: str | None, where: _Where, empty_hint: str) -> Dataset:
+    flag = where.flag
     require_source(spec, flag)
     expanded = os.path.expanduser(spec)
     files = local_files(spec)
     if files is None:
         return _load_hub(spec, split=split, subset=subset, flag=flag)
+    where.no_subset(subset)
     if os.path.isdir(expanded):
-        return _load_directory(Path(expanded), spec, split, flag, empty_hint)
+        return _load_directory(Path(expanded), spec, split, where, empty_hint)
     if not files:
         raise OpenkdError(f"{flag} {spec}: no files match this pattern; check the glob")
+    where.one_split(split)
     return _load_files(files, spec, flag, empty_hint)
 
 
@@ -203,11 +237,12 @@ def count_json_lines(path: Path) -> int:
     return count
 
 
-def _load_directory(path: Path, spec: str, split: str, flag: str, empty_hint: str) -> Dataset:
+def _load_directory(path: Path, spec: str, split: str, where: _Where, empty_hint: str) -> Dataset:
     """A `save_to_disk` directory, or the data files in one (never an output's side files:
     `*.eval.jsonl`, `*.truncated.jsonl`, `*.failed.jsonl` beside a labelled file)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    flag = where.flag
     if any((path / marker).exists() for marker in SAVE_TO_DISK_MARKERS):
         try:
             loaded = load_from_disk(str(path))
@@ -220,6 +255,7 @@ def _load_directory(path: Path, spec: str, split: str, flag: str, empty_hint: st
                     f"{', '.join(loaded)}, or the split's own directory"
                 )
             return loaded[split]
+        where.one_split(split)
         return loaded
     files = [
         p
@@ -232,6 +268,7 @@ def _load_directory(path: Path, spec: str, split: str, flag: str, empty_hint: st
             f"{'/'.join(BUILDERS)} files"
         )
     if len({p.suffix.lower() for p in files}) == 1:
+        where.one_split(split)
         return _load_files(files, spec, flag, empty_hint)
     try:
         return load_dataset(str(path), split=split)

@@ -86,6 +86,8 @@ def load_benchmark(bench: Benchmark) -> tuple[Dataset, str | None]:
             subset=bench.subset,
             flag="--benchmark",
             empty_hint="point it at the benchmark's problems",
+            split_flag="its SPLIT",
+            subset_flag="its SUBSET",
         )
         return dataset, bench.split
     return _load_hub(bench)

@@ -45,7 +45,13 @@ class Benchmark(BaseModel):
     def _from_text(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        source, *rest = value.split(":", 3)
+        source, *rest = value.split(":")
+        if len(rest) > 3:
+            raise ValueError(
+                f"'{value}' has {len(rest) + 1} ':'-separated parts; a benchmark is "
+                "SOURCE[:COLUMNS[:SPLIT[:SUBSET]]], at most 4 (in YAML, a mapping takes a "
+                "source with ':' in it)"
+            )
         fields: dict[str, Any] = {"source": source}
         if rest and rest[0]:
             fields["columns"] = [c.strip() for c in rest[0].split(",") if c.strip()]
@@ -126,6 +132,11 @@ class DecontaminateConfig(StageConfig):
             problems.append("pass either --prompt-column or --messages-column, not both")
         if self.prompt_template and self.messages_column:
             problems.append("--prompt-template builds a text prompt; drop --messages-column")
+        if self.prompt_template and self.prompt_column:
+            problems.append(
+                "--prompt-template reads the row's columns by name, so --prompt-column would be "
+                "ignored; drop it (write {{ column }} in the template)"
+            )
         labels = [b.label for b in self.benchmark]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:

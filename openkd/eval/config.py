@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from openkd.config import MAX_TOKENS
 from openkd.data.fields import Split, Subset
 from openkd.engine import EngineConfig
 from openkd.generate.config import Backend
@@ -73,6 +74,7 @@ class EvalConfig(EngineConfig):
     max_new_tokens: int | None = Field(
         None,
         gt=0,
+        le=MAX_TOKENS,
         description="Longest answer, in tokens (default: what `openkd generate` recorded in "
         f"<stem>.meta.json, else {DEFAULT_MAX_NEW_TOKENS}).",
     )
@@ -106,7 +108,10 @@ class EvalConfig(EngineConfig):
     )
     nll_batch_size: int = Field(8, gt=0, description="Examples per forward pass for --nll.")
     nll_max_length: int = Field(
-        4096, gt=0, description="Longest prompt+answer scored for --nll, in tokens; longer are cut."
+        4096,
+        gt=0,
+        le=MAX_TOKENS,
+        description="Longest prompt+answer scored for --nll, in tokens; longer are cut.",
     )
 
     removed: ClassVar[dict[str, str]] = {
@@ -131,6 +136,14 @@ class EvalConfig(EngineConfig):
                 f"--base-url serves one model but {' and '.join(on_openai)} use backend openai; "
                 "pass --serve or give one of them another backend"
             )
+        if self.teacher is None and self.reference_column == self.prompt_column:
+            problems.append(
+                f"--reference-column {self.reference_column} is also the --prompt-column: the "
+                "reference is the teacher's answer, not the prompt; pass the column with the "
+                "teacher's answers (default completion), or --teacher MODEL"
+            )
+        if self.stop and "" in self.stop:
+            problems.append("--stop '' is empty and would stop nothing; drop it")
         if self.answer_regex is not None:
             import re
 

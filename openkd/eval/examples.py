@@ -8,6 +8,7 @@ student answers under the same token limit and stop strings as the teacher did.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,14 @@ def meta_path(dataset: str) -> Path | None:
 def read_decoding(cfg: EvalConfig) -> tuple[Decoding, GenerateMeta | None]:
     """Flags first, then the generate run's metadata, then defaults."""
     path = meta_path(cfg.dataset)
-    meta = GenerateMeta.read(path) if path is not None else None
+    meta = _read_meta(path) if path is not None else None
     sampling = meta.sampling if meta else {}
     max_new = cfg.max_new_tokens or sampling.get("max_new_tokens")
     stop = cfg.stop if cfg.stop is not None else sampling.get("stop") or []
+    if path is not None and cfg.max_new_tokens is None:
+        _check_value(path, "max_new_tokens", max_new, "a positive whole number", _positive_int)
+    if path is not None and cfg.stop is None:
+        _check_value(path, "stop", stop, "a list of strings", _text_list)
     if cfg.max_new_tokens:
         source = "--max-new-tokens"
     elif max_new:
@@ -60,6 +65,38 @@ def read_decoding(cfg: EvalConfig) -> tuple[Decoding, GenerateMeta | None]:
     else:
         source = "default"
     return Decoding(int(max_new or DEFAULT_MAX_NEW_TOKENS), tuple(stop), source), meta
+
+
+def _read_meta(path: Path) -> GenerateMeta | None:
+    try:
+        return GenerateMeta.read(path)
+    except (TypeError, ValueError, AttributeError) as exc:  # a hand-edited layout
+        raise OpenkdError(
+            f"{path} is not openkd metadata ({type(exc).__name__}: {exc}); restore or fix the file"
+        ) from exc
+
+
+def _positive_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+def _text_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_value(path: Path, key: str, value: Any, want: str, valid: Any) -> None:
+    """The teacher's decoding read from its metadata must be usable, or name the file and key."""
+    if not valid(value):
+        flag = "--" + key.replace("_", "-")
+        raise OpenkdError(
+            f"{path}: sampling.{key} is {json.dumps(value)}, not {want}; fix that key in the "
+            f"file, or pass {flag} to set it for this eval"
+        )
+
+
+def has_reference(text: str | None) -> bool:
+    """An empty or missing teacher answer is nothing to compare with: it never matches."""
+    return bool(text and text.strip())
 
 
 def answer_text(value: Any) -> str | None:
@@ -87,6 +124,7 @@ def read_examples(cfg: EvalConfig) -> list[Example]:
         source=cfg.dataset,
         prompt_column=cfg.prompt_column,
         system_prompt=cfg.system_prompt,
+        alternatives="",  # eval has no --messages-column or --prompt-template
     )
     if cfg.teacher is None and cfg.reference_column not in columns:
         raise OpenkdError(
@@ -116,3 +154,17 @@ def _example(cfg: EvalConfig, builder: PromptBuilder, row: dict[str, Any], index
         reference_finish=finish,
         gold=None if gold is None else str(gold),
     )
+
+
+def with_references(cfg: EvalConfig, examples: list[Example]) -> tuple[list[Example], int]:
+    """The examples that have a recorded teacher answer, and how many do not (left out of every
+    score); OpenkdError when none has one, as the reference column is then the wrong one."""
+    kept = [ex for ex in examples if has_reference(ex.reference)]
+    if examples and not kept:
+        raise OpenkdError(
+            f"every row of --dataset {cfg.dataset} has an empty or missing reference in column "
+            f"'{cfg.reference_column}', so there is nothing to compare with; pass "
+            "--reference-column NAME with the teacher's answers, or --teacher MODEL to have the "
+            "teacher answer now"
+        )
+    return kept, len(examples) - len(kept)

@@ -2,7 +2,8 @@
 
 Text is compared after light normalisation (case, punctuation, whitespace), the convention of
 SQuAD-style exact match and token F1. ROUGE-L is the F-measure of the longest common
-subsequence of tokens (Lin, 2004), with beta = 1.
+subsequence of tokens (Lin, 2004), with beta = 1. An empty reference matches nothing, not even an
+empty answer: a row without a teacher's answer must never score as perfect agreement.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ def tokens(text: str) -> list[str]:
 
 
 def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when both texts are equal after normalisation, else 0.0."""
+    """1.0 when both texts are equal after normalisation, else 0.0 (always for an empty reference)."""
+    if not reference.strip():
+        return 0.0
+    if not normalize(reference):  # punctuation only: compare as written, not as nothing
+        return float(prediction.strip() == reference.strip())
     return float(normalize(prediction) == normalize(reference))
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of token precision and recall (bag of words). Two empty texts agree."""
+    """Harmonic mean of token precision and recall (bag of words); 0.0 if either has no token."""
     pred, ref = tokens(prediction), tokens(reference)
     if not pred or not ref:
-        return float(pred == ref)
+        return 0.0
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
@@ -57,10 +62,10 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised tokens. Two empty texts agree."""
+    """ROUGE-L F1 over normalised tokens; 0.0 if either has no token."""
     pred, ref = tokens(prediction), tokens(reference)
     if not pred or not ref:
-        return float(pred == ref)
+        return 0.0
     lcs = lcs_length(pred, ref)
     if lcs == 0:
         return 0.0

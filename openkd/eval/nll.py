@@ -78,6 +78,25 @@ def encode_pair(
     return full, max(len(full) - start, 0)
 
 
+def shortest_prompt(
+    tokenizer: Any, prompts: Sequence[list[Message]], max_length: int
+) -> int | None:
+    """None when some prompt leaves room for an answer token within `max_length` (or the
+    tokenizer has no chat template); else the length of the shortest prompt, in tokens."""
+    shortest: int | None = None
+    for prompt in prompts:
+        try:
+            ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        except (ValueError, TypeError):  # no chat template: scoring says so itself
+            return None
+        if len(ids) < max_length:
+            return None
+        shortest = len(ids) if shortest is None else min(shortest, len(ids))
+    return shortest
+
+
 def token_budget_batches(
     lengths: Sequence[int], max_batch: int, max_tokens: int
 ) -> list[list[int]]:

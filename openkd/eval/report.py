@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 FORMAT = "openkd.eval/1"
 SCORING = "openkd.verify/1"
+# How agreement is scored: version 2 leaves out rows without a reference (reports of 1 are
+# recomputed, not reused).
+AGREEMENT = "openkd.eval.agreement/2"
 REPORT = "report.json"
 EXAMPLES = "examples.jsonl"
 ROLES = ("teacher", "student", "base")
@@ -194,6 +197,7 @@ def inputs_fingerprint(
         "openkd": __version__,
         # How final answers are scored: a report from an earlier scorer is not reused.
         "scoring": SCORING,
+        "agreement": AGREEMENT,
         "config": {k: v for k, v in config.items() if k not in ("overwrite", "output_dir")},
         "dataset": dataset_fingerprint(dataset),
         "models": {role: model_fingerprint(spec) for role, spec in models.items()},
@@ -244,8 +248,11 @@ ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("kl_to_teacher", "KL(teacher top-K || model) (nats/token)", _num(3)),
     ("top1_agreement", "top-1 agreement with the teacher", _pct),
     ("task_accuracy", "final-answer accuracy", _pct),
+    ("nll_skipped", "prompts too long for --nll-max-length", lambda v: f"{int(v):,}"),
     ("failed", "failed requests", lambda v: f"{int(v):,}"),
 )
+# Counts shown only when some model has one.
+SHOWN_IF_ANY = ("nll_skipped", "failed")
 
 
 def short_name(name: str, width: int = 28) -> str:
@@ -262,7 +269,7 @@ def table_rows(models: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[
         values = [models[r]["metrics"].get(key) for r in roles]
         if all(v is None for v in values):
             continue
-        if key == "failed" and not any(values):
+        if key in SHOWN_IF_ANY and not any(values):
             continue
         rows.append([label, *["-" if v is None else fmt(v) for v in values]])
     return headers, rows
@@ -275,6 +282,8 @@ def print_table(report: dict[str, Any]) -> None:
 
     headers, rows = table_rows(report["models"])
     title = f"openkd eval: {report['rows']:,} held-out prompts from {report['dataset']}"
+    if report.get("rows_without_reference"):
+        title += f" ({report['rows_without_reference']:,} more without a reference, not scored)"
     table = Table(title=title, title_justify="left")
     table.add_column(headers[0], style="bold", no_wrap=True)
     for header in headers[1:]:

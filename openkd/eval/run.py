@@ -9,6 +9,7 @@ before any vLLM engine starts, so the two never hold GPU memory at the same time
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,23 @@ from openkd import console
 from openkd.data.layout import OutputFiles
 from openkd.data.metadata import GenerateMeta
 from openkd.data.schema import FINISH_STOP
-from openkd.errors import ConfigError
+from openkd.errors import ConfigError, OpenkdError
 from openkd.eval import report as rp
 from openkd.eval.config import EvalConfig
-from openkd.eval.examples import Example, read_decoding, read_examples
+from openkd.eval.examples import (
+    Example,
+    has_reference,
+    read_decoding,
+    read_examples,
+    with_references,
+)
 from openkd.generate.backends.base import Completion, Sampling
-from openkd.paths import check_writable, require_local_model
+from openkd.paths import (
+    check_writable,
+    model_path,
+    refuse_input_as_output,
+    require_local_model,
+)
 from openkd.system import free_memory
 
 LOCAL_BACKENDS = ("vllm", "transformers")
@@ -31,6 +43,7 @@ LOCAL_BACKENDS = ("vllm", "transformers")
 def run(cfg: EvalConfig) -> None:
     started = time.monotonic()
     out_dir = Path(cfg.output_dir).expanduser()
+    _check_output_dir(cfg, out_dir)
     _check_models(cfg)
     decoding, meta = read_decoding(cfg)
     named = {"student": cfg.student, "base": cfg.base, "teacher": cfg.teacher}
@@ -40,16 +53,25 @@ def run(cfg: EvalConfig) -> None:
     if not cfg.overwrite and _reuse(report_path, fingerprint):
         return
     check_writable(out_dir, "--output-dir")
-    examples = read_examples(cfg)
+    examples, unreferenced = read_examples(cfg), 0
+    if not cfg.teacher:
+        examples, unreferenced = with_references(cfg, examples)
+        _warn_unreferenced(unreferenced, unreferenced + len(examples), cfg)
+    counter = _TokenCounter(cfg)
+    if cfg.nll:
+        _check_nll_room(cfg, counter, examples)
     console.info(
         f"scoring {', '.join(f'{r} {n}' for r, n in models.items())} on {len(examples):,} "
         f"prompts from {cfg.dataset} (greedy, max {decoding.max_new_tokens:,} new tokens, "
         f"from {decoding.source})"
     )
     sampling = Sampling(max_new_tokens=decoding.max_new_tokens, stop=decoding.stop)
-    counter = _TokenCounter(cfg)
     timings: dict[str, rp.Timing] = {role: rp.Timing() for role in models}
     references, ref_finish = _references(cfg, examples, sampling, counter, timings)
+    if cfg.teacher:
+        examples, references, ref_finish, unreferenced = _live_answered(
+            cfg, examples, references, ref_finish
+        )
     scored: list[str] = [role for role in ("student", "base") if role in models]
     scores = {
         role: _likelihood(cfg, role, models[role], examples, references, timings[role])
@@ -85,6 +107,7 @@ def run(cfg: EvalConfig) -> None:
     report = rp.build_report(
         cfg, examples, decoding, summaries, timings, counter.unit, fingerprint, started
     )
+    report["rows_without_reference"] = unreferenced
     rows = rp.example_rows(examples, references, ref_finish, answers, likelihoods, cfg)
     rp.write_outputs(out_dir, report, rows)
     rp.print_table(report)
@@ -104,13 +127,99 @@ def _references(
         references = [counter.text(ex.reference or "") for ex in examples]
         return references, [ex.reference_finish for ex in examples]
     completions = _answer(cfg, "teacher", cfg.teacher, examples, sampling, timings["teacher"])
-    failed = sum(c.failed for c in completions)
-    if failed:
-        console.warn(f"the live teacher failed on {failed:,} prompts; they count as empty")
     return [counter.answer(c) for c in completions], [c.finish_reason for c in completions]
 
 
+def _live_answered(
+    cfg: EvalConfig,
+    examples: list[Example],
+    references: list[rp.Answer],
+    finishes: list[str | None],
+) -> tuple[list[Example], list[rp.Answer], list[str | None], int]:
+    """The prompts the live teacher answered; a failed or empty answer is no reference."""
+    keep = [i for i, r in enumerate(references) if r.error is None and has_reference(r.text)]
+    if examples and not keep:
+        first = next((r.error for r in references if r.error), None)
+        cause = f" (first error: {first})" if first else ""
+        raise OpenkdError(
+            f"--teacher {cfg.teacher} answered none of the {len(examples):,} prompts{cause}; "
+            "check the teacher and its backend, or score against --reference-column instead"
+        )
+    missing = len(examples) - len(keep)
+    if missing:
+        console.warn(
+            f"the live teacher failed or answered nothing on {missing:,} of {len(examples):,} "
+            "prompts; they are left out of every score (rows_without_reference in the report)"
+        )
+    return (
+        [examples[i] for i in keep],
+        [references[i] for i in keep],
+        [finishes[i] for i in keep],
+        missing,
+    )
+
+
+def _warn_unreferenced(missing: int, total: int, cfg: EvalConfig) -> None:
+    if missing:
+        console.warn(
+            f"{missing:,} of {total:,} rows of {cfg.dataset} have an empty or missing reference "
+            f"in column '{cfg.reference_column}'; they are left out of every score "
+            "(rows_without_reference in the report)"
+        )
+
+
 # --- checks and cache ---------------------------------------------------------------------
+
+
+def _check_output_dir(cfg: EvalConfig, out_dir: Path) -> None:
+    """Before any model loads: --output-dir must be a directory, and none of the inputs, inside
+    one, or the folder a dataset file is in (report.json and examples.jsonl go there)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OpenkdError(
+            f"--output-dir {cfg.output_dir} is a file; pass a directory (report.json and "
+            "examples.jsonl are written inside it)"
+        )
+    inputs = {"--student": cfg.student, "--base": cfg.base, "--teacher": cfg.teacher}
+    refuse_input_as_output(
+        out_dir,
+        {**inputs, "--dataset": cfg.dataset},
+        output_flag="--output-dir",
+        written=lambda rel: rel.parts[0] in (rp.REPORT, rp.EXAMPLES),
+    )
+    if _dataset_folder(Path(os.path.expanduser(cfg.dataset))) == out_dir.resolve():
+        raise ConfigError(
+            f"--output-dir {cfg.output_dir} is the directory of --dataset {cfg.dataset}; eval "
+            "never writes among its inputs: pass another --output-dir"
+        )
+
+
+def _dataset_folder(path: Path) -> Path | None:
+    """The directory a local dataset file (or a glob's files) is in; None for the Hub."""
+    if path.is_file():
+        return path.parent.resolve()
+    while any(ch in path.name for ch in "*?["):
+        path = path.parent
+        if path.is_dir():
+            return path.resolve()
+    return None
+
+
+def _check_nll_room(cfg: EvalConfig, counter: _TokenCounter, examples: list[Example]) -> None:
+    """Refuse an --nll-max-length that no prompt leaves room under for one answer token."""
+    from openkd.eval.nll import shortest_prompt
+
+    if counter.tokenizer is None:
+        return
+    shortest = shortest_prompt(
+        counter.tokenizer, [ex.prompt for ex in examples], cfg.nll_max_length
+    )
+    if shortest is not None:
+        raise ConfigError(
+            f"--nll-max-length {cfg.nll_max_length} leaves no room for an answer token: the "
+            f"shortest prompt is {shortest:,} tokens with the student's chat template, and "
+            f"prompt + answer must fit; pass --nll-max-length {shortest + 1} or more (default "
+            "4096), or --no-nll"
+        )
 
 
 def _check_models(cfg: EvalConfig) -> None:
@@ -231,6 +340,7 @@ def _likelihood(
                 max_length=cfg.nll_max_length,
                 on_batch=lambda n: advance(n, 0),
             )
+        soft["nll_skipped"] = _count_unscored(cfg, role, scores)
         reader = _stored_logprobs(cfg)
         if reader is not None:
             from openkd.eval.kl import teacher_student_kl
@@ -243,12 +353,24 @@ def _likelihood(
                 max_length=cfg.nll_max_length,
                 batch_size=cfg.nll_batch_size,
             )
-            soft = {"kl_to_teacher": found.kl, "top1_agreement": found.top1_agreement}
+            soft.update(kl_to_teacher=found.kl, top1_agreement=found.top1_agreement)
     finally:
         del model
         free_memory()
     timing.nll_seconds = time.monotonic() - t0
     return scores, soft
+
+
+def _count_unscored(cfg: EvalConfig, role: str, scores: list[Any]) -> int:
+    """Answers with no token inside --nll-max-length add nothing to the NLL: say how many."""
+    skipped = sum(1 for s in scores if s.tokens == 0)
+    if skipped:
+        console.warn(
+            f"{role}: {skipped:,} of {len(scores):,} teacher answers have no token within "
+            f"--nll-max-length {cfg.nll_max_length} (the prompt fills it) and are left out of "
+            "the NLL; pass a larger --nll-max-length to score them"
+        )
+    return skipped
 
 
 def _stored_logprobs(cfg: EvalConfig) -> Any:
@@ -273,7 +395,7 @@ class _TokenCounter:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                cfg.student, trust_remote_code=cfg.trust_remote_code
+                model_path(cfg.student), trust_remote_code=cfg.trust_remote_code
             )
             self.unit = "student tokens"
         except (OSError, ValueError) as exc:
@@ -281,6 +403,11 @@ class _TokenCounter:
                 f"could not load the tokenizer of {cfg.student} ({type(exc).__name__}); "
                 "answer lengths are counted in characters"
             )
+
+    @property
+    def tokenizer(self) -> Any:
+        """The student's tokenizer, or None when it could not be loaded."""
+        return self._tokenizer
 
     def count(self, text: str) -> int:
         if self._tokenizer is None:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from openkd.config import cli_only
+from openkd.config import INT64_MAX, MAX_TOKENS, cli_only
 from openkd.data.fields import PROMPTS_HELP, MessagesColumn, PromptColumn, Split, Subset
 from openkd.engine import EngineConfig
 
@@ -39,7 +39,7 @@ class GenerateConfig(EngineConfig):
     system_prompt: str | None = Field(None, description="System message put before every prompt.")
     max_samples: int | None = Field(None, gt=0, description="Label at most this many prompts.")
     shuffle_seed: int | None = Field(
-        None, description="Shuffle the prompts with this seed before --max-samples."
+        None, ge=0, description="Shuffle the prompts with this seed before --max-samples."
     )
     shard: str | None = Field(
         None,
@@ -78,6 +78,7 @@ class GenerateConfig(EngineConfig):
     num_samples: int = Field(
         1,
         ge=1,
+        le=1000,
         description="Answers per prompt (rejection sampling; needs --temperature > 0). Each has "
         "its own id and seed, so a rerun labels every sample exactly once.",
     )
@@ -90,10 +91,11 @@ class GenerateConfig(EngineConfig):
     logprobs: int | None = Field(
         None,
         gt=0,
+        le=1000,
         description="Also keep the teacher's top-K log-probabilities at every answer position "
         "(soft labels for `openkd train --loss soft|mix`), in <output>.logprobs/; 20 is vLLM's "
         "default limit (openkd raises it for its own engines; a server you run needs "
-        "--max-logprobs K).",
+        "--max-logprobs K, or K+1 with --temperature > 0).",
     )
     logprobs_dtype: Literal["float16", "float32"] = Field(
         "float16", description="Storage of the --logprobs log-probabilities."
@@ -106,9 +108,13 @@ class GenerateConfig(EngineConfig):
         0.0, ge=0.0, description="Sampling temperature; 0 is greedy, anything else warns."
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
-    max_new_tokens: int = Field(4096, gt=0, description="Longest answer, in tokens.")
+    max_new_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Longest answer, in tokens.")
     stop: list[str] | None = Field(None, description="Extra stop string.")
-    seed: int = Field(0, description="Sampling seed, sent with every request.")
+    seed: int = Field(
+        0,
+        description="Sampling seed, sent with every request (sample i of a prompt: seed + i; "
+        "any 64-bit integer).",
+    )
 
     # Engine
     backend: Backend = Field(
@@ -118,6 +124,7 @@ class GenerateConfig(EngineConfig):
     commit_interval: float = Field(
         1.0,
         gt=0,
+        le=3600,
         description="Seconds between fsyncs of the output (and at exit): a kill loses at most "
         "the answers that finished in the last interval.",
     )
@@ -130,7 +137,7 @@ class GenerateConfig(EngineConfig):
     serve: bool = Field(
         False, description="Start `vllm serve` for --teacher as a child process and use it."
     )
-    serve_port: int = Field(0, ge=0, description="Port for --serve (0 picks a free one).")
+    serve_port: int = Field(0, ge=0, le=65535, description="Port for --serve (0 picks a free one).")
 
     # Mock teacher
     mock_rule: MockRule = Field(
@@ -139,6 +146,7 @@ class GenerateConfig(EngineConfig):
     mock_latency: float = Field(
         0.0,
         ge=0.0,
+        le=10.0,
         description="Mock seconds per answer token: answers take time in proportion to their "
         "length, --concurrency at once, so they finish out of order like a real engine's.",
     )
@@ -174,6 +182,23 @@ class GenerateConfig(EngineConfig):
             problems.append("pass either --prompt-column or --messages-column, not both")
         if self.prompt_template and self.messages_column:
             problems.append("--prompt-template builds a text prompt; drop --messages-column")
+        if self.prompt_template and self.prompt_column:
+            problems.append(
+                "--prompt-template reads the row's columns by name, so --prompt-column would be "
+                "ignored; drop it (write {{ column }} in the template)"
+            )
+        if self.stop and "" in self.stop:
+            problems.append("--stop '' is empty and would stop nothing; drop it")
+        if self.logprobs is None and self.chosen("logprobs_dtype"):
+            problems.append(
+                "--logprobs-dtype stores the log-probabilities of --logprobs K; pass --logprobs "
+                "K or drop --logprobs-dtype"
+            )
+        if self.seed + self.num_samples - 1 > INT64_MAX:
+            problems.append(
+                f"--seed {self.seed}: sample {self.num_samples - 1} of a prompt gets seed + "
+                f"{self.num_samples - 1}, which does not fit a 64-bit integer; pass a smaller seed"
+            )
         if self.shard is not None:
             m = SHARD_RE.match(self.shard)
             if not m or int(m.group(2)) == 0 or int(m.group(1)) >= int(m.group(2)):

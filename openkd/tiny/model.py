@@ -7,10 +7,19 @@ student. Nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from openkd import __version__
+
 EOS = "<|im_end|>"
+# make-tiny's mark on a directory it wrote: `--overwrite` replaces only such a directory.
+MARKER = "openkd_tiny.json"
+MARKER_FORMAT = "openkd.tiny/1"
 PAD = "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, "<|im_start|>", EOS]
 
@@ -77,14 +86,106 @@ def build_tokenizer(spec: TinySpec):
     )
 
 
-def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write tokenizer, config, generation_config and random float32 weights to `out_dir`."""
+def _marker(path: Path) -> dict | None:
+    """The marker make-tiny left in `path`, or None when there is none (or it is not one)."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        return None
+    return marker if isinstance(marker.get("files"), list) else None
+
+
+def check_model_dir(out_dir: str | Path, *, overwrite: bool) -> None:
+    """`out_dir` may take a new tiny model: it is new or empty, or (`overwrite`) holds exactly
+    a tiny model make-tiny wrote, recognised by its marker file; never anything else."""
+    from openkd.errors import ConfigError, OpenkdError
+    from openkd.paths import check_writable
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"DIR {out_dir} is a file; pass a directory for the model")
+    try:
+        check_writable(out, "DIR")
+    except OpenkdError as err:  # a bad argument: exit status 2, like the other checks
+        raise ConfigError(str(err)) from err
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    marker = _marker(out)
+    if marker is None:
+        what = (
+            " (a trained student: it has openkd_run.json)" if "openkd_run.json" in entries else ""
+        )
+        raise OpenkdError(
+            f"{out_dir} is not empty ({shown}){what} and make-tiny did not write it (no {MARKER}); "
+            "choose another directory"
+        )
+    others = sorted(set(entries) - set(marker["files"]) - {MARKER})
+    if others:
+        raise OpenkdError(
+            f"{out_dir} holds a tiny model make-tiny wrote, and also {', '.join(others[:4])}"
+            f"{', ...' if len(others) > 4 else ''} (not make-tiny's); choose another directory"
+        )
+    if not overwrite:
+        raise OpenkdError(
+            f"{out_dir} already holds a tiny model ({shown}); pass --overwrite to replace it, or "
+            "choose another directory"
+        )
+
+
+def build_tiny_model(
+    out_dir: str | Path, spec: TinySpec | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write tokenizer, config, generation_config and random float32 weights to `out_dir`.
+
+    `out_dir` must be new or empty, or, with `overwrite`, a tiny model this function wrote
+    (`check_model_dir`). The model is built in a temporary directory beside it and moved into
+    place whole, with a marker (`MARKER`) listing its files and spec.
+    """
+    spec = spec or TinySpec()
+    out = Path(out_dir).expanduser()
+    check_model_dir(out, overwrite=overwrite)
+    real = out.resolve()  # a symlinked DIR: the model goes where it points
+    real.parent.mkdir(parents=True, exist_ok=True)
+    staging = real.with_name(f".{real.name}.make-tiny-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_model(staging, spec)
+        _install(staging, real)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the built model to `out`, replacing an empty directory or an earlier tiny model."""
+    from openkd import console
+
+    if out.is_dir() and any(out.iterdir()):
+        names = [*(_marker(out) or {"files": []})["files"], MARKER]
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        console.warn(
+            f"--overwrite: replacing the tiny model make-tiny wrote in {out} ({len(names)} "
+            f"files: {shown})"
+        )
+        retired = out.with_name(f".{out.name}.make-tiny-old-{os.getpid()}")
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired)
+    else:
+        if out.is_dir():
+            out.rmdir()
+        staging.rename(out)
+
+
+def _write_model(out: Path, spec: TinySpec) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    spec = spec or TinySpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     tokenizer = build_tokenizer(spec)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
@@ -110,4 +211,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return out
+    marker = {
+        "format": MARKER_FORMAT,
+        "openkd": __version__,
+        "spec": dataclasses.asdict(spec),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")

@@ -55,6 +55,7 @@ OWNED: dict[str, str] = {
     "resume_from_checkpoint": "use --resume",
     "deepspeed": "use --deepspeed or --accelerate-config",
     "include_num_input_tokens_seen": "openkd counts tokens for its summary",
+    "logging_nan_inf_filter": "openkd stops at a non-finite loss instead of hiding it",
     "dataset_kwargs": "openkd has TRL prepare the conversational data itself",
 }
 
@@ -152,6 +153,8 @@ def sft_kwargs(cfg: TrainConfig, *, cuda: bool, bf16_gpu: bool, has_eval: bool) 
         "push_to_hub": False,
         # Padding-free batches (packing) have no padding to leave out of the count.
         "include_num_input_tokens_seen": "all" if cfg.packing else "non_padding",
+        # A NaN loss stops the run (openkd.train.guard); the filter would log an average instead.
+        "logging_nan_inf_filter": False,
     }
     if has_eval:
         kwargs["eval_steps"] = cfg.eval_steps or cfg.save_steps

@@ -28,6 +28,10 @@ class CardInfo:
     merged: bool = False
     repo_id: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    # How the student learned, replacing the hard-label sentence (e.g. on-policy distillation)
+    method: str | None = None
+    extra_tags: tuple[str, ...] = ()
+    extra_results: tuple[str, ...] = ()
 
 
 def _is_hub_id(name: str) -> bool:
@@ -49,7 +53,9 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
     header: dict[str, Any] = {
         "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["openkd", "distillation", "trl", "sft"] + (["lora"] if info.lora else []),
+        "tags": ["openkd", "distillation", "trl"]
+        + (list(info.extra_tags) if info.method else ["sft"])
+        + (["lora"] if info.lora else []),
     }
     if _is_hub_id(info.student):
         header["base_model"] = info.student
@@ -74,8 +80,12 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
         "",
         f"{what.capitalize()} `{info.student}`, distilled from the teacher **{teacher}**"
         + (f" (revision `{revision}`)" if revision else "")
-        + " with openkd hard-label distillation: the student was "
-        "trained with TRL SFT on the teacher's greedy answers, loss on the answer tokens only.",
+        + (
+            f" with openkd {info.method}"
+            if info.method
+            else " with openkd hard-label distillation: the student was "
+            "trained with TRL SFT on the teacher's greedy answers, loss on the answer tokens only."
+        ),
         "",
         "## Data",
         "",
@@ -84,7 +94,11 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
         f"- Training examples: {_fmt(info.train_rows)}"
         + (f", held out for evaluation: {_fmt(info.eval_rows)}" if info.eval_rows else ""),
         f"- Skipped (answer truncated at the teacher's limit, or empty): {_fmt(info.skipped_rows)}",
-        f"- Answer tokens trained on per epoch: {_fmt(info.trained_tokens)}",
+        *(
+            []
+            if info.method
+            else [f"- Answer tokens trained on per epoch: {_fmt(info.trained_tokens)}"]
+        ),
         "",
         "## Training",
         "",
@@ -101,6 +115,7 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
     ]
     if info.eval_loss is not None:
         lines.append(f"- Final evaluation loss: {_fmt(info.eval_loss)}")
+    lines += [f"- {line}" for line in info.extra_results]
     lines += ["", "## Use", "", "```python", load, "```", ""]
     if info.versions:
         lines += [

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from openkd.config import StageConfig, cli_only
+from openkd.config import MAX_TOKENS, StageConfig, cli_only
 from openkd.engine import TRUST_REMOTE_CODE
 
 
@@ -50,13 +50,17 @@ class TrainConfig(StageConfig):
     trust_remote_code: bool = TRUST_REMOTE_CODE
 
     # Optimisation
-    max_length: int = Field(2048, gt=0, description="Longest tokenised example; longer are cut.")
+    max_length: int = Field(
+        2048, gt=0, le=MAX_TOKENS, description="Longest tokenised example; longer are cut."
+    )
     packing: bool = Field(False, description="Pack examples into --max-length rows (TRL bfd).")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     lr_scheduler_type: str = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps for warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with --max-steps).")
+    epochs: float = Field(
+        1.0, gt=0, le=10_000, description="Passes over the data (ignored with --max-steps)."
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(8, gt=0, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step.")
@@ -66,14 +70,21 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations to save memory (slower)."
     )
-    seed: int = Field(42, description="Seed for data order and initialisation.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for data order and initialisation (0 to 2^32-1: numpy's seed range).",
+    )
 
     # Soft labels (the teacher's top-k log-probabilities)
-    loss: Literal["hard", "soft", "mix"] = Field(
+    loss: Literal["hard", "soft", "mix", "on-policy"] = Field(
         "hard",
         description="hard: cross-entropy on the teacher's answer; soft: KL to the teacher's "
         "top-k log-probabilities (`openkd generate --logprobs K`) with the rest of its "
-        "probability as one bucket; mix: --kd-alpha * hard + (1 - --kd-alpha) * soft.",
+        "probability as one bucket; mix: --kd-alpha * hard + (1 - --kd-alpha) * soft; "
+        "on-policy: the student samples answers to the prompts and learns --teacher's "
+        "per-token distribution on them (TRL DistillationTrainer).",
     )
     kd_alpha: float | None = Field(
         None,
@@ -86,7 +97,8 @@ class TrainConfig(StageConfig):
         None,
         gt=0.0,
         description="--loss soft|mix: temperature T of the KL term (student logits and the "
-        "teacher's log-probabilities divided by T, the KL scaled by T^2) [default: 1].",
+        "teacher's log-probabilities divided by T, the KL scaled by T^2); --loss on-policy: "
+        "both models' logits are divided by T in the divergence (not scaled) [default: 1].",
     )
     logprobs: str | None = Field(
         None,
@@ -94,9 +106,57 @@ class TrainConfig(StageConfig):
         "[default: <dataset stem>.logprobs/ beside --dataset and --eval-dataset].",
     )
 
+    # On-policy distillation (--loss on-policy): the student's own samples, scored by a teacher
+    teacher: str | None = Field(
+        None,
+        description="--loss on-policy: the teacher (local path or Hub id), loaded in the training "
+        "process(es) beside the student; it must share the student's tokenizer.",
+    )
+    kd_beta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="--loss on-policy: the divergence: 1 reverse KL(student || teacher), 0 forward "
+        "KL(teacher || student), in between the generalized JSD [default: 1].",
+    )
+    kd_lambda: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="--loss on-policy: GKD's lambda, the share of optimizer steps on the "
+        "student's own samples; the other steps score the dataset's answers (the `completion` "
+        "column) with the same divergence [default: 1, every step on-policy].",
+    )
+    max_completion_length: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_TOKENS,
+        description="--loss on-policy: longest answer the student samples, in tokens "
+        "(prompts longer than --max-length minus this are dropped) [default: 512].",
+    )
+    num_samples: int | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="--loss on-policy: answers sampled per prompt in a step; they count in "
+        "--batch-size [default: 1].",
+    )
+    sampling_temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="--loss on-policy: temperature the student samples its answers with "
+        "[default: 1].",
+    )
+    sampling_top_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="--loss on-policy: nucleus sampling of the student's answers [default: 1].",
+    )
+
     # LoRA
     lora: bool = Field(False, description="Train a LoRA adapter instead of all weights (PEFT).")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_target_modules: list[str] | None = Field(
@@ -136,7 +196,10 @@ class TrainConfig(StageConfig):
         None, description="Shortcut for --accelerate-config with a shipped DeepSpeed config."
     )
     num_processes: int | None = Field(
-        None, gt=0, description="Processes for `accelerate launch` (default: the config's)."
+        None,
+        gt=0,
+        le=4096,
+        description="Processes for `accelerate launch` (default: the config's).",
     )
 
     sft_args: dict[str, Any] = Field(
@@ -163,6 +226,7 @@ class TrainConfig(StageConfig):
         if self.merge_lora and not self.lora:
             problems.append("--merge-lora needs --lora")
         problems += self._soft_label_problems()
+        problems += self._on_policy_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -170,7 +234,12 @@ class TrainConfig(StageConfig):
     @property
     def soft_labels(self) -> bool:
         """True when training reads the teacher's log-probabilities (--loss soft or mix)."""
-        return self.loss != "hard"
+        return self.loss in ("soft", "mix")
+
+    @property
+    def on_policy(self) -> bool:
+        """True for --loss on-policy: the student samples, the teacher scores."""
+        return self.loss == "on-policy"
 
     @property
     def alpha(self) -> float:
@@ -192,13 +261,14 @@ class TrainConfig(StageConfig):
             )
         if not self.soft_labels:
             for name, value in (
-                ("kd_temperature", self.kd_temperature),
+                ("kd_temperature", None if self.on_policy else self.kd_temperature),
                 ("logprobs", self.logprobs),
             ):
                 if value is not None:
                     problems.append(
-                        f"--{name.replace('_', '-')} applies to --loss soft|mix only (drop it "
-                        "or pass --loss soft or mix)"
+                        f"--{name.replace('_', '-')} applies to --loss soft|mix"
+                        + ("|on-policy" if name == "kd_temperature" else "")
+                        + f" only (drop it or pass another --loss than {self.loss})"
                     )
             return problems
         if self.packing:
@@ -213,3 +283,61 @@ class TrainConfig(StageConfig):
                     "drop it or use --loss hard"
                 )
         return problems
+
+    def _on_policy_problems(self) -> list[str]:
+        names = (
+            "teacher",
+            "kd_beta",
+            "kd_lambda",
+            "max_completion_length",
+            "num_samples",
+            "sampling_temperature",
+            "sampling_top_p",
+        )
+        if not self.on_policy:
+            return [
+                f"--{name.replace('_', '-')} applies to --loss on-policy only (drop it or pass "
+                "--loss on-policy)"
+                for name in names
+                if getattr(self, name) is not None
+            ]
+        problems: list[str] = []
+        if not self.teacher:
+            problems.append("--loss on-policy needs --teacher MODEL (the model that scores)")
+        if self.packing:
+            problems.append(
+                "--packing does not work with --loss on-policy: the student samples its own "
+                "answers each step, there are no fixed examples to pack; drop --packing"
+            )
+        if self.completion_tokens >= self.max_length:
+            problems.append(
+                f"--max-completion-length {self.completion_tokens} leaves no room for a prompt "
+                f"in --max-length {self.max_length}; raise --max-length or lower "
+                "--max-completion-length"
+            )
+        if (self.batch_size * self.gradient_accumulation_steps) % self.samples_per_prompt:
+            problems.append(
+                f"--num-samples {self.samples_per_prompt} must divide --batch-size x "
+                f"--gradient-accumulation-steps ({self.batch_size} x "
+                f"{self.gradient_accumulation_steps}): a step samples each of its prompts "
+                "--num-samples times"
+            )
+        return problems
+
+    @property
+    def beta(self) -> float:
+        """--loss on-policy: TRL's beta (1 reverse KL, 0 forward KL, between: JSD)."""
+        return 1.0 if self.kd_beta is None else self.kd_beta
+
+    @property
+    def lmbda(self) -> float:
+        """--loss on-policy: the share of optimizer steps on the student's own samples."""
+        return 1.0 if self.kd_lambda is None else self.kd_lambda
+
+    @property
+    def completion_tokens(self) -> int:
+        return 512 if self.max_completion_length is None else self.max_completion_length
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return 1 if self.num_samples is None else self.num_samples

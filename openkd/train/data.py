@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openkd.data.layout import META_IN_REPO, OutputFiles
+from openkd import console
+from openkd.data.layout import META_IN_REPO, OutputFiles, is_side_file
 from openkd.data.schema import FINISH_LENGTH
-from openkd.data.sources import load_source
+from openkd.data.sources import BUILDERS, count_json_lines, load_source, local_files
 from openkd.errors import OpenkdError
 from openkd.paths import looks_like_path
 
@@ -209,19 +210,68 @@ def read_teacher(spec: str) -> dict[str, Any] | None:
     return {"name": ", ".join(sorted(names))}
 
 
+def _set_aside(data_files: list[Path]) -> list[str]:
+    """What `openkd generate` put beside `data_files` instead of into them, in words."""
+    counts: dict[str, tuple[int, Path]] = {}
+    for file in data_files:
+        outputs = OutputFiles.of_file(file)
+        for kind in ("truncated", "rejected", "failed"):
+            side = outputs.kind_path(kind)
+            if side.is_file() and (n := count_json_lines(side)):
+                total, first = counts.get(kind, (0, side))
+                counts[kind] = (total + n, first)
+    what = {
+        "truncated": "truncated or empty answer(s) set aside in {path} (regenerate with a larger "
+        "--max-new-tokens, or with --keep-truncated to keep them)",
+        "rejected": "answer(s) that failed --verify set aside in {path}",
+        "failed": "prompt(s) the teacher failed on, in {path} (rerun generate to retry them)",
+    }
+    return [f"{n} {what[kind].format(path=path)}" for kind, (n, path) in counts.items()]
+
+
+def _empty_files(spec: str, flag: str) -> OpenkdError | None:
+    """The error for a local dataset whose JSON(L) files are all empty, saying why; else None."""
+    data = [
+        f
+        for f in local_files(spec) or []
+        if f.suffix.lower() in BUILDERS
+        and not is_side_file(f)
+        and not f.name.endswith(".meta.json")
+    ]
+    if not data or any(f.suffix.lower() != ".jsonl" for f in data):
+        return None
+    if any(count_json_lines(f) for f in data):
+        return None
+    why = _set_aside(data) or [
+        "did generate reject every answer? see "
+        f"{OutputFiles.of_file(data[0]).kind_path('rejected')}"
+    ]
+    what = "the file is empty" if len(data) == 1 else "its files are empty"
+    return OpenkdError(f"0 usable rows in {flag} {spec}: {what}; {'; '.join(why)}")
+
+
 def _usable_rows(spec: str, flag: str, keep_truncated: bool) -> tuple[Dataset, Filtered]:
     """The rows of `spec` a student can learn from: read, format-checked, unfinished dropped."""
+    empty = _empty_files(spec, flag)
+    if empty is not None:
+        raise empty
     rows = load_rows(spec, flag)
     check_schema(rows, spec, flag)
     rows, filtered = filter_incomplete(rows, keep_truncated)
     if len(rows) == 0:
         raise OpenkdError(
-            f"{flag} {spec}: all {filtered.rows} rows were filtered out "
+            f"0 usable rows in {flag} {spec}: all {filtered.rows} rows were filtered out "
             f"({filtered.truncated} truncated at the teacher's token limit, {filtered.empty} "
             "empty answers); pass --keep-truncated to train on them anyway, or regenerate with "
             "a larger --max-new-tokens"
         )
     return rows, filtered
+
+
+def _same_source(a: str, b: str) -> bool:
+    if looks_like_path(a) and looks_like_path(b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
 
 
 def load_train_data(
@@ -243,6 +293,12 @@ def load_train_data(
         rows = rows.select(range(max_samples))
     train, held_out = split_eval(rows, eval_fraction, seed)
     if eval_dataset:
+        if _same_source(dataset, eval_dataset):
+            console.warn(
+                f"--eval-dataset {eval_dataset} is --dataset: the eval loss is then measured on "
+                "training rows and says nothing about unseen prompts; pass the <stem>.eval.jsonl "
+                "that `openkd generate --eval-fraction` wrote, or use --eval-fraction"
+            )
         held_out, _ = _usable_rows(eval_dataset, "--eval-dataset", keep_truncated)
 
     def columns(ds: Dataset) -> list[str]:

@@ -4,7 +4,8 @@ When a launch setting is given and this process is not already one of a launcher
 openkd runs `python -m accelerate.commands.launch --config_file CFG ... -m openkd train ARGS`
 as a child, forwards signals to it and exits with its status. Running
 `accelerate launch -m openkd train ...` yourself works too: the workers see the launcher's
-environment and train in place.
+environment and train in place. Under Slurm a multi-node config takes the node count, the
+process count (nodes x GPUs per node) and the node's rank from the job; flags still win.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _NODE_ENV = {
     "main_process_port": ("MAIN_PROCESS_PORT", "MASTER_PORT"),
     "num_machines": ("NUM_MACHINES",),
 }
+# A Slurm job's node count (batch script and job steps alike).
+_SLURM_NODES = ("SLURM_NNODES", "SLURM_JOB_NUM_NODES")
 
 
 class LaunchError(OpenkdError):
@@ -125,13 +128,73 @@ def launch_plan(cfg: TrainConfig, env: dict[str, str] | None = None) -> LaunchPl
         return None
     args = list(plan.args)
     settings = read_accelerate_config(plan.config_file) if plan.config_file else {}
-    if cfg.num_processes:
-        args += ["--num_processes", str(cfg.num_processes)]
+    nodes = slurm_nodes(settings, env)
+    num_processes = cfg.num_processes
+    if num_processes is None and nodes is not None:
+        num_processes = _slurm_processes(int(env.get("NUM_MACHINES") or nodes), env)
+    if num_processes:
+        args += ["--num_processes", str(num_processes)]
     precision = mixed_precision(cfg.bf16)
     if precision is not None:
         args += ["--mixed_precision", precision]
-    args += _node_args(settings, env, plan.config_file)
+    args += _node_args(settings, env, plan.config_file, nodes)
     return LaunchPlan(plan.config_file, args)
+
+
+def slurm_nodes(settings: dict[str, Any], env: dict[str, str]) -> int | None:
+    """The Slurm job's node count when a multi-node config runs under Slurm, else None.
+
+    A single-node config keeps its one machine even inside a multi-node job."""
+    if int(settings.get("num_machines") or 1) <= 1:
+        return None
+    name = next((name for name in _SLURM_NODES if env.get(name)), None)
+    return None if name is None else _count(env[name], name)
+
+
+def gpus_per_node(env: dict[str, str]) -> int:
+    """GPUs on this node: Slurm's count for the step or job, else CUDA_VISIBLE_DEVICES, else
+    what torch sees."""
+    if env.get("SLURM_GPUS_ON_NODE"):
+        return _count(env["SLURM_GPUS_ON_NODE"], "SLURM_GPUS_ON_NODE")
+    if env.get("SLURM_GPUS_PER_NODE"):  # --gpus-per-node: [type:]count[,[type:]count...]
+        items = env["SLURM_GPUS_PER_NODE"].split(",")
+        return sum(_count(item.rsplit(":", 1)[-1], "SLURM_GPUS_PER_NODE") for item in items)
+    if "CUDA_VISIBLE_DEVICES" in env:
+        from openkd.generate.vllm.gpus import parse_visible_devices
+
+        return len(parse_visible_devices(env["CUDA_VISIBLE_DEVICES"]))
+    return _cuda_device_count()
+
+
+def _slurm_processes(machines: int, env: dict[str, str]) -> int:
+    per_node = gpus_per_node(env)
+    if per_node < 1:
+        raise OpenkdError(
+            f"under Slurm ({machines} nodes) openkd cannot tell how many GPUs a node has "
+            "(no SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE or CUDA_VISIBLE_DEVICES, and torch "
+            "sees none); ask Slurm for GPUs (--gpus-per-node) or pass --num-processes with the "
+            "total over all nodes"
+        )
+    console.info(
+        f"under Slurm: {machines} nodes x {per_node} GPUs -> --num_machines {machines} "
+        f"--num_processes {machines * per_node} (--num-processes overrides)"
+    )
+    return machines * per_node
+
+
+def _count(value: str, name: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise OpenkdError(
+            f"{name}={value!r} is not a number; unset it or set it to a count"
+        ) from None
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # NVML based: no CUDA context in this process
 
 
 def _deepspeed_plan(value: str) -> LaunchPlan:
@@ -177,13 +240,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _node_args(settings: dict[str, Any], env: dict[str, str], config: Path | None) -> list[str]:
-    """Multi-node placement from the environment; a free local port for single-node runs."""
+def _node_args(
+    settings: dict[str, Any], env: dict[str, str], config: Path | None, nodes: int | None = None
+) -> list[str]:
+    """Multi-node placement from the environment (`nodes`: the Slurm job's node count); a free
+    local port for single-node runs."""
     found = {
         key: next((env[name] for name in names if env.get(name)), None)
         for key, names in _NODE_ENV.items()
     }
-    num_machines = int(found["num_machines"] or settings.get("num_machines") or 1)
+    num_machines = int(found["num_machines"] or nodes or settings.get("num_machines") or 1)
     if num_machines <= 1:
         port = found["main_process_port"] or settings.get("main_process_port")
         # Two runs on one node must not both try accelerate's default port 29500.
@@ -200,6 +266,13 @@ def _node_args(settings: dict[str, Any], env: dict[str, str], config: Path | Non
             f"{config} runs on {num_machines} machines: set {' and '.join(missing)} on every "
             "node (this node's rank, 0 on the first; the first node's address), or launch "
             "with `accelerate launch --machine_rank R --main_process_ip IP ...`"
+        )
+    rank = found["machine_rank"]
+    if rank is not None and not 0 <= _count(rank, "the machine rank") < num_machines:
+        source = next(name for name in _NODE_ENV["machine_rank"] if env.get(name))
+        raise OpenkdError(
+            f"this node's rank {rank} ({source}) is outside 0..{num_machines - 1} for "
+            f"{num_machines} machines; set NUM_MACHINES to the number of nodes"
         )
     args = ["--num_machines", str(num_machines)]
     for key in ("machine_rank", "main_process_ip", "main_process_port"):
@@ -232,6 +305,9 @@ def relaunch_if_needed(cfg: TrainConfig, argv: list[str]) -> bool:
     plan = launch_plan(cfg)
     if plan is None:
         return False
+    from openkd.versions import check_trl
+
+    check_trl()  # one line here rather than the same error from every worker
     cmd = launch_command(plan, argv)
     console.info(f"launching: python {shlex.join(cmd[1:])}")
     status = run_child(cmd, env={**os.environ, LAUNCHED_ENV: "1"})

@@ -17,6 +17,8 @@ from openkd.train.config import TrainConfig
 from openkd.train.data import TrainData
 
 if TYPE_CHECKING:
+    from openkd.train.onpolicy.setup import OnPolicy
+    from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer
     from openkd.train.preflight import EndOfTurn
     from openkd.train.soft import SoftLabels
     from openkd.train.trainer import OpenkdSFTTrainer
@@ -36,6 +38,7 @@ class Prepared:
     identity: dict[str, Any]
     resume_from: Path | None
     soft: SoftLabels | None = None  # --loss soft|mix: the teacher's log-probabilities
+    on_policy: OnPolicy | None = None  # --loss on-policy: the teacher that scores
 
 
 def _has_cuda() -> tuple[bool, bool]:
@@ -59,16 +62,25 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
     from openkd.train.runinfo import check_output_dir, clear_output_dir, identity, write_run
     from openkd.train.student import load_eos_settings, load_tokenizer
 
-    check_sft_args(cfg.sft_args, sft_fields())
+    if cfg.on_policy:
+        from openkd.train.onpolicy.arguments import check_distillation_args
+
+        check_distillation_args(cfg.sft_args)
+    else:
+        check_sft_args(cfg.sft_args, sft_fields())
     check_report_to(cfg.report_to)
-    data = load_train_data(
-        cfg.dataset,
-        eval_dataset=cfg.eval_dataset,
-        eval_fraction=cfg.eval_fraction,
-        keep_truncated=cfg.keep_truncated,
-        max_samples=cfg.max_samples,
-        seed=cfg.seed,
-        keep_ids=cfg.soft_labels,
+    data = (
+        _load_data(cfg)
+        if cfg.on_policy
+        else load_train_data(
+            cfg.dataset,
+            eval_dataset=cfg.eval_dataset,
+            eval_fraction=cfg.eval_fraction,
+            keep_truncated=cfg.keep_truncated,
+            max_samples=cfg.max_samples,
+            seed=cfg.seed,
+            keep_ids=cfg.soft_labels,
+        )
     )
     tokenizer = load_tokenizer(
         student, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template
@@ -82,7 +94,7 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         generation_eos=eos.generation_eos,
         eos_token=cfg.eos_token,
     )
-    steps = 3 if cfg.soft_labels else 2
+    steps = 3 if cfg.soft_labels or cfg.on_policy else 2
     console.info(f"[bold]pre-flight 1/{steps}[/]: chat template and EOS")
     if cfg.chat_template:
         console.info(f"  chat template from {cfg.chat_template} (saved with the student)")
@@ -105,6 +117,11 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
             console.info(f"  [green]✓[/] {line}")
         for warning in soft.warnings:
             console.warn(warning)
+    on_policy = None
+    if cfg.on_policy:
+        from openkd.train.onpolicy.setup import prepare_teacher
+
+        on_policy = prepare_teacher(cfg, tokenizer, student)
     prompts = (row["prompt"] for row in data.train.select_columns(["prompt"]))
     first_fit = check_prompts_fit(
         (prompt_length(tokenizer, template, p) for p in prompts), cfg.max_length
@@ -113,15 +130,14 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
     ident = identity(cfg, student=student, dataset_fingerprint=data.fingerprint, template=template)
     if soft is not None:  # other teacher data would make the checkpoints another run's
         ident["settings"]["kd_top_k"] = soft.k
+    if on_policy is not None:  # another teacher or sampling makes them another run's too
+        from openkd.train.onpolicy.teacher import identity_settings
+
+        ident["settings"].update(identity_settings(cfg, on_policy.teacher))
     main = console.is_main_process()
     check_output_dir(cfg.output_dir, ident, overwrite=cfg.overwrite)
     if cfg.overwrite and main:
-        removed = clear_output_dir(cfg.output_dir)
-        if removed:
-            console.warn(
-                f"--overwrite: removed {len(removed)} item(s) of an earlier run from "
-                f"{cfg.output_dir} ({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''})"
-            )
+        clear_output_dir(cfg.output_dir)  # names what it removes first
     if main:
         write_run(cfg.output_dir, ident, status="running")
     resume_from = None if cfg.overwrite else find_resume_checkpoint(cfg.output_dir, cfg.resume)
@@ -136,16 +152,27 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         identity=ident,
         resume_from=resume_from,
         soft=soft,
+        on_policy=on_policy,
     )
 
 
-def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer:
+def _load_data(cfg: TrainConfig) -> TrainData:
+    from openkd.train.onpolicy.data import load_prompt_data
+
+    return load_prompt_data(cfg)
+
+
+def build_trainer(prepared: Prepared) -> OpenkdSFTTrainer | OpenkdOnPolicyTrainer:
     """TRL loads the student (`from_pretrained` on its path) and prepares the data."""
     from openkd.train.arguments import lora_config, make_sft_config, sft_kwargs
     from openkd.train.launch import distributed_training_kwargs
     from openkd.train.trainer import OpenkdKDTrainer, OpenkdSFTTrainer, use_console_output
 
     cfg = prepared.cfg
+    if prepared.on_policy is not None:
+        from openkd.train.onpolicy.setup import build_on_policy_trainer
+
+        return build_on_policy_trainer(prepared)
     cuda, bf16_gpu = _has_cuda()
     kwargs = sft_kwargs(cfg, cuda=cuda, bf16_gpu=bf16_gpu, has_eval=prepared.data.eval is not None)
     kwargs.update(distributed_training_kwargs(cfg))
@@ -199,9 +226,15 @@ def _explain_packing(args: Any, cuda: bool) -> None:
     )
 
 
-def check_prepared_example(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
+def check_prepared_example(prepared: Prepared, trainer: Any) -> None:
     """Pre-flight: EOS agreement on the loaded student, then the loss mask of a real example."""
     from rich.panel import Panel
+
+    if prepared.on_policy is not None:
+        from openkd.train.onpolicy.setup import check_on_policy_example
+
+        check_on_policy_example(prepared, trainer)
+        return
 
     from openkd.train.preflight import check_eos, check_loss_mask, loss_segments, marked_text
 

@@ -25,7 +25,7 @@ def total_steps(trainer: OpenkdSFTTrainer) -> int:
     args = trainer.args
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    rows = len(cast(Sized, trainer.train_dataset))
+    rows = len(cast(Sized, trainer.train_dataset)) * getattr(trainer, "samples_per_prompt", 1)
     batches = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
     per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * per_epoch)
@@ -38,15 +38,21 @@ def start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
     fmt = console.fmt_int
     rows: list[tuple[str, str]] = [
         ("student", cfg.student),
-        ("teacher", (data.teacher or {}).get("name", "unknown")),
+        ("teacher", cfg.teacher or (data.teacher or {}).get("name", "unknown")),
         ("dataset", cfg.dataset),
-        ("rows read", fmt(data.filtered.rows)),
     ]
-    if data.filtered.kept_incomplete:
+    if prepared.on_policy is not None:
+        from openkd.train.onpolicy.setup import start_rows
+
+        rows += start_rows(prepared, trainer)
+        stats = None  # prompts, not examples: start_rows counted them
+    elif data.filtered.kept_incomplete:
+        rows.append(("rows read", fmt(data.filtered.rows)))
         rows.append(
             ("truncated/empty kept", f"{fmt(data.filtered.truncated + data.filtered.empty)}")
         )
     else:
+        rows.append(("rows read", fmt(data.filtered.rows)))
         rows.append(
             (
                 "skipped: truncated / empty",
@@ -69,7 +75,7 @@ def start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
             ("tokens / answer tokens", f"{fmt(stats.tokens)} / {fmt(stats.trained_tokens)}")
         )
     eval_stats = trainer.prepared.get("eval")
-    if eval_stats is not None:
+    if eval_stats is not None and prepared.on_policy is None:
         rows.append(("eval examples", fmt(eval_stats.examples)))
     if cfg.packing:
         rows.append(("packed rows", fmt(len(cast(Sized, trainer.train_dataset)))))
@@ -99,12 +105,49 @@ def start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
 
 def loss_description(cfg: TrainConfig, k: int | None) -> str:
     """The training loss in words, for the summary and the model card."""
+    if cfg.on_policy:
+        from openkd.train.onpolicy.setup import loss_description as on_policy_loss
+
+        return on_policy_loss(cfg)
     if not cfg.soft_labels:
         return "answer tokens only (completion_only_loss)"
     kl = f"T²·KL(teacher top-{k} + rest ‖ student), T={cfg.temperature:g}"
     if cfg.loss == "soft":
         return f"soft labels: {kl}, answer tokens only"
     return f"mix: {cfg.alpha:g} × CE + {1 - cfg.alpha:g} × {kl}, answer tokens only"
+
+
+def stop_if_diverged(prepared: Prepared, trainer: Any) -> None:
+    """After a non-finite loss or gradient norm (`openkd.train.guard`): save nothing, record
+    the run as diverged, and stop with one line naming the step, the value and the fix. Every
+    process decided alike, so all of them skip the (collective) save and raise."""
+    from openkd.errors import OpenkdError
+    from openkd.train.checkpoints import list_checkpoints
+    from openkd.train.runinfo import write_run
+
+    guard = getattr(trainer, "guard", None)  # every openkd trainer has one (openkd.train.guard)
+    diverged = guard.diverged if guard is not None else None
+    if diverged is None:
+        return
+    cfg = prepared.cfg
+    if console.is_main_process():
+        write_run(
+            cfg.output_dir,
+            prepared.identity,
+            status="diverged",
+            diverged=diverged.record(),
+        )
+    kept = [c for c in list_checkpoints(cfg.output_dir) if c.step < diverged.step]
+    where = (
+        f"the checkpoints before it are kept (newest: {kept[0].path.name})"
+        if kept
+        else "no checkpoint was saved before it"
+    )
+    raise OpenkdError(
+        f"training diverged at step {diverged.step}: {diverged.describe()}; the student was not "
+        f"saved and {where}; lower --learning-rate (--learning-rate {cfg.learning_rate:g} now) "
+        "or clip harder (sft_args: {max_grad_norm: 0.5}), and pass --overwrite to start afresh"
+    )
 
 
 def save_student(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Path:
@@ -165,6 +208,8 @@ def results(trainer: OpenkdSFTTrainer, meter: RunMeter) -> dict[str, Any]:
         "tokens_this_run": meter.tokens,
         "train_seconds": round(meter.seconds, 2),
         "tokens_per_second": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
+        # --loss on-policy: the reverse KL at start and end, where the step time went
+        **(trainer.run_results() if hasattr(trainer, "run_results") else {}),
     }
 
 
@@ -196,10 +241,15 @@ def write_cards(prepared: Prepared, trainer: OpenkdSFTTrainer, results: dict[str
 
     cfg, data = prepared.cfg, prepared.data
     eval_stats = trainer.prepared.get("eval")
+    extra: dict[str, Any] = {}
+    if prepared.on_policy is not None:
+        from openkd.train.onpolicy.setup import card_fields
+
+        extra = card_fields(cfg, results)
     info = CardInfo(
         student=cfg.student,
         dataset=cfg.dataset,
-        teacher=data.teacher,
+        teacher={"name": cfg.teacher} if cfg.on_policy else data.teacher,
         settings=_card_settings(cfg, trainer),
         train_rows=results["train_examples"],
         eval_rows=eval_stats.examples if eval_stats else 0,
@@ -212,6 +262,7 @@ def write_cards(prepared: Prepared, trainer: OpenkdSFTTrainer, results: dict[str
         merged=False,
         repo_id=cfg.push_to_hub,
         versions=library_versions("trl", "transformers", "torch", "peft", "datasets", "accelerate"),
+        **extra,
     )
     write_text_atomic(cfg.output_dir / "README.md", render_card(info))
     if cfg.lora and cfg.merge_lora:
@@ -237,6 +288,10 @@ def end_summary(prepared: Prepared, results: dict[str, Any], final_dir: Path, wa
         ("wall time", f"{wall:,.1f} s"),
         ("student", str(final_dir)),
     ]
+    if prepared.on_policy is not None:
+        from openkd.train.onpolicy.setup import end_rows
+
+        rows[-2:-2] = end_rows(results)
     if prepared.cfg.lora:
         rows.append(("LoRA adapter", str(prepared.cfg.output_dir)))
     console.summary_table("openkd train: done", rows)

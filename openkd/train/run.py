@@ -26,9 +26,22 @@ from openkd.data.sources import require_source
 from openkd.train.checkpoints import check_resume_exists
 from openkd.train.config import TrainConfig
 from openkd.train.prepare import build_trainer, check_prepared_example, prepare
-from openkd.train.results import end_summary, results, save_student, start_summary, write_cards
-from openkd.train.runinfo import check_output_dir_usable
+from openkd.train.results import (
+    end_summary,
+    results,
+    save_student,
+    start_summary,
+    stop_if_diverged,
+    write_cards,
+)
+from openkd.train.runinfo import (
+    LAUNCH_CONFIG,
+    check_inputs_outside,
+    check_output_dir_usable,
+    check_unmarked,
+)
 from openkd.train.student import read_template_file, resolve_student
+from openkd.versions import check_trl
 
 
 def run(cfg: TrainConfig) -> None:
@@ -39,7 +52,10 @@ def run(cfg: TrainConfig) -> None:
         require_source(cfg.eval_dataset, "--eval-dataset")
     if cfg.chat_template:
         read_template_file(cfg.chat_template)
+    check_inputs_outside(cfg)
     check_output_dir_usable(cfg.output_dir)
+    if console.is_main_process():  # another rank could see rank 0 clearing it (--overwrite)
+        check_unmarked(cfg.output_dir, overwrite=cfg.overwrite)
     if not cfg.overwrite:
         check_resume_exists(cfg.resume)
 
@@ -56,6 +72,7 @@ def run(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, student: str, started: float) -> Path | None:
     """The training run in this process; the final student's folder (None off rank 0)."""
+    check_trl()  # TRL has the APIs openkd extends (a launcher checked before starting us)
     from openkd.train.runinfo import write_run
     from openkd.train.trainer import RunMeter, StopWhenComplete, TrainingAlreadyComplete
 
@@ -74,6 +91,7 @@ def train(cfg: TrainConfig, student: str, started: float) -> Path | None:
         # Close the progress bar and let trackers finish, as a normal end of training does.
         trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
         console.info(f"training is complete ({done}); saving the student again")
+    stop_if_diverged(prepared, trainer)
     final_dir = save_student(prepared, trainer)
     if not console.is_main_process():
         return None
@@ -125,6 +143,6 @@ def _launch_argv(cfg: TrainConfig) -> list[str]:
     if sys.argv[1:2] == ["train"]:
         return sys.argv[2:]
     # Called from Python (e.g. `openkd run`): the workers read the same settings from a file.
-    path = cfg.output_dir / "openkd_train.launch.yaml"
+    path = cfg.output_dir / LAUNCH_CONFIG
     save_resolved(cfg, path)
     return ["--config", str(path)]

@@ -5,21 +5,26 @@ that change what a checkpoint means (learning rate, batch, template...). A rerun
 identity resumes from the directory's checkpoints; a different one is refused unless
 `--overwrite`, so a checkpoint of one run is never resumed into another. Settings that do not
 change the trajectory so far (steps, epochs, logging, saving, hub) may change between reruns.
+
+The record is also openkd's mark on the directory: `--overwrite` removes only the files a run
+writes (checkpoints, the saved student, logs), and only where the record is; a directory
+without it is someone else's, and nothing in it is removed or written over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openkd import __version__
+from openkd import __version__, console
 from openkd.data.jsonl import read_json_object, write_text_atomic
 from openkd.errors import OpenkdError
-from openkd.paths import check_writable
+from openkd.paths import check_writable, refuse_input_as_output
 from openkd.train.checkpoints import list_checkpoints
 
 if TYPE_CHECKING:
@@ -65,6 +70,10 @@ ARTIFACTS = (
     "openkd_train.yaml",
     RUN_FILE,
 )
+# Written by `openkd run` for the launched workers; openkd's, though it precedes RUN_FILE.
+LAUNCH_CONFIG = "openkd_train.launch.yaml"
+OWNED_DIRS = ("merged", "runs")
+_OWNED_RE = re.compile(r"^(checkpoint-\d+(\.torn(-\d+)?)?|model-\d+-of-\d+\.safetensors)$")
 
 
 def identity(cfg: TrainConfig, *, student: str, dataset_fingerprint: str, template: str) -> dict:
@@ -99,6 +108,46 @@ def read_run(output_dir: Path) -> dict[str, Any] | None:
     return read_json_object(output_dir / RUN_FILE, fix)
 
 
+def train_writes(relative: Path) -> bool:
+    """True for a path inside --output-dir that training writes or `--overwrite` removes."""
+    top = relative.parts[0] if relative.parts else ""
+    return (
+        top in ARTIFACTS or top in OWNED_DIRS or top == LAUNCH_CONFIG or bool(_OWNED_RE.match(top))
+    )
+
+
+def _entries(output_dir: Path) -> list[str]:
+    if not output_dir.is_dir():
+        return []
+    skip = (LAUNCH_CONFIG, ".openkd-write-test-")
+    return sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(skip))
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def check_unmarked(output_dir: Path, *, overwrite: bool) -> None:
+    """An output dir without openkd's run record is not openkd's: refuse to delete anything in
+    it (`--overwrite`), or to write over a file already there."""
+    if (output_dir / RUN_FILE).is_file():
+        return
+    entries = _entries(output_dir)
+    if overwrite and entries:
+        raise OpenkdError(
+            f"--output-dir {output_dir} holds files openkd did not write ({_shown(entries)}) "
+            f"and no {RUN_FILE}; --overwrite removes only an earlier openkd run's files, so "
+            "choose another --output-dir"
+        )
+    clashes = [name for name in entries if train_writes(Path(name))]
+    if clashes:
+        raise OpenkdError(
+            f"--output-dir {output_dir} already holds {_shown(clashes)} but no {RUN_FILE}, so "
+            "openkd did not write them and training would write over them; choose another "
+            "--output-dir"
+        )
+
+
 def check_output_dir_usable(output_dir: Path) -> None:
     """Cheap check before anything heavy: --output-dir can be created and written."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -106,49 +155,64 @@ def check_output_dir_usable(output_dir: Path) -> None:
     check_writable(output_dir, "--output-dir")
 
 
+def check_inputs_outside(cfg: TrainConfig) -> None:
+    """No input of the run is --output-dir, holds it, or lies where training writes in it."""
+    refuse_input_as_output(
+        cfg.output_dir,
+        {
+            "--student": cfg.student,
+            "--dataset": cfg.dataset,
+            "--eval-dataset": cfg.eval_dataset,
+            "--chat-template": cfg.chat_template,
+            "--logprobs": cfg.logprobs,
+        },
+        output_flag="--output-dir",
+        written=train_writes,
+    )
+
+
 def check_output_dir(output_dir: Path, new: dict[str, Any], *, overwrite: bool) -> bool:
-    """Refuse an output dir holding another run; True when it holds this run already."""
+    """Refuse an output dir holding another run; True when it holds this run already.
+
+    With `overwrite` the directory is checked by `clear_output_dir`, which only the main
+    process runs: another rank checking here could see it half-cleared.
+    """
     if overwrite:
         return False
-    fix = "pass --overwrite to replace it, or choose another --output-dir"
-    old = read_run(output_dir)
-    if old is None:
-        leftovers = checkpoints_in(output_dir) or [
-            p
-            for p in (output_dir / "config.json", output_dir / "adapter_config.json")
-            if p.exists()
-        ]
-        if leftovers:
-            raise OpenkdError(
-                f"--output-dir {output_dir} already holds {leftovers[0].name} but no {RUN_FILE}, "
-                f"so openkd cannot tell which run it belongs to; {fix}"
-            )
+    if not (output_dir / RUN_FILE).is_file():
+        check_unmarked(output_dir, overwrite=False)
         return False
+    old = read_run(output_dir) or {}
     diffs = differences(old.get("identity") or {}, new)
     if diffs:
+        fix = "pass --overwrite to replace it, or choose another --output-dir"
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise OpenkdError(f"--output-dir {output_dir} holds a different run ({shown}); {fix}")
     return True
 
 
 def clear_output_dir(output_dir: Path) -> list[str]:
-    """Remove what an earlier run left (checkpoints, final student, merged model); names removed."""
-    removed = []
-    for ckpt in checkpoints_in(output_dir):
-        shutil.rmtree(ckpt)
-        removed.append(ckpt.name)
-    for name in ("merged", "runs"):
-        if (output_dir / name).is_dir():
-            shutil.rmtree(output_dir / name)
-            removed.append(name)
-    for name in ARTIFACTS:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()
-            removed.append(name)
-    for shard in output_dir.glob("model-*-of-*.safetensors") if output_dir.is_dir() else []:
-        shard.unlink()
-        removed.append(shard.name)
-    return removed
+    """`--overwrite`: remove what an earlier openkd run wrote (checkpoints, final student, merged
+    model, logs), named on the console first; other files stay. A directory without the run
+    record is refused: nothing in it is known to be openkd's."""
+    check_unmarked(output_dir, overwrite=True)
+    if not output_dir.is_dir():
+        return []
+    names = [name for name in _entries(output_dir) if train_writes(Path(name))]
+    # The run record goes last: a crash while clearing leaves a directory still known as openkd's.
+    names.sort(key=lambda name: name == RUN_FILE)
+    if names:
+        console.warn(
+            f"--overwrite: removing {len(names)} item(s) an earlier openkd run wrote in "
+            f"{output_dir}: {_shown(names)}"
+        )
+    for name in names:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return names
 
 
 def write_run(output_dir: Path, new: dict[str, Any], **fields: Any) -> None:

@@ -86,6 +86,11 @@ def find_sidecars(cfg: TrainConfig) -> list[Path]:
     found: list[Path] = []
     if cfg.logprobs:
         given = Path(cfg.logprobs).expanduser()
+        if given.is_file():
+            raise OpenkdError(
+                f"--logprobs {cfg.logprobs} is a file; pass the <stem>.logprobs/ directory that "
+                "`openkd generate --logprobs K` wrote"
+            )
         if not given.is_dir():
             raise OpenkdError(
                 f"--logprobs {cfg.logprobs}: no such directory; pass the <stem>.logprobs/ "

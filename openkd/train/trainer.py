@@ -17,6 +17,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTTrainer
 
 from openkd import console
+from openkd.train.guard import NonFiniteGuard
 from openkd.train.preflight import IGNORE, drop_after_last_eos
 
 
@@ -70,6 +71,20 @@ class OpenkdSFTTrainer(SFTTrainer):
         self.trim_after_eos = trim_after_eos
         self.prepared: dict[str, PreparedStats] = {}
         super().__init__(*args, **kwargs)
+        self.guard = NonFiniteGuard(self)
+        self.add_callback(self.guard)  # after the Trainer's own: it may cancel their save
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        loss = super().training_step(*args, **kwargs)
+        self.guard.add_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers' hook that turns the step's (pre-clip) gradient norm into the value it
+        # logs; called once per optimizer step, before the optimizer applies the gradients.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.guard.set_grad_norm(grad_norm)
+        return grad_norm
 
     def _prepare_dataset(
         self, dataset, processing_class, args, packing, formatting_func, dataset_name
@@ -252,6 +267,13 @@ def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
         ("eval_kl", "eval kl", "{:.4f}"),
         ("top1_agreement", "top-1 agreement", "{:.3f}"),
         ("mean_token_accuracy", "token acc", "{:.3f}"),
+        # --loss on-policy
+        ("reverse_kl", "reverse KL", "{:.4f}"),
+        ("eval_reverse_kl", "eval reverse KL", "{:.4f}"),
+        ("completions/mean_length", "sample len", "{:.1f}"),
+        ("completions/clipped_ratio", "cut", "{:.0%}"),
+        ("generate_share", "sampling", "{:.0%}"),
+        ("score_share", "teacher", "{:.0%}"),
         ("grad_norm", "grad norm", "{:.3g}"),
         ("learning_rate", "lr", "{:.3g}"),
         ("epoch", "epoch", "{:.2f}"),

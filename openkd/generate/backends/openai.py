@@ -7,7 +7,10 @@ as soon as one answer lands, the next prompt is sent, so the server's batch stay
 Retries are done here, not by the client, so the schedule (exponential backoff with seeded
 jitter, honouring Retry-After) is deterministic and tested. When requests keep failing to
 connect, the server is gone: the stream raises `TeacherUnavailable` instead of marking every
-remaining prompt failed, and what finished is kept.
+remaining prompt failed, and what finished is kept. Running out of file descriptors (one
+socket per request) is this process's limit, not a dead server: the soft limit is raised to
+the hard one at start, the window is capped to what fits, and an EMFILE that persists through
+its retries stops the run with a line saying so.
 """
 
 from __future__ import annotations
@@ -33,15 +36,23 @@ from openkd.generate.backends.base import (
     TokenLogprobs,
 )
 from openkd.generate.backends.window import RequestWindow
-from openkd.generate.vllm.engine import check_answer_fits
-from openkd.system import package_version
+from openkd.generate.vllm.engine import check_answer_fits, server_logprobs
+from openkd.system import (
+    open_descriptors,
+    out_of_files,
+    package_version,
+    raise_open_file_limit,
+)
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
     from openkd.generate.vllm.server import ServedTeacher
 
-# An answer, and whether its last attempt failed to reach the server at all.
-Outcome = tuple[Completion, bool]
+# Why a request's last attempt got no answer from the server at all (None: it did): such a
+# request is unfinished work for the rerun, not a failure of its prompt.
+UNREACHABLE = "unreachable"
+OUT_OF_FILES = "out of files"
+Outcome = tuple[Completion, str | None]
 
 # A local server needs no key, but the client insists on one.
 NO_KEY = "EMPTY"
@@ -53,14 +64,48 @@ DEFAULT_IN_FLIGHT = 256
 SERVED_IN_FLIGHT = 1024
 # Requests in a row that could not connect, each after its retries: the server is gone.
 UNREACHABLE_AFTER = 8
+# File descriptors kept free beside the sockets: the outputs, logs, libraries' own.
+FILE_HEADROOM = 64
 
 
 def unreachable(err: BaseException) -> bool:
     """The server could not be reached at all (not a slow answer, not an HTTP error)."""
     import openai
 
-    return isinstance(err, openai.APIConnectionError) and not isinstance(
-        err, openai.APITimeoutError
+    return (
+        isinstance(err, openai.APIConnectionError)
+        and not isinstance(err, openai.APITimeoutError)
+        and out_of_files(err) is None
+    )
+
+
+def fit_open_files(wanted: int) -> int:
+    """How many requests can be in flight (one socket each) within the open-file limit, after
+    raising the soft limit to the hard one; one line says so when that is fewer than `wanted`."""
+    soft, hard = raise_open_file_limit()
+    if soft < 0:  # unlimited, or not a POSIX system
+        return wanted
+    used = open_descriptors() + FILE_HEADROOM
+    if wanted + used <= soft:
+        return wanted
+    fits = max(1, soft - used)
+    hard_text = "unlimited" if hard < 0 else f"{hard:,}"
+    console.warn(
+        f"the open-file limit (`ulimit -n`) is {soft:,} (hard limit {hard_text}): room for "
+        f"{fits:,} connections, not {wanted:,}; keeping {fits:,} requests in flight (raise it "
+        f"with `ulimit -n {wanted + used}` before openkd for all {wanted:,})"
+    )
+    return fits
+
+
+def out_of_files_message(detail: str, in_flight: int) -> str:
+    """The one line for EMFILE: a local limit to raise, not a server to bring back."""
+    soft, _ = raise_open_file_limit()
+    limit = "unlimited" if soft < 0 else f"{soft:,}"
+    return (
+        f"openkd ran out of open files ({detail}) with {in_flight:,} requests in flight; "
+        f"a limit of this process (`ulimit -n` is {limit}), not a dead server: raise `ulimit -n` "
+        "or lower --concurrency (finished answers are kept; rerun the same command to continue)"
     )
 
 
@@ -114,11 +159,24 @@ def token_logprobs(choice: Any, k: int, dtype: str) -> TokenLogprobs:
         raise ValueError("the server returned no log-probabilities; is it a vLLM server?")
     tokens = np.asarray([token_id(entry.token) for entry in content], dtype=np.int32)
     positions = [
-        {token_id(top.token): float(top.logprob) for top in entry.top_logprobs or ()}
-        for entry in content
+        best_k(
+            [(token_id(top.token), float(top.logprob)) for top in entry.top_logprobs or ()],
+            int(chosen),
+            k,
+        )
+        for entry, chosen in zip(content, tokens, strict=True)
     ]
     top_ids, top_logprobs = top_k_arrays(positions, k, dtype)
     return TokenLogprobs(tokens, top_ids, top_logprobs)
+
+
+def best_k(entries: list[tuple[int, float]], chosen: int, k: int) -> dict[int, float]:
+    """A position's top `k` {token id: log-probability} from a vLLM server's entries: the chosen
+    (sampled) token first, then ranks 1, 2, ... (`server_logprobs` asks for one more when
+    sampling). The chosen token stays only if it ranks among the `k` best; ties go against it,
+    as vLLM ranks it (by how many tokens are at least as likely)."""
+    ranked = sorted(entries, key=lambda entry: (-entry[1], entry[0] == chosen))
+    return dict(ranked[:k])
 
 
 def retry_after_seconds(err: BaseException) -> float | None:
@@ -149,14 +207,17 @@ class OpenAIBackend(BackendBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._rng = random.Random(cfg.seed)
+        self._fits: int | None = None  # what the open-file limit allows, once started
 
     def in_flight(self) -> int:
         if self.cfg.concurrency:
-            return self.cfg.concurrency
-        if self.cfg.serve:
+            wanted = self.cfg.concurrency
+        elif self.cfg.serve:
             per_replica = 2 * self.cfg.max_num_seqs if self.cfg.max_num_seqs else SERVED_IN_FLIGHT
-            return per_replica * self.cfg.data_parallel_size
-        return DEFAULT_IN_FLIGHT
+            wanted = per_replica * self.cfg.data_parallel_size
+        else:
+            wanted = DEFAULT_IN_FLIGHT
+        return min(wanted, self._fits) if self._fits is not None else wanted
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -173,6 +234,8 @@ class OpenAIBackend(BackendBase):
         from openai import AsyncOpenAI
 
         api_key = os.environ.get(self.cfg.api_key_env) or NO_KEY
+        # First, so that a --serve'd server inherits the raised limit too.
+        self._fits = fit_open_files(self.in_flight())
         if self.cfg.serve:
             from openkd.generate.vllm.server import start_vllm_server
 
@@ -242,10 +305,11 @@ class OpenAIBackend(BackendBase):
         try:
             page = await self._client.models.list(timeout=self.connect_timeout)
         except openai.APIConnectionError as err:
+            if (local := out_of_files(err)) is not None:
+                raise OpenkdError(out_of_files_message(str(local), self.in_flight())) from err
             raise OpenkdError(
                 f"cannot reach teacher server at {url}: {describe(err)}; start it (e.g. "
-                f"`python -m vllm.entrypoints.openai.api_server --model {self.cfg.teacher}`) "
-                "or pass --serve"
+                f"`vllm serve {self.cfg.teacher}`) or pass --serve"
             ) from err
         except openai.AuthenticationError as err:
             raise OpenkdError(
@@ -290,8 +354,10 @@ class OpenAIBackend(BackendBase):
         # Requests that could not connect, held back: if the server is gone they are not
         # failures of their prompts, just unfinished work for the rerun.
         unsure: list[Answer] = []
-        for request, (completion, connect_failed) in window.results(self._run):
-            if connect_failed:
+        for request, (completion, no_answer) in window.results(self._run):
+            if no_answer == OUT_OF_FILES:
+                raise OpenkdError(out_of_files_message(str(completion.error), window.limit))
+            if no_answer:
                 unsure.append((request, completion))
                 if len(unsure) >= UNREACHABLE_AFTER:
                     raise TeacherUnavailable(
@@ -306,7 +372,7 @@ class OpenAIBackend(BackendBase):
         yield from unsure
 
     async def _complete(self, request: Request, sampling: Sampling) -> Outcome:
-        """The answer, and whether the last attempt failed to reach the server at all."""
+        """The answer, and why the last attempt got none from the server (None: it did)."""
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             try:
@@ -323,13 +389,16 @@ class OpenAIBackend(BackendBase):
                 )
             except Exception as err:
                 if not retryable(err):
-                    return Completion.failure(describe(err)), False
+                    return Completion.failure(describe(err)), None
                 if attempt + 1 == attempts:
+                    if (local := out_of_files(err)) is not None:
+                        return Completion.failure(str(local)), OUT_OF_FILES
                     reason = f"{describe(err)} (gave up after {attempts} attempts)"
-                    return Completion.failure(reason), unreachable(err)
+                    return Completion.failure(reason), UNREACHABLE if unreachable(err) else None
+                # Sockets free up as other requests finish: an EMFILE is retried too.
                 await asyncio.sleep(self.backoff(attempt, err))
             else:
-                return self._to_completion(response), False
+                return self._to_completion(response), None
         raise AssertionError("unreachable")
 
     def backoff(self, attempt: int, err: BaseException | None = None) -> float:
@@ -342,13 +411,14 @@ class OpenAIBackend(BackendBase):
         return delay
 
     def _logprob_arguments(self) -> dict[str, Any]:
-        """With --logprobs K: the top-K per answer token, with tokens as ids (a vLLM extension:
-        soft labels need the ids, and text tokens do not map back to them reliably)."""
+        """With --logprobs K: the top-K per answer token (K+1 when sampling: `server_logprobs`),
+        with tokens as ids (a vLLM extension: soft labels need the ids, and text tokens do not
+        map back to them reliably)."""
         if not self.cfg.logprobs:
             return {}
         return {
             "logprobs": True,
-            "top_logprobs": self.cfg.logprobs,
+            "top_logprobs": server_logprobs(self.cfg.logprobs, self.cfg.temperature),
             "extra_body": {"return_tokens_as_token_ids": True},
         }
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from openkd.data.schema import FINISH_LENGTH, FINISH_STOP, Message
 from openkd.errors import OpenkdError, brief
 from openkd.generate.backends.base import BatchedBackend, Completion, Sampling
+from openkd.paths import model_path
 from openkd.system import free_memory
 
 if TYPE_CHECKING:
@@ -89,9 +90,9 @@ def load_causal_lm(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype(dtype, device), **kwargs
+            model_path(name), dtype=torch_dtype(dtype, device), **kwargs
         )
     except (OSError, ValueError) as exc:
         raise OpenkdError(

@@ -6,14 +6,17 @@ The engine is driven directly: each conversation is rendered by vLLM's own chat 
 of requests (twice the engine's `max_num_seqs` by default) stays inside the engine, so its
 scheduler always has work to fill a slot the moment an answer ends, and nothing ever waits for
 a batch's slowest answer. A prompt vLLM rejects (longer than the context) fails alone; a dead
-engine stops the run with `TeacherUnavailable`.
+engine stops the run with `TeacherUnavailable`, also when its process was killed without a
+word (SIGKILL, the OOM killer), which would otherwise leave a step waiting forever.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -33,7 +36,7 @@ from openkd.generate.vllm.engine import (
     GENERATION_CONFIG_KEYS,
     check_answer_fits,
     engine_failed,
-    engine_options,
+    llm_arguments,
     preflight,
 )
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
 
 MIN_IN_FLIGHT = 64
+WATCH_SECONDS = 1.0  # how often a dead engine is looked for while a step waits
 
 
 class VLLMBackend(BackendBase):
@@ -77,7 +81,7 @@ class VLLMBackend(BackendBase):
         from vllm import LLM
 
         try:
-            self._llm = LLM(model=cfg.teacher, **engine_options(cfg))
+            self._llm = LLM(**llm_arguments(cfg))
         except Exception as err:
             raise engine_failed(cfg.teacher, err, "see vLLM's log above") from err
         self.start_seconds = time.perf_counter() - t0
@@ -144,33 +148,37 @@ class VLLMBackend(BackendBase):
         if self._decodes_itself(sampling):
             decode = functools.partial(answer_text, self._tokenizer)
         engine = self._llm.llm_engine
+        core = getattr(engine, "engine_core", None)
         pending = iter(requests)
         running: dict[str, Request] = {}
         limit = self.in_flight()
         try:
-            while not self.stopping.is_set():
-                while len(running) < limit:
-                    request = next(pending, None)
-                    if request is None:
-                        break
-                    added = self._add(request, params)
-                    if isinstance(added, Completion):
-                        yield request, added
-                    else:
-                        running[added] = request
-                if not running:
-                    return
-                try:
-                    outputs = engine.step()
-                except Exception as err:
-                    self._raise_if_engine_dead(err)
-                    raise
-                for output in outputs:
-                    if output.finished:
-                        completion = to_completion(
-                            output, self.cfg.logprobs, self.cfg.logprobs_dtype, decode
-                        )
-                        yield running.pop(output.request_id), completion
+            with watch_engine(core):
+                while not self.stopping.is_set():
+                    while len(running) < limit:
+                        request = next(pending, None)
+                        if request is None:
+                            break
+                        added = self._add(request, params)
+                        if isinstance(added, Completion):
+                            yield request, added
+                        else:
+                            running[added] = request
+                    if not running:
+                        return
+                    if engine_dead(core):
+                        raise self._dead(None)
+                    try:
+                        outputs = engine.step()
+                    except Exception as err:
+                        self._raise_if_engine_dead(err)
+                        raise
+                    for output in outputs:
+                        if output.finished:
+                            completion = to_completion(
+                                output, self.cfg.logprobs, self.cfg.logprobs_dtype, decode
+                            )
+                            yield running.pop(output.request_id), completion
         finally:
             if running and self._llm is not None:
                 # A dead engine has nothing left to abort.
@@ -194,10 +202,15 @@ class VLLMBackend(BackendBase):
         # Only an imported module can have raised its own exception type: no import needed.
         exceptions = sys.modules.get("vllm.v1.engine.exceptions")
         if exceptions is not None and isinstance(err, exceptions.EngineDeadError):
-            raise TeacherUnavailable(
-                f"the vLLM engine died ({brief(err)}); finished answers are kept: see "
-                "vLLM's log above, then rerun the same command to continue"
-            ) from err
+            raise self._dead(err) from err
+
+    def _dead(self, err: Exception | None) -> TeacherUnavailable:
+        core = getattr(self._llm.llm_engine, "engine_core", None) if self._llm else None
+        why = ended_processes(core) or (brief(err) if err is not None else "no reason given")
+        return TeacherUnavailable(
+            f"the vLLM engine died ({why}); finished answers are kept: see vLLM's log above, "
+            "then rerun the same command to continue"
+        )
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
@@ -215,6 +228,66 @@ class VLLMBackend(BackendBase):
         import vllm
 
         return {"vllm": vllm.__version__}
+
+
+def engine_dead(core: Any) -> bool:
+    """vLLM's own verdict: its liveness monitor marks the engine dead when a process ends."""
+    return bool(getattr(getattr(core, "resources", None), "engine_dead", False))
+
+
+def ended_processes(core: Any) -> str:
+    """Which engine processes ended and how, e.g. "EngineCore_DP0 was killed by SIGKILL (the
+    OOM killer sends it)"; empty when vLLM does not say."""
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    try:
+        ended = manager.finished_procs() if manager is not None else {}
+    except Exception:  # bookkeeping of another vLLM version: the message does without it
+        return ""
+    return "; ".join(f"{name} {how_it_ended(code)}" for name, code in ended.items())
+
+
+def how_it_ended(exit_code: int) -> str:
+    if exit_code >= 0:
+        return f"exited with code {exit_code}"
+    try:
+        sig = signal.Signals(-exit_code).name
+    except ValueError:
+        sig = f"signal {-exit_code}"
+    return f"was killed by {sig}" + (" (the OOM killer sends it)" if sig == "SIGKILL" else "")
+
+
+@contextlib.contextmanager
+def watch_engine(core: Any, every: float = WATCH_SECONDS) -> Iterator[None]:
+    """While the stream runs, wake a step that waits on a dead engine.
+
+    When an engine process ends without a word (SIGKILL, the OOM killer, a segfault), vLLM's
+    liveness monitor marks the engine dead and shuts its client down, but the thread that
+    queues the engine's outputs exits without queuing an error, so a step already waiting for
+    output waits forever (vLLM 0.32-0.34 `SyncMPClient.get_output`). Every `every` seconds
+    this looks at vLLM's verdict and, once dead, queues the `EngineDeadError` that vLLM's async
+    client queues in the same case: the step raises it.
+    """
+    outputs = getattr(core, "outputs_queue", None)
+    if outputs is None or not hasattr(outputs, "put_nowait"):
+        yield  # the engine runs in this process (no engine process to lose)
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if engine_dead(core):
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    thread = threading.Thread(target=watch, name="openkd-engine-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def to_completion(

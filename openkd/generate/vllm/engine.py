@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd.errors import ConfigError, OpenkdError, brief
-from openkd.paths import looks_like_path, require_local_model
+from openkd.paths import looks_like_path, model_path, require_local_model
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
@@ -44,6 +44,14 @@ OWN_OPTIONS = {
     "max_model_len": "--max-model-len",
     "max_num_seqs": "--max-num-seqs",
 }
+
+
+def server_logprobs(k: int, temperature: float) -> int:
+    """`top_logprobs` to ask a vLLM server for, to get the true top `k`. The server sends a
+    position's first entries, and vLLM lists the sampled token first, then ranks 1, 2, ...:
+    when sampling, a token ranked below `k` may be the sampled one and push rank `k` out, so ask
+    for one more and keep the `k` best (a greedy answer's token is rank 1)."""
+    return k + 1 if temperature > 0 else k
 
 
 def check_vllm_args(vllm_args: dict[str, Any]) -> None:
@@ -87,10 +95,16 @@ def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
         options["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:
         options["max_num_seqs"] = cfg.max_num_seqs
-    if cfg.logprobs and cfg.logprobs > VLLM_MAX_LOGPROBS:
-        options["max_logprobs"] = cfg.logprobs  # vLLM refuses larger top-K requests otherwise
+    if cfg.logprobs and server_logprobs(cfg.logprobs, cfg.temperature) > VLLM_MAX_LOGPROBS:
+        # vLLM refuses larger top-K requests otherwise (a --serve'd one gets K+1 when sampling)
+        options["max_logprobs"] = server_logprobs(cfg.logprobs, cfg.temperature)
     options.update(cfg.vllm_args)
     return options
+
+
+def llm_arguments(cfg: GenerateConfig) -> dict[str, Any]:
+    """`vllm.LLM(**llm_arguments(cfg))`: the teacher, its `~` expanded, and the engine options."""
+    return {"model": model_path(cfg.teacher), **engine_options(cfg)}
 
 
 def as_cli_flags(options: dict[str, Any]) -> list[str]:
@@ -158,11 +172,13 @@ def check_answer_fits(max_new_tokens: int, max_model_len: int | None, where: str
 def preflight(cfg: GenerateConfig) -> None:
     """Everything that can be checked about a vLLM engine before starting one."""
     from openkd.generate.vllm.gpus import check_parallel_fits
+    from openkd.versions import check_vllm
 
     check_teacher(cfg.teacher)
     check_vllm_args(cfg.vllm_args)
     check_answer_fits(cfg.max_new_tokens, cfg.max_model_len, "--max-model-len")
     check_parallel_fits(cfg.tensor_parallel_size, cfg.data_parallel_size)
+    check_vllm()  # the installed vLLM has every API openkd calls
 
 
 def engine_failed(teacher: str, err: BaseException, log_hint: str) -> OpenkdError:

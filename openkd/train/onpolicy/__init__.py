@@ -1,0 +1,12 @@
+"""`openkd train --loss on-policy`: the student samples answers, a teacher scores every token.
+
+On TRL's `DistillationTrainer` (generalized JSD between the student's and the teacher's
+next-token distributions on the student's own samples; `--kd-beta 1` is the reverse KL of
+Thinking Machines' on-policy distillation). openkd adds its data and pre-flight checks, the
+run identity and checkpoints of `openkd train`, GKD's mix with offline steps (`--kd-lambda`),
+samples per prompt, the reverse-KL and time-share metrics, and the summary and card.
+
+Modules: `data` (the prompts), `teacher` (tokenizer compatibility and identity), `arguments`
+(`DistillationConfig`), `divergence` (the exact per-token reverse KL, shared with eval),
+`trainer` (the trainer subclass), `setup` (building it, the pre-flight, the summaries).
+"""
