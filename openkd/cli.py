@@ -169,12 +169,40 @@ def _root(
         os.environ[TRACEBACK_ENV] = "1"  # child processes (accelerate, servers) inherit it
 
 
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM
+
+
+def _click_exceptions() -> Any:
+    """The exception classes of the click that typer runs on (recent typers vendor their own)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
+
+
 def main() -> None:
     """Console entry point: one-line errors and a non-zero exit instead of tracebacks."""
     from openkd import console
 
+    click = _click_exceptions()
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="openkd")
+    except click.NoArgsIsHelpError as err:  # `openkd` alone: the help text
+        err.show()
+        sys.exit(err.exit_code)
+    except click.UsageError as err:  # an unknown flag, a bad value or choice: one line too
+        command = err.ctx.command_path if err.ctx else "openkd"
+        console.error(f"{err.format_message()} (see `{command} --help`)")
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except typer.Abort as err:  # end of input at a prompt
+        if show_tracebacks():
+            traceback.print_exception(err)
+        console.error("aborted")
+        sys.exit(1)
     except OpenkdError as err:
         if show_tracebacks():
             traceback.print_exception(err)
@@ -186,7 +214,10 @@ def main() -> None:
         if show_tracebacks():
             traceback.print_exception(err)
         console.error("interrupted; rerun the same command to resume where it stopped")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    if code == INTERRUPTED:  # typer turns Ctrl-C (and openkd's SIGTERM) into Exit(130)
+        console.error("interrupted; rerun the same command to resume where it stopped")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

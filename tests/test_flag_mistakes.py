@@ -237,3 +237,19 @@ def test_openkd_run_stage_error_names_the_recipe_keys(tmp_path, prompts):
     stage_error = next(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
     assert "generate.teacher 'm'" in stage_error and "delete generate.output" in stage_error
     assert "--overwrite" not in stage_error and "--teacher" not in stage_error
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("generate", "--bogus", "1"), "No such option: --bogus (see `openkd generate --help`)"),
+        (("generate", "--backend", "nope"), "Invalid value for '--backend'"),
+        (("make-tiny", "x", "--layers", "two"), "Invalid value for '--layers'"),
+        (("merge",), "Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line(args, message):
+    proc = invoke(*args)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

@@ -257,7 +257,10 @@ def test_every_answer_rejected_says_why(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert out.exists() and out.read_text() == ""
-    assert "0 rows to train on" in proc.stderr and "--verify" in proc.stderr
+    warning = next(ln for ln in proc.stderr.splitlines() if "0 rows to train on" in ln)
+    assert "--verify" in warning and "--answer-column" in warning
+    assert "extracted vs gold: '2' vs '100', '3' vs '101'" in warning
+    assert "pass@1 0.0%" in proc.stderr  # a rate of zero is printed, not an empty cell
 
 
 def test_a_failed_start_leaves_no_files(data, tmp_path):
@@ -289,3 +292,28 @@ def test_overwrite_deletes_only_what_openkd_wrote(data, tmp_path):
     assert "t.jsonl" in line and "t.eval.jsonl" in line and "t.meta.json" in line
     assert notes.read_text() == "keep me"
     assert not OutputFiles(out).eval.exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_run_says_how_much_of_the_selection_it_read(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"a b c {i}"} for i in range(5000)])
+    out = tmp_path / "t.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openkd", "generate", "--backend", "mock", "--teacher", "m",
+         "--dataset", str(data), "--output", str(out), "--mock-latency", "0.02",
+         "--concurrency", "4", "--commit-interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err
+    assert re.search(r"in the first [\d,]+ of 5,000 read before the stop", err), err

@@ -51,6 +51,7 @@ def in_shard(rid: str, shard: tuple[int, int] | None) -> bool:
 class SourceCounts:
     """How the selected rows were decided so far; read live by the progress display."""
 
+    total: int = 0  # answers to give for every selected row (every shard): rows x samples
     scanned: int = 0  # answers to give for the rows read (every shard): rows x samples
     selected: int = 0  # answers of this shard's prompts
     already_done: int = 0
@@ -78,7 +79,7 @@ class PromptSource:
     ) -> None:
         self.samples = samples
         self.total = len(positions) * samples
-        self.counts = SourceCounts()
+        self.counts = SourceCounts(total=self.total)
         columns = list(builder.columns)
         if gold_column and gold_column not in columns:
             columns.append(gold_column)

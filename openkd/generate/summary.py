@@ -3,6 +3,7 @@ answers keep hitting the token limit, and the one-line error of a run that left 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openkd import console
@@ -33,6 +34,8 @@ def summary(
         if cfg.num_samples == 1
         else f"answers to give ({cfg.num_samples} a prompt)"
     )
+    if seen.scanned < seen.total:  # stopped before the whole selection was read
+        selected += f" (in the first {seen.scanned:,} of {seen.total:,} read before the stop)"
     rows = [
         (selected, console.fmt_int(seen.selected)),
         ("already done (skipped)", console.fmt_int(seen.already_done)),
@@ -69,7 +72,9 @@ def summary(
                 f"{found.verified:,} / {found.rejected:,}",
             )
         )
-        rates = [f"{k} {v:.1%}" for k, v in checked.items() if k.startswith("pass@") and v]
+        rates = [
+            f"{k} {v:.1%}" for k, v in checked.items() if k.startswith("pass@") and v is not None
+        ]
         rows.append((f"pass rate over {checked['prompts']:,} prompts", ", ".join(rates)))
     soft = outcome.soft_labels
     if soft:
@@ -106,13 +111,27 @@ def warn_if_empty(files: OutputFiles, cfg: GenerateConfig, counts: Counts) -> No
             "--keep-truncated)"
         )
     if counts.rejected.rows:
+        rejected = files.kind_path("rejected")
         causes.append(
-            f"{counts.rejected.rows:,} answers that failed --verify are in "
-            f"{files.kind_path('rejected').name} (check --answer-column and --answer-regex)"
+            f"{counts.rejected.rows:,} answers that failed --verify are in {rejected.name} "
+            f"(a wrong --answer-column, or answers the verifier cannot extract{_examples(rejected)})"
         )
     if counts.eval.rows:
         causes.append(f"{counts.eval.rows:,} rows are held out in {files.eval.name}")
     console.warn(f"{files.output.name} has 0 rows to train on: {'; '.join(causes)}")
+
+
+def _examples(rejected: Path, count: int = 3) -> str:
+    """`; extracted vs gold: '7' vs '12', ...` from the first rejected rows."""
+    from itertools import islice
+
+    from openkd.data.jsonl import iter_jsonl
+
+    pairs = []
+    for _, row in islice(iter_jsonl(rejected), count) if rejected.is_file() else ():
+        verdict = row.get("verification") or {}
+        pairs.append(f"{verdict.get('answer')!r} vs {verdict.get('gold')!r}")
+    return f"; extracted vs gold: {', '.join(pairs)}" if pairs else ""
 
 
 def raise_if_incomplete(
