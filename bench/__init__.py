@@ -13,6 +13,7 @@ BENCHMARKS = (
     "train",
     "packing",
     "train_soft",
+    "export",
     "generate_vllm",
     "generate_openai",
 )

@@ -20,8 +20,10 @@ from openkd.config import StageConfig, resolve
 from openkd.decontaminate.config import DecontaminateConfig
 from openkd.errors import TRACEBACK_ENV, OpenkdError, show_tracebacks
 from openkd.eval.config import EvalConfig
+from openkd.export.config import ExportConfig
 from openkd.flags import config_command
 from openkd.generate.config import GenerateConfig
+from openkd.plan.command import app as plan_app
 from openkd.train.config import TrainConfig
 
 app = typer.Typer(
@@ -56,6 +58,8 @@ app.command("eval", help=EvalConfig.__doc__)(_stage(EvalConfig, "openkd.eval.run
 app.command("decontaminate", help=DecontaminateConfig.__doc__)(
     _stage(DecontaminateConfig, "openkd.decontaminate.run:run")
 )
+app.command("export", help=ExportConfig.__doc__)(_stage(ExportConfig, "openkd.export.run:run"))
+app.add_typer(plan_app, name="plan")
 
 
 @app.command("run")

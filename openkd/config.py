@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 
 from openkd.errors import ConfigError
 
-SECTIONS = ("generate", "train", "eval", "decontaminate")
+SECTIONS = ("generate", "train", "eval", "decontaminate", "export", "plan", "plan_fit", "plan_pilot")
 
 C = TypeVar("C", bound="StageConfig")
 # Every stage config class by section, for naming the section a misplaced YAML key belongs in.
@@ -191,7 +191,7 @@ def section_values(
             hint = did_you_mean(key, valid_keys)
             raise ConfigError(
                 f"{path}: unknown key '{key}' in section '{section}'{hint}; "
-                f"see `openkd {section} --help` for valid keys"
+                f"see `openkd {section.replace('_', ' ')} --help` for valid keys"
             )
     for other, cls in SECTION_CLASSES.items():
         if other == section or not isinstance(data.get(other), dict):
@@ -219,7 +219,7 @@ def _misplaced(path: Path, keys: list[str], section: str, homes: list[str]) -> s
     belong = "belongs" if len(keys) == 1 else "belong"
     return (
         f"{path}: {what} in section '{section}' {belong} in {where}; move "
-        f"{'it' if len(keys) == 1 else 'them'} there (see `openkd {section} --help` for the keys "
+        f"{'it' if len(keys) == 1 else 'them'} there (see `openkd {section.replace('_', ' ')} --help` for the keys "
         f"of '{section}:')"
     )
 
@@ -249,7 +249,7 @@ def resolve(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -
         has = f"its sections: {', '.join(data)}" if data else "it is empty"
         raise ConfigError(
             f"{exc}; {config_file} has no `{cls.section}:` section ({has}), so none of its "
-            f"settings apply to `openkd {cls.section}`"
+            f"settings apply to `openkd {cls.section.replace('_', ' ')}`"
         ) from exc
 
 

@@ -76,7 +76,11 @@ def read_recipe(path: Path) -> dict[str, dict[str, Any]]:
         if name in data and name not in STAGES:
             console.warn(
                 f"{path}: `openkd run` does not run the {name}: section; run "
-                f"`openkd {name} --config {path}` first"
+                + (
+                    f"`openkd plan pilot {path}` for it"
+                    if name == "plan_pilot"
+                    else f"`openkd {name.replace('_', ' ')} --config {path}` first"
+                )
             )
     return present
 
@@ -127,15 +131,16 @@ def wire(sections: dict[str, dict[str, Any]], path: Path) -> Recipe:
 
     if eval_values is not None:
         eval_values = dict(eval_values)
-        if "dataset" not in eval_values and generate is not None:
+        benchmarks = "benchmark" in eval_values  # scored on gold answers, not held-out rows
+        if "dataset" not in eval_values and not benchmarks and generate is not None:
             if generate.eval_fraction > 0:
                 held_out = eval_file(generate.output)
                 eval_values["dataset"] = str(held_out)
                 recipe.wiring.append(f"eval.dataset = generate's held-out rows ({held_out})")
             else:
                 problems.append(
-                    "eval has no held-out prompts: set generate.eval_fraction (e.g. 0.05) or "
-                    "eval.dataset"
+                    "eval has no held-out prompts: set generate.eval_fraction (e.g. 0.05), "
+                    "eval.dataset, or eval.benchmark (e.g. [math500, aime24])"
                 )
                 eval_values["dataset"] = "<missing>"
         if "student" not in eval_values and train is not None:

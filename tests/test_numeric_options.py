@@ -122,6 +122,11 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("train", "eval_steps", "absurd"): "no evaluation before the end",
     ("eval", "max_samples", "absurd"): "more than the dataset has: every prompt",
     ("eval", "nll_batch_size", "absurd"): "more than the dataset has: every row in one pass",
+    ("eval", "temperature", "zero"): "greedy benchmark answers (the default)",
+    ("eval", "temperature", "absurd"): "near-uniform sampling of benchmark answers",
+    ("eval", "seed", "negative"): "any 64-bit integer: sample i of a prompt uses seed + i",
+    ("eval", "seed", "zero"): "the default seed",
+    ("eval", "seed", "absurd"): "any 64-bit integer: sample i of a prompt uses seed + i",
     ("decontaminate", "ngram_size", "absurd"): "longer than any text, so nothing can match; a "
     "warning counts the benchmark rows too short to match",
 }

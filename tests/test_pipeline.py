@@ -136,3 +136,24 @@ def test_a_failing_stage_stops_the_recipe_with_its_status(tmp_path):
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
     assert "stage generate failed" in last and "train, eval did not run" in last
     assert not (tmp_path / "out" / "student").exists()
+
+
+def test_eval_on_benchmarks_is_not_wired_to_held_out_rows(tmp_path):
+    text = BASE.replace("  eval_fraction: 0.1\n", "").replace(
+        "  output_dir: out/eval", "  output_dir: out/eval\n  benchmark: [math500, aime24]"
+    )
+    recipe = load_recipe(_write(tmp_path, text))
+    ev = recipe.configs["eval"]
+    assert ev.dataset is None and ev.benchmark == ["math500", "aime24"]
+    assert ev.student == "out/student"
+
+
+def test_shipped_math_recipes_evaluate_on_math500_and_aime24():
+    for recipe in RECIPES:
+        if recipe.name == "demo_cpu.yaml":
+            continue
+        ev = load_recipe(recipe).configs["eval"]
+        assert ev.benchmark is not None and {"math500", "aime24"} <= set(ev.benchmark)
+        assert ev.base, f"{recipe.name}: the untrained student belongs beside the student"
+        if ev.num_samples > 1:
+            assert ev.temperature > 0

@@ -45,6 +45,9 @@ class Benchmark(BaseModel):
     def _from_text(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
+        known = _named_fields(value)
+        if known is not None:
+            return known
         source, *rest = value.split(":")
         if len(rest) > 3:
             raise ValueError(
@@ -73,6 +76,26 @@ class Benchmark(BaseModel):
         return self.name or self.source
 
 
+def _named_fields(value: str) -> dict[str, Any] | None:
+    """A benchmark openkd knows by name (`math500`; `math500=PATH` for a local copy) as the
+    fields of its problem text; None for any other value."""
+    from openkd.data.benchmarks import named
+
+    name, eq, path = value.partition("=")
+    bench = named(name)
+    if bench is None or (eq and not path.strip()):
+        return None
+    if eq:
+        return {"source": path.strip(), "columns": [bench.problem_column], "name": bench.name}
+    return {
+        "source": bench.hub_id,
+        "columns": [bench.problem_column],
+        "split": bench.split,
+        "subset": bench.subset,
+        "name": bench.name,
+    }
+
+
 class DecontaminateConfig(StageConfig):
     """Drop the prompts that share an n-gram with a benchmark (decontamination, before stage 1)."""
 
@@ -91,7 +114,9 @@ class DecontaminateConfig(StageConfig):
     )
     benchmark: list[Benchmark] = Field(
         min_length=1,
-        description="Benchmark to decontaminate against, as SOURCE[:COLUMNS[:SPLIT[:SUBSET]]]: "
+        description="Benchmark to decontaminate against: a name (math500, aime24, aime25, "
+        "gpqa-diamond: the Hub dataset and problem column `openkd eval --benchmark` uses; "
+        "NAME=PATH for a local copy), or SOURCE[:COLUMNS[:SPLIT[:SUBSET]]]: "
         "a local file/glob/directory or Hub id; comma-separated text columns (default "
         f"'{DEFAULT_BENCHMARK_COLUMN}'); split (default: its only split, else 'test'); e.g. "
         "HuggingFaceH4/MATH-500:problem. In YAML also a mapping of source, columns, split, "

@@ -7,7 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from openkd.config import MAX_TOKENS
+from openkd.config import INT64_MAX, MAX_TOKENS
+from openkd.data.benchmarks import names as benchmark_names
 from openkd.data.fields import Split, Subset
 from openkd.engine import EngineConfig
 from openkd.generate.config import Backend
@@ -18,15 +19,33 @@ StudentBackend = Literal["vllm", "openai", "transformers"]
 
 
 class EvalConfig(EngineConfig):
-    """Score a student against its teacher on held-out prompts (stage 3)."""
+    """Score a student against its teacher on held-out prompts, or on benchmarks' gold answers
+    (MATH-500, AIME, GPQA: pass@1, pass@k) with no teacher (stage 3)."""
 
     section: ClassVar[str] = "eval"
 
     # What to compare
     student: str = Field(description="Student model to score: local path or Hub id.")
-    dataset: str = Field(
+    dataset: str | None = Field(
+        None,
         description="Held-out prompts, normally the <stem>.eval.jsonl `openkd generate` wrote "
-        "(JSONL, save_to_disk directory or Hub id)."
+        "(JSONL, save_to_disk directory or Hub id); or a benchmark file with gold answers "
+        "(see --mode). Required unless --benchmark is given.",
+    )
+    benchmark: list[str] | None = Field(
+        None,
+        description="Score final-answer accuracy on a benchmark's gold answers, no teacher "
+        f"needed (repeat for several): {benchmark_names()} (lighteval's / Open R1's Hub "
+        "dataset, prompt and answer check), NAME=PATH for a local copy of one, or "
+        "SOURCE[:PROMPT_COLUMN[,GOLD_COLUMN][:SPLIT[:SUBSET]]] for any other file or Hub "
+        "dataset (default columns: --prompt-column, --answer-column).",
+    )
+    mode: Literal["auto", "agreement", "benchmark"] = Field(
+        "auto",
+        description="agreement: compare with the teacher's answers (--reference-column or "
+        "--teacher); benchmark: final-answer accuracy against gold answers (--answer-column), "
+        "pass@1 and pass@k; auto: benchmark with --benchmark, or when --dataset has the gold "
+        "column but not the reference column and no --teacher is given.",
     )
     split: Split = "train"
     subset: Subset = None
@@ -84,6 +103,24 @@ class EvalConfig(EngineConfig):
     system_prompt: str | None = Field(
         None, description="System message put before every prompt (replaces the dataset's)."
     )
+    num_samples: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Benchmark mode: answers per prompt; pass@1 is their mean accuracy and "
+        "pass@k the unbiased estimate from them (needs --temperature > 0).",
+    )
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        description="Benchmark mode: sampling temperature (0 is greedy; Open R1 samples "
+        "reasoning models at 0.6 with --top-p 0.95). Agreement with the teacher is always "
+        "scored on greedy answers.",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Benchmark mode: nucleus cut-off.")
+    seed: int = Field(
+        0, description="Benchmark mode: sampling seed (sample i of a prompt: seed + i)."
+    )
 
     # Engine (the same backends as `openkd generate`; shared settings: EngineConfig)
     backend: StudentBackend = Field(
@@ -136,7 +173,11 @@ class EvalConfig(EngineConfig):
                 f"--base-url serves one model but {' and '.join(on_openai)} use backend openai; "
                 "pass --serve or give one of them another backend"
             )
-        if self.teacher is None and self.reference_column == self.prompt_column:
+        if (
+            self.teacher is None
+            and not self.benchmark
+            and self.reference_column == self.prompt_column
+        ):
             problems.append(
                 f"--reference-column {self.reference_column} is also the --prompt-column: the "
                 "reference is the teacher's answer, not the prompt; pass the column with the "
@@ -144,6 +185,7 @@ class EvalConfig(EngineConfig):
             )
         if self.stop and "" in self.stop:
             problems.append("--stop '' is empty and would stop nothing; drop it")
+        problems += self._benchmark_problems()
         if self.answer_regex is not None:
             import re
 
@@ -154,6 +196,45 @@ class EvalConfig(EngineConfig):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _benchmark_problems(self) -> list[str]:
+        """What is wrong with the benchmark-mode settings (their syntax; data is read later)."""
+        from openkd.eval.tasks import spec_problems
+
+        problems: list[str] = []
+        if self.dataset is None and not self.benchmark:
+            problems.append(
+                "--dataset is required (the held-out prompts), or --benchmark NAME to score on "
+                f"a benchmark's gold answers ({benchmark_names()})"
+            )
+        if self.dataset is not None and self.benchmark:
+            problems.append(
+                "pass --dataset or --benchmark, not both: to score a local file with gold "
+                "answers next to benchmarks, pass it as --benchmark FILE:PROMPT_COLUMN,GOLD_COLUMN"
+            )
+        if self.benchmark and self.mode == "agreement":
+            problems.append(
+                "--benchmark scores gold answers, --mode agreement the teacher's: drop one"
+            )
+        problems += spec_problems(self.benchmark or [])
+        sampled = self.num_samples > 1 or self.temperature > 0
+        if self.num_samples > 1 and self.temperature == 0.0:
+            problems.append(
+                f"--num-samples {self.num_samples} draws several answers per prompt, but greedy "
+                "decoding (--temperature 0) gives the same one every time; pass --temperature "
+                "0.6 (Open R1's choice) or --num-samples 1"
+            )
+        elif sampled and self.mode == "agreement":
+            problems.append(
+                "--num-samples and --temperature apply to benchmark mode; agreement with the "
+                "teacher is scored on greedy answers: drop them or pass --mode benchmark"
+            )
+        if self.seed + self.num_samples - 1 > INT64_MAX:
+            problems.append(
+                f"--seed {self.seed}: sample {self.num_samples - 1} of a prompt gets seed + "
+                f"{self.num_samples - 1}, which does not fit a 64-bit integer; pass a smaller seed"
+            )
+        return problems
 
     def backends(self) -> dict[str, str]:
         """Which backend answers for each model that generates: student, base, live teacher."""

@@ -41,8 +41,10 @@ class Decoding:
     source: str  # where the values came from, shown to the user
 
 
-def meta_path(dataset: str) -> Path | None:
+def meta_path(dataset: str | None) -> Path | None:
     """`<stem>.meta.json` beside an `openkd generate` output or one of its side files."""
+    if dataset is None:
+        return None
     path = Path(os.path.expanduser(dataset))
     return OutputFiles.of_file(path).meta if path.is_file() else None
 
@@ -117,6 +119,7 @@ def answer_text(value: Any) -> str | None:
 
 def read_examples(cfg: EvalConfig) -> list[Example]:
     """Every selected row as an Example; OpenkdError naming a missing column and the fix."""
+    assert cfg.dataset is not None  # agreement mode always has one (EvalConfig)
     dataset = load_source(cfg.dataset, split=cfg.split, subset=cfg.subset)
     columns = list(dataset.column_names)
     builder = PromptBuilder(
@@ -127,14 +130,18 @@ def read_examples(cfg: EvalConfig) -> list[Example]:
         alternatives="",  # eval has no --messages-column or --prompt-template
     )
     if cfg.teacher is None and cfg.reference_column not in columns:
+        gold = cfg.answer_column in columns
         raise OpenkdError(
             f"--dataset {cfg.dataset} has no column '{cfg.reference_column}' with the teacher's "
-            f"answers (columns: {', '.join(columns[:20])}); pass --reference-column NAME, or "
-            "--teacher MODEL to have the teacher answer now"
+            + ("answers" if gold else f"answers, nor '{cfg.answer_column}' with gold answers")
+            + f" (columns: {', '.join(columns[:20])}); pass --reference-column NAME, "
+            + ("--mode benchmark to score its gold answers" if gold else "--answer-column NAME")
+            + " (final-answer accuracy, no teacher needed), or --teacher MODEL to have the "
+            "teacher answer now"
         )
-    wanted = [*builder.columns]
     extra = [cfg.reference_column, "finish_reason", "id", cfg.answer_column]
-    wanted += [c for c in extra if c in columns and c not in wanted]
+    # One column may serve two options (--reference-column answer, the gold column too).
+    wanted = list(dict.fromkeys([*builder.columns, *(c for c in extra if c in columns)]))
     positions = selection(len(dataset), max_samples=cfg.max_samples, shuffle_seed=None)
     examples = []
     for rows in iter_rows(dataset, positions, wanted, batch_size=1024):

@@ -80,3 +80,26 @@ def length_ratio(prediction_tokens: int, reference_tokens: int) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that at least one of k answers drawn without replacement from n, of which c are
+    correct, is correct: the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021),
+    computed as a product so that large n neither overflows nor loses precision."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k of pass@k worth reporting for n samples: 1, the powers of 2 below n, and n."""
+    ks, k = [1], 2
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return [*ks, n] if n > 1 else ks

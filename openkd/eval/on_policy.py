@@ -44,7 +44,7 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype="auto" if cuda else torch.float32, trust_remote_code=trust_remote_code
     )
     return model.to("cuda" if cuda else "cpu").eval()
@@ -54,7 +54,7 @@ def _hidden(model: Any, input_ids: Any, attention_mask: Any, keep: int) -> Any:
     """Final hidden states predicting the last `keep` tokens: `[batch, keep, hidden]`."""
     from peft import PeftModel
 
-    base = model.base_model.model if isinstance(model, PeftModel) else model
+    base: Any = model.base_model.model if isinstance(model, PeftModel) else model
     out = base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state[:, -keep - 1 : -1, :]
 

@@ -45,6 +45,12 @@ def run(cfg: EvalConfig) -> None:
     out_dir = Path(cfg.output_dir).expanduser()
     _check_output_dir(cfg, out_dir)
     _check_models(cfg)
+    from openkd.eval import benchmark
+
+    if benchmark.benchmark_mode(cfg):
+        benchmark.run(cfg, out_dir, started)
+        return
+    assert cfg.dataset is not None  # the config requires --dataset without --benchmark
     decoding, meta = read_decoding(cfg)
     named = {"student": cfg.student, "base": cfg.base, "teacher": cfg.teacher}
     models: dict[str, str] = {role: name for role, name in named.items() if name}
@@ -186,7 +192,7 @@ def _check_output_dir(cfg: EvalConfig, out_dir: Path) -> None:
         output_flag="--output-dir",
         written=lambda rel: rel.parts[0] in (rp.REPORT, rp.EXAMPLES),
     )
-    if _dataset_folder(Path(os.path.expanduser(cfg.dataset))) == out_dir.resolve():
+    if cfg.dataset and _dataset_folder(Path(os.path.expanduser(cfg.dataset))) == out_dir.resolve():
         raise ConfigError(
             f"--output-dir {cfg.output_dir} is the directory of --dataset {cfg.dataset}; eval "
             "never writes among its inputs: pass another --output-dir"
@@ -264,7 +270,7 @@ def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling)
     values = {
         **cfg.engine_settings(),
         "teacher": model,
-        "dataset": cfg.dataset,
+        "dataset": cfg.dataset or "benchmarks",  # backends never read it
         "backend": backend,
         "max_new_tokens": sampling.max_new_tokens,
         "stop": list(sampling.stop) or None,
@@ -375,6 +381,8 @@ def _count_unscored(cfg: EvalConfig, role: str, scores: list[Any]) -> int:
 
 def _stored_logprobs(cfg: EvalConfig) -> Any:
     """A reader of the teacher's top-K log-probabilities beside a local dataset, if any."""
+    if cfg.dataset is None:
+        return None
     path = Path(cfg.dataset).expanduser()
     sidecar = OutputFiles.of_file(path).logprobs if path.is_file() else None
     if sidecar is None or not sidecar.is_dir():

@@ -102,7 +102,8 @@ class TrainConfig(StageConfig):
     )
     logprobs: str | None = Field(
         None,
-        description="--loss soft|mix: the teacher's log-probability sidecar directory "
+        description="--loss soft|mix: the teacher's log-probability sidecar directory, or an "
+        "axolotl-kd / DistillKit / Parquet set (`openkd export`), matched with --dataset by id "
         "[default: <dataset stem>.logprobs/ beside --dataset and --eval-dataset].",
     )
 

@@ -85,13 +85,15 @@ def find_sidecars(cfg: TrainConfig) -> list[Path]:
     what = f"--loss {cfg.loss} trains on the teacher's top-k log-probabilities"
     found: list[Path] = []
     if cfg.logprobs:
+        from openkd.export.imports import detect
+
         given = Path(cfg.logprobs).expanduser()
-        if given.is_file():
+        if given.is_file() and detect(given) is None:
             raise OpenkdError(
                 f"--logprobs {cfg.logprobs} is a file; pass the <stem>.logprobs/ directory that "
-                "`openkd generate --logprobs K` wrote"
+                "`openkd generate --logprobs K` wrote (or an axolotl-kd/DistillKit set)"
             )
-        if not given.is_dir():
+        if not given.exists():
             raise OpenkdError(
                 f"--logprobs {cfg.logprobs}: no such directory; pass the <stem>.logprobs/ "
                 f"directory `openkd generate --logprobs K` wrote, or {FIX}"
@@ -215,7 +217,10 @@ def prepare_soft_labels(
     cfg: TrainConfig, data: TrainData, tokenizer: Any, student: str
 ) -> SoftLabels:
     """Find and open the sidecar and run the soft-label pre-flight; nothing loads weights."""
-    directories = find_sidecars(cfg)
+    from openkd.export.imports import import_sets
+
+    # axolotl-kd / DistillKit / Parquet sets: read through a sidecar converted from them once
+    directories, imported, import_warnings = import_sets(find_sidecars(cfg), tokenizer)
     reader = SidecarReader(directories)
     if reader.k is None:
         raise OpenkdError(
@@ -229,6 +234,8 @@ def prepare_soft_labels(
     sample = data.train.select(range(min(PREFLIGHT_ROWS, len(data.train))))["id"]
     check_ids_fit(reader, sample, vocab)
     soft = SoftLabels(reader=reader, directories=directories, vocab_size=vocab)
+    soft.lines += imported
+    soft.warnings += import_warnings
     size = reader.nbytes
     soft.lines.append(
         f"teacher log-probabilities: {soft.describe()} ({size / 2**20:,.1f} MiB, "

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from openkd import console
@@ -309,7 +309,7 @@ class ConsoleLog(TrainerCallback):
                 console.info(line)
 
 
-def use_console_output(trainer: SFTTrainer) -> None:
+def use_console_output(trainer: Trainer) -> None:
     """Swap the Trainer's stdout printers for openkd's stderr ones."""
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

@@ -20,9 +20,7 @@ if TYPE_CHECKING:
 
     from openkd.train.config import TrainConfig
 
-NEEDS = (
-    "a `prompt` column of text or of chat messages (an `openkd generate` output has one)"
-)
+NEEDS = "a `prompt` column of text or of chat messages (an `openkd generate` output has one)"
 
 
 def _as_messages(batch: dict[str, list]) -> dict[str, list]:
@@ -65,8 +63,10 @@ def _prompts(spec: str, flag: str, cfg: TrainConfig) -> tuple[Dataset, Filtered]
         rows = load_rows(spec, flag)
         filtered = Filtered(rows=len(rows), truncated=0, empty=0, kept_incomplete=False)
     _check_prompt_column(rows, spec, flag)
-    keep = ["prompt"] + (["completion"] if offline else []) + (
-        ["id"] if "id" in rows.column_names else []
+    keep = (
+        ["prompt"]
+        + (["completion"] if offline else [])
+        + (["id"] if "id" in rows.column_names else [])
     )
     rows = rows.select_columns(keep).map(
         _as_messages, batched=True, keep_in_memory=True, desc="Reading prompts"

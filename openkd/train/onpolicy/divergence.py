@@ -41,13 +41,18 @@ def reverse_kl_sum(
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
     with torch.no_grad():
-        s_head, t_head = student_model.get_output_embeddings(), teacher_model.get_output_embeddings()
+        s_head, t_head = (
+            student_model.get_output_embeddings(),
+            teacher_model.get_output_embeddings(),
+        )
         valid = mask.reshape(-1).to(student_hidden.device) != 0
         count = valid.sum()
         if not int(count):
             return torch.zeros((), device=student_hidden.device), count
         h_s = student_hidden.detach().reshape(-1, student_hidden.size(-1))[valid]
-        h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.size(-1))[valid.to(teacher_hidden.device)]
+        h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.size(-1))[
+            valid.to(teacher_hidden.device)
+        ]
         s_cfg = student_model.config.get_text_config()
         t_cfg = teacher_model.config.get_text_config()
         divergence, _ = ChunkedDivergenceFunction.apply(

@@ -111,7 +111,8 @@ def check_on_policy_example(prepared: Prepared, trainer: OpenkdOnPolicyTrainer) 
         generation_eos=model.generation_config.eos_token_id,
     )
     row = prepared.preflight_row
-    rendered = trainer.processing_class.apply_chat_template(
+    tokenizer: Any = trainer.processing_class
+    rendered = tokenizer.apply_chat_template(
         row["prompt"], add_generation_prompt=True, tokenize=False
     )
     eot = prepared.eot
@@ -145,11 +146,13 @@ def loss_description(cfg: TrainConfig) -> str:
         f"(TRL DistillationTrainer)"
     )
     if cfg.lmbda < 1.0:
-        text += f"; {1 - cfg.lmbda:.0%} of steps on the dataset's answers (GKD lambda {cfg.lmbda:g})"
+        text += (
+            f"; {1 - cfg.lmbda:.0%} of steps on the dataset's answers (GKD lambda {cfg.lmbda:g})"
+        )
     return text
 
 
-def start_rows(prepared: Prepared, trainer: OpenkdOnPolicyTrainer) -> list[tuple[str, str]]:
+def start_rows(prepared: Prepared, trainer: Any) -> list[tuple[str, str]]:
     """Rows of the start summary that differ from the hard-label ones."""
     cfg = prepared.cfg
     fmt = console.fmt_int

@@ -86,9 +86,7 @@ def check_teacher(
 
     path = resolve_teacher(teacher)
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code
-        )
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise OpenkdError(
             f"--teacher {teacher}: could not load its tokenizer ({brief(exc)}); check the path "

@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
+from openkd.errors import OpenkdError
+from openkd.train.guard import NonFiniteGuard
+from openkd.train.trainer import PreparedStats
+
 # TRL warns on import that it was tested with vLLM <= 0.31; openkd pins the pair it tests
 # (`openkd.versions`) and student sampling here is transformers' unless sft_args asks for vLLM.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
 from trl import DistillationTrainer  # noqa: E402
 from trl.trainer.utils import RepeatSampler  # noqa: E402
-
-from openkd.errors import OpenkdError
-from openkd.train.guard import NonFiniteGuard
-from openkd.train.trainer import PreparedStats
 
 
 class StepTimes:
@@ -96,6 +96,10 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         self.guard = NonFiniteGuard(self)
         self.add_callback(self.guard)  # after the Trainer's own: it may cancel their save
 
+    @property
+    def _training(self) -> bool:
+        return bool(getattr(self.model, "training", False))
+
     # Data -------------------------------------------------------------------------------
 
     def _fit(self, dataset: Any, tokenizer: Any, budget: int, name: str, max_length: int) -> Any:
@@ -138,12 +142,13 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
             * self.accelerator.num_processes
             * args.gradient_accumulation_steps
         )
+        source: Any = self.train_dataset if dataset is None else dataset
         return RepeatSampler(
-            data_source=self.train_dataset if dataset is None else dataset,
+            data_source=source,
             mini_repeat_count=self.samples_per_prompt,
             batch_size=generation_batch // self.samples_per_prompt,
             repeat_count=args.gradient_accumulation_steps,
-            shuffle=self.shuffle_dataset,
+            shuffle=bool(self.shuffle_dataset),
             seed=args.seed,
         )
 
@@ -156,7 +161,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         return random.Random(f"{self.args.seed}:{step}").random() >= self.lmbda
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        offline = self.model.training and self.step_is_offline(self.state.global_step)
+        offline = self._training and self.step_is_offline(self.state.global_step)
         self._batch_offline = offline
         if offline:
             self._offline = [(x["prompt"], x["completion"]) for x in inputs]
@@ -190,7 +195,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         completion_ids = super()._generate_single_turn(
             prompt_ids, images, multimodal_fields, has_tool_images
         )
-        if self.model.training:
+        if self._training:
             self.times.add("generate", time.perf_counter() - started)
         return completion_ids
 
@@ -204,7 +209,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         hidden = super()._get_last_hidden_state(unwrapped_model, input_ids, *args, **kwargs)
         if teacher:
             _sync(hidden)
-            if self.model.training:
+            if self._training:
                 self.times.add("score", time.perf_counter() - started)
         if self._measuring:
             self._hidden["teacher" if teacher else "student"] = hidden
@@ -212,7 +217,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
 
     def _measures(self) -> bool:
         """Measure the reverse KL on this micro-batch: eval, or a logged on-policy step."""
-        if not self.model.training:
+        if not self._training:
             return True
         if self._batch_offline:
             return False
@@ -250,7 +255,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         sums = torch.stack([total.float(), count.float().to(total.device)])[None]
         total_v, count_v = self.accelerator.gather(sums).sum(0).tolist()
         if count_v:
-            mode = "train" if self.model.training else "eval"
+            mode = "train" if self._training else "eval"
             self._metrics[mode]["reverse_kl"].append(total_v / count_v)
 
     # Guard and logs ---------------------------------------------------------------------
@@ -268,7 +273,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.model.training:
+        if "loss" in logs and self._training:
             logs.update(self.times.flush())
         super().log(logs, start_time)
 
