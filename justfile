@@ -28,9 +28,14 @@ demo: setup
     echo "trained student: {{demo_dir}}/run/student"
     echo "eval report    : {{demo_dir}}/run/eval/report.json"
 
-# Run the test suite (what CI runs).
+# Run the test suite (what CI runs), on two pytest-xdist workers (one file per worker, so module
+# fixtures such as engines and trained tiny models are built once).
 test *args: setup
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest {{args}}
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -n 2 --dist loadfile -m "not long" {{args}}
+
+# The tests too long for CI: the planner's real pilot sweep (minutes of CPU training).
+test-long *args: setup
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -m long {{args}}
 
 # The edit loop: the suite without the tests marked slow (engines, training, kills and reruns), on
 # two pytest-xdist workers (one file per worker, so module fixtures are built once): ~1.5 min here.

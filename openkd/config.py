@@ -21,7 +21,16 @@ from pydantic.fields import FieldInfo
 
 from openkd.errors import ConfigError
 
-SECTIONS = ("generate", "train", "eval", "decontaminate", "export", "plan", "plan_fit", "plan_pilot")
+SECTIONS = (
+    "generate",
+    "train",
+    "eval",
+    "decontaminate",
+    "export",
+    "plan",
+    "plan_fit",
+    "plan_pilot",
+)
 
 C = TypeVar("C", bound="StageConfig")
 # Every stage config class by section, for naming the section a misplaced YAML key belongs in.

@@ -197,7 +197,7 @@ def test_logprobs_file_is_named_as_a_file(tiny_model, data, tmp_path, monkeypatc
     assert code == 1
     assert error_line(err) == (
         f"error: --logprobs {sidecar} is a file; pass the <stem>.logprobs/ directory that "
-        "`openkd generate --logprobs K` wrote"
+        "`openkd generate --logprobs K` wrote (or an axolotl-kd/DistillKit set)"
     )
 
 

@@ -279,7 +279,7 @@ def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
         ("missing_rows", r"2 of 64 rows of --dataset \S+ have no teacher log-probabilities"),
         ("packing", r"--packing does not work with --loss mix: .*use --loss hard"),
         ("alpha_with_soft", r"--kd-alpha weighs the two terms of --loss mix; --loss soft is"),
-        ("temperature_with_hard", r"--kd-temperature applies to --loss soft\|mix only"),
+        ("temperature_with_hard", r"--kd-temperature applies to --loss soft\|mix\|on-policy only"),
         ("logprobs_missing", r"--logprobs \S+: no such directory"),
     ],
 )

@@ -137,6 +137,21 @@ class EvalConfig(EngineConfig):
         False, description="Start a vLLM server for each model as a child process and use it."
     )
 
+    # On-policy: the reverse KL to a teacher on each model's own samples
+    on_policy_teacher: str | None = Field(
+        None,
+        description="Also report each model's per-token reverse KL(model || this teacher) on "
+        "its own sampled answers, exact over the vocabulary (what `openkd train --loss "
+        "on-policy` minimises); the teacher runs here (transformers) and must share the "
+        "student's tokenizer.",
+    )
+    on_policy_samples: int = Field(
+        4, ge=1, le=1000, description="--on-policy-teacher: answers sampled per prompt."
+    )
+    on_policy_temperature: float = Field(
+        1.0, gt=0.0, description="--on-policy-teacher: temperature the models sample with."
+    )
+
     # Teacher-forced likelihood
     nll: bool = Field(
         True,

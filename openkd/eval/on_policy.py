@@ -5,8 +5,9 @@ held-out prompt (temperature 1 by default, top-p 1, no top-k, up to `max_new_tok
 its first EOS, which is scored too), and at every sampled position
 KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)) is computed exactly over the
 whole vocabulary from both models' final hidden states (`openkd.train.onpolicy.divergence`).
-The mean is over sampled tokens, not answers. Both models run in this process; they must share
-the student's tokenizer (the same check as training).
+The mean is over sampled tokens, not answers. Both models run in this process (transformers);
+they must share the student's tokenizer (the same check as training). `openkd eval
+--on-policy-teacher MODEL` reports it for the student and `--base` (`score`).
 """
 
 from __future__ import annotations
@@ -36,18 +37,6 @@ class OnPolicyKL:
             "temperature": self.temperature,
             "seed": self.seed,
         }
-
-
-def load_causal_lm(path: str, *, trust_remote_code: bool = False) -> Any:
-    """A model for scoring: float32 on CPU, its own dtype on a GPU, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cuda = torch.cuda.is_available()
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto" if cuda else torch.float32, trust_remote_code=trust_remote_code
-    )
-    return model.to("cuda" if cuda else "cpu").eval()
 
 
 def _hidden(model: Any, input_ids: Any, attention_mask: Any, keep: int) -> Any:
@@ -138,3 +127,54 @@ def sampled_reverse_kl(
         temperature=temperature,
         seed=seed,
     )
+
+
+def score(
+    cfg: Any, role: str, model_name: str, prompts: Sequence[Any], max_new_tokens: int
+) -> dict:
+    """`openkd eval --on-policy-teacher`: this model's reverse KL on its own samples."""
+    from openkd import console
+    from openkd.generate.backends.transformers import load_causal_lm
+    from openkd.system import free_memory
+    from openkd.train.onpolicy.teacher import check_teacher
+    from openkd.train.preflight import as_id_list
+
+    teacher_name = cfg.on_policy_teacher
+    console.info(
+        f"{role}: reverse KL to {teacher_name} on its own samples ({cfg.on_policy_samples} per "
+        f"prompt, temperature {cfg.on_policy_temperature:g}, transformers)"
+    )
+    model, tokenizer = load_causal_lm(
+        model_name, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
+    )
+    teacher_model = None
+    try:
+        teacher = check_teacher(
+            teacher_name, model_name, tokenizer, trust_remote_code=cfg.trust_remote_code
+        )
+        teacher_model, _ = load_causal_lm(
+            teacher.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
+        )
+        eos = as_id_list(model.generation_config.eos_token_id) or []
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        found = sampled_reverse_kl(
+            model,
+            teacher_model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos,
+            samples=cfg.on_policy_samples,
+            temperature=cfg.on_policy_temperature,
+            seed=cfg.seed,
+            batch_size=cfg.nll_batch_size,
+        )
+    finally:
+        del model, teacher_model
+        free_memory()
+    return {
+        "on_policy_reverse_kl": found.reverse_kl,
+        "on_policy_tokens": found.tokens,
+        "on_policy_stop_rate": found.stop_rate,
+    }

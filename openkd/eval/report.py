@@ -247,6 +247,7 @@ ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("perplexity", "perplexity of teacher answers", _num(2)),
     ("kl_to_teacher", "KL(teacher top-K || model) (nats/token)", _num(3)),
     ("top1_agreement", "top-1 agreement with the teacher", _pct),
+    ("on_policy_reverse_kl", "reverse KL to teacher, own samples (nats/token)", _num(3)),
     ("task_accuracy", "final-answer accuracy", _pct),
     ("nll_skipped", "prompts too long for --nll-max-length", lambda v: f"{int(v):,}"),
     ("failed", "failed requests", lambda v: f"{int(v):,}"),

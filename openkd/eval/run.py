@@ -109,6 +109,13 @@ def run(cfg: EvalConfig) -> None:
             )
         metrics = rp.summarize(answers[role], references, gold, cfg.answer_regex, total)
         metrics.update(scores[role][1] if role in scores else {})
+        if cfg.on_policy_teacher:
+            from openkd.eval import on_policy
+
+            prompts = [ex.prompt for ex in examples]
+            metrics.update(
+                on_policy.score(cfg, role, models[role], prompts, decoding.max_new_tokens)
+            )
         summaries[role] = {"name": models[role], "metrics": metrics}
     report = rp.build_report(
         cfg, examples, decoding, summaries, timings, counter.unit, fingerprint, started

@@ -31,7 +31,9 @@ app = typer.Typer(
 )
 
 
-def _runner(cls: type[StageConfig], target: str) -> Callable[[Path | None, bool, dict[str, Any]], None]:
+def _runner(
+    cls: type[StageConfig], target: str
+) -> Callable[[Path | None, bool, dict[str, Any]], None]:
     def run(config_file: Path | None, dry_run: bool, overrides: dict[str, Any]) -> None:
         cfg = resolve(cls, config_file, overrides)
         if dry_run:
@@ -43,7 +45,9 @@ def _runner(cls: type[StageConfig], target: str) -> Callable[[Path | None, bool,
     return run
 
 
-def _with(command: Callable[..., None], first: list[inspect.Parameter], drop: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def _with(
+    command: Callable[..., None], first: list[inspect.Parameter], drop: tuple[str, ...] = ()
+) -> list[inspect.Parameter]:
     """`first`, then `command`'s parameters without `drop`."""
     rest = [p for name, p in inspect.signature(command).parameters.items() if name not in drop]
     return [*first, *rest]
@@ -58,7 +62,14 @@ def predict(ctx: typer.Context, **kwargs: Any) -> None:
 
 
 predict.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    _with(_predict, [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)])
+    _with(
+        _predict,
+        [
+            inspect.Parameter(
+                "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+            )
+        ],
+    )
 )
 app.callback(invoke_without_command=True, help=PlanConfig.__doc__)(predict)
 

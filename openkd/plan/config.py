@@ -17,7 +17,7 @@ DISTILLATION_NAMES = ("A", "alpha", "B", "beta", "gamma", "c0", "c1", "f1", "d1"
 
 TEACHER_LOSS_HELP = (
     "The teacher's cross-entropy L_T (nats/token) on the held-out answers: one number for every "
-    "pilot, or TEACHER=NUMBER per teacher name in the eval reports (repeat the flag)."
+    "pilot, or TEACHER=NUMBER per teacher name in the eval reports."
 )
 TEACHER_MODEL_HELP = (
     "Measure L_T instead: this teacher's NLL of the same held-out answers eval scored the "
@@ -25,7 +25,7 @@ TEACHER_MODEL_HELP = (
     "comparable)."
 )
 FIX_HELP = (
-    "Fix a distillation coefficient instead of fitting it, NAME=VALUE (repeat): A, alpha, B, "
+    "Fix a distillation coefficient instead of fitting it, NAME=VALUE: A, alpha, B, "
     "beta, gamma, c0, c1, f1, d1; e.g. c0=2.549, the paper's."
 )
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -73,7 +73,9 @@ class PlanConfig(StageConfig):
 
     section: ClassVar[str] = "plan"
 
-    fit: Path | None = Field(None, description="Coefficients fitted by `openkd plan fit` (fit.json).")
+    fit: Path | None = Field(
+        None, description="Coefficients fitted by `openkd plan fit` (fit.json)."
+    )
     prior: bool = Field(
         False,
         description="Use the paper's published coefficients (Table 6) instead: fitted on muP "
@@ -93,7 +95,10 @@ class PlanConfig(StageConfig):
         "generate's <stem>.eval.jsonl) to measure L_T on with --teacher-model.",
     )
     teacher_params: float | None = Field(
-        None, gt=0, le=1e15, description="The teacher's non-embedding parameters N_T (default: from --teacher-model)."
+        None,
+        gt=0,
+        le=1e15,
+        description="The teacher's non-embedding parameters N_T (default: from --teacher-model).",
     )
     students: list[str] = Field(
         default_factory=list,
@@ -123,7 +128,10 @@ class PlanConfig(StageConfig):
         "GPUs instead of 2 N_T FLOPs per token.",
     )
     epochs: float = Field(
-        1.0, gt=0, le=10_000, description="Passes over the labels: the teacher labels D_S / epochs tokens."
+        1.0,
+        gt=0,
+        le=10_000,
+        description="Passes over the labels: the teacher labels D_S / epochs tokens.",
     )
     tokens_per_answer_token: float | None = Field(
         None,
@@ -166,7 +174,9 @@ class PlanConfig(StageConfig):
         if bad:
             problems.append(f"--tokens {bad[0]}: expected a count such as 2e9 or 500M")
         if self.chosen("logprobs_dtype") and self.logprobs is None:
-            problems.append("--logprobs-dtype applies with --logprobs: pass it or drop --logprobs-dtype")
+            problems.append(
+                "--logprobs-dtype applies with --logprobs: pass it or drop --logprobs-dtype"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -198,7 +208,9 @@ class FitConfig(StageConfig):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the fit's starts and resamples.")
     output: Path = Field(Path("plan/fit.json"), description="Where the fit is written.")
 
-    _lists = field_validator("pilots", "supervised", "teacher_loss", "fix", mode="before")(as_text_list)
+    _lists = field_validator("pilots", "supervised", "teacher_loss", "fix", mode="before")(
+        as_text_list
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FitConfig:
@@ -233,7 +245,8 @@ class PilotConfig(StageConfig):
     )
     tiny_layers: int = Field(2, gt=0, le=64, description="Layers of the --hidden-sizes students.")
     max_steps: list[int] = Field(
-        default_factory=list, description="Token budgets as training steps: each size trains once per value."
+        default_factory=list,
+        description="Token budgets as training steps: each size trains once per value.",
     )
     output_dir: Path = Field(
         Path("pilots"), description="Each pilot's student and eval report, and fit.json, go here."
@@ -244,7 +257,8 @@ class PilotConfig(StageConfig):
     bootstrap: int = Field(200, ge=0, le=100_000, description="Bootstrap resamples of the fit.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the fit.")
     fit: bool = Field(
-        True, description="Fit the law after the sweep (--no-fit: only run the pilots, e.g. a held-out one)."
+        True,
+        description="Fit the law after the sweep (--no-fit: only run the pilots, e.g. a held-out one).",
     )
 
     _lists = field_validator("students", "teacher_loss", "fix", mode="before")(as_text_list)

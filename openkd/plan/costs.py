@@ -65,7 +65,9 @@ def read_meta(path: Path) -> Labelling:
     try:
         meta = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OpenkdError(f"--meta {path} is unreadable ({err}); pass the <stem>.meta.json openkd generate wrote") from err
+        raise OpenkdError(
+            f"--meta {path} is unreadable ({err}); pass the <stem>.meta.json openkd generate wrote"
+        ) from err
     rate = ((meta.get("throughput") or {}) if isinstance(meta, dict) else {}).get(
         "completion_tokens_per_second"
     )
@@ -78,7 +80,9 @@ def read_meta(path: Path) -> Labelling:
     gpus = int(config.get("tensor_parallel_size") or 1) * int(config.get("data_parallel_size") or 1)
     counts = meta.get("counts") or {}
     prompt = sum(int((counts.get(k) or {}).get("prompt_tokens") or 0) for k in ("train", "eval"))
-    answer = sum(int((counts.get(k) or {}).get("completion_tokens") or 0) for k in ("train", "eval"))
+    answer = sum(
+        int((counts.get(k) or {}).get("completion_tokens") or 0) for k in ("train", "eval")
+    )
     return Labelling(
         tokens_per_second=float(rate),
         gpus=gpus,

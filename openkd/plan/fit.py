@@ -337,7 +337,9 @@ def distillation_fixed(
                 reasons[name] = "unused while c1 = 0 (paper's value kept)"
     elif "f1" in gap:
         values["f1"] = prior.DISTILLATION.f1
-        reasons["f1"] = "sharpness of the capacity-gap break: the paper's 0.090 (pilots rarely resolve it)"
+        reasons["f1"] = (
+            "sharpness of the capacity-gap break: the paper's 0.090 (pilots rarely resolve it)"
+        )
     for name, value in user.items():
         values[name] = value
         reasons[name] = "fixed with --fix"
@@ -390,7 +392,9 @@ def fit_distillation(
 
 
 def _nd(points: Sequence[Point]) -> tuple[np.ndarray, np.ndarray]:
-    return np.array([p.n for p in points], dtype=float), np.array([p.d for p in points], dtype=float)
+    return np.array([p.n for p in points], dtype=float), np.array(
+        [p.d for p in points], dtype=float
+    )
 
 
 def _batch_values(
@@ -425,7 +429,9 @@ def _fit(
         if identification_problems(picked, len(free)):
             continue  # a resample that lost a size or a budget identifies nothing
         x = _optimise(free_specs, make(picked), rng, start=best)
-        samples.append({name: _to_natural(specs[name], float(v)) for name, v in zip(free, x, strict=True)})
+        samples.append(
+            {name: _to_natural(specs[name], float(v)) for name, v in zip(free, x, strict=True)}
+        )
     order = [n for n in (SUPERVISED_NAMES if kind == "supervised" else DISTILLATION_NAMES)]
     return FitResult(
         kind=kind,

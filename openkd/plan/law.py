@@ -84,9 +84,7 @@ def _arr(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
-def log_power_sum(
-    log_a: float, alpha: float, log_b: float, beta: float, n: Any, d: Any
-) -> np.ndarray:
+def log_power_sum(log_a: Any, alpha: Any, log_b: Any, beta: Any, n: Any, d: Any) -> np.ndarray:
     """log(A / N^alpha + B / D^beta), computed without overflow."""
     return np.logaddexp(log_a - alpha * np.log(_arr(n)), log_b - beta * np.log(_arr(d)))
 

@@ -32,7 +32,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             "model directory openkd train wrote"
         ) from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OpenkdError(f"{path} is unreadable ({err}); pass a model directory with a valid config.json") from err
+        raise OpenkdError(
+            f"{path} is unreadable ({err}); pass a model directory with a valid config.json"
+        ) from err
     if not isinstance(data, dict):
         raise OpenkdError(f"{path} does not hold a JSON object")
     return data

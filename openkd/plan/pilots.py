@@ -87,7 +87,9 @@ def find_report(spec: str) -> Path:
         if candidate.is_file():
             return candidate
     if not path.exists():
-        raise OpenkdError(f"pilot {spec} does not exist; pass an openkd eval report or its directory")
+        raise OpenkdError(
+            f"pilot {spec} does not exist; pass an openkd eval report or its directory"
+        )
     raise OpenkdError(
         f"pilot {spec} holds no {REPORT} (nor eval/{REPORT}); run `openkd eval --student "
         f"STUDENT --output-dir {spec}` on the trained student first"
@@ -97,7 +99,11 @@ def find_report(spec: str) -> Path:
 def _student_dir(spec: str, report: Path) -> Path:
     """The trained student an eval report scored: as written, or relative to the report."""
     given = Path(spec).expanduser()
-    tries = [given] if given.is_absolute() else [given, report.parent / given, report.parent.parent / given]
+    tries = (
+        [given]
+        if given.is_absolute()
+        else [given, report.parent / given, report.parent.parent / given]
+    )
     for path in tries:
         if (path / "config.json").is_file():
             return path
@@ -132,7 +138,12 @@ def trained_tokens(run_dir: Path) -> tuple[float, float | None]:
     per_epoch = results.get("trained_tokens_per_epoch")
     state = _json(run_dir / TRAINER_STATE, "the trainer state", fix)
     epochs = state.get("epoch")
-    if not isinstance(per_epoch, int | float) or not isinstance(epochs, int | float) or per_epoch <= 0 or epochs <= 0:
+    if (
+        not isinstance(per_epoch, int | float)
+        or not isinstance(epochs, int | float)
+        or per_epoch <= 0
+        or epochs <= 0
+    ):
         raise OpenkdError(
             f"{run_dir}: no answer-token count (trained_tokens_per_epoch in {RUN_FILE}, epoch in "
             f"{TRAINER_STATE}); give this pilot in a JSONL pilots file instead"
@@ -182,7 +193,12 @@ def _number(row: dict[str, Any], key: str, where: str, required: bool = True) ->
     value = row.get(key)
     if value is None and not required:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise OpenkdError(f"{where}: {key} must be a finite number >= 0 (got {value!r})")
     return float(value)
 

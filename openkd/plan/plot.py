@@ -86,7 +86,7 @@ def draw(
         return TOP + (y_hi - v) / (y_hi - y_lo) * plot_h
 
     fitted = coef.range.get("N_S")
-    if fitted:
+    if fitted and fitted[0] is not None and fitted[1] is not None:
         for lo_x, hi_x in ((x_lo, min(fitted[0], x_hi)), (max(fitted[1], x_lo), x_hi)):
             if hi_x > lo_x:
                 canvas.rect(round(px(lo_x)), TOP, round(px(hi_x)), TOP + plot_h, SHADE)
@@ -111,8 +111,7 @@ def draw(
             if arr is None:
                 continue
             pts = [(px(n), py(v)) for n, v in zip(grid_n, arr, strict=True) if y_lo <= v <= y_hi]
-            for (a, b), (c, e) in zip(pts, pts[1:], strict=False):
-                canvas.line(a, b, c, e, color, width=2, dash=dash)
+            canvas.polyline(pts, color, width=2, dash=dash)
     for cell in cells:
         if not (y_lo <= cell.loss <= y_hi):
             continue
@@ -129,7 +128,11 @@ def draw(
         x, y = round(px(best.n)), round(py(best.loss))
         for r in (7, 8):
             for t in range(0, 360, 3):
-                canvas.set(round(x + r * math.cos(math.radians(t))), round(y + r * math.sin(math.radians(t))), BLACK)
+                canvas.set(
+                    round(x + r * math.cos(math.radians(t))),
+                    round(y + r * math.sin(math.radians(t))),
+                    BLACK,
+                )
 
     title = f"predicted student cross-entropy, teacher L_T = {teacher_loss:.3g}"
     canvas.text(LEFT, 18, title, BLACK, scale=2)
@@ -153,7 +156,11 @@ def draw(
     canvas.text(lx + 32, ly, "within budget", BLACK)
     ly += 16
     for t in range(0, 360, 6):
-        canvas.set(round(lx + 12 + 7 * math.cos(math.radians(t))), round(ly + 3 + 7 * math.sin(math.radians(t))), BLACK)
+        canvas.set(
+            round(lx + 12 + 7 * math.cos(math.radians(t))),
+            round(ly + 3 + 7 * math.sin(math.radians(t))),
+            BLACK,
+        )
     canvas.text(lx + 32, ly, "recommended", BLACK)
     ly += 16
     if fitted:

@@ -7,6 +7,7 @@ curves needs only lines, rectangles and text: this draws them, with a built-in 5
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 
@@ -123,6 +124,17 @@ class Canvas:
             for dy in range(-half, width - half):
                 for dx in range(-half, width - half):
                     self.set(x + dx, y + dy, color)
+
+    def polyline(
+        self, points: list[tuple[float, float]], color: Color, width: int = 1, dash: int = 0
+    ) -> None:
+        """Connected segments; `dash` > 0 dashes the whole line, not each segment."""
+        run = 0.0
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            length = max(abs(x1 - x0), abs(y1 - y0))
+            if not dash or int(run // dash) % 2 == 0:
+                self.line(x0, y0, x1, y1, color, width)
+            run += length
 
     def text(self, x: int, y: int, text: str, color: Color = BLACK, scale: int = 1) -> None:
         """`text` with its top left at (x, y)."""

@@ -41,7 +41,7 @@ class Coefficients:
 
     law: Law
     source: str
-    range: dict[str, list[float] | None]
+    range: dict[str, list[float | None] | None]
     samples: list[Law] = field(default_factory=list)
     fixed: dict[str, str] = field(default_factory=dict)
     tokens_per_answer_token: float | None = None
@@ -57,10 +57,14 @@ def from_prior() -> Coefficients:
     return Coefficients(law=prior.LAW, source=f"prior: {prior.SOURCE}", range=dict(prior.RANGE))
 
 
-def _law_of(coefficients: dict[str, float], names: tuple[str, ...], what: str, path: Path) -> dict[str, float]:
+def _law_of(
+    coefficients: dict[str, float], names: tuple[str, ...], what: str, path: Path
+) -> dict[str, float]:
     missing = [n for n in names if not isinstance(coefficients.get(n), int | float)]
     if missing:
-        raise OpenkdError(f"--fit {path}: {what} coefficient {missing[0]!r} is missing; refit with openkd plan fit")
+        raise OpenkdError(
+            f"--fit {path}: {what} coefficient {missing[0]!r} is missing; refit with openkd plan fit"
+        )
     return {n: float(coefficients[n]) for n in names}
 
 
@@ -69,9 +73,13 @@ def load_fit(path: Path) -> Coefficients:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OpenkdError(f"--fit {path} is unreadable ({err}); pass the fit.json openkd plan fit wrote") from err
+        raise OpenkdError(
+            f"--fit {path} is unreadable ({err}); pass the fit.json openkd plan fit wrote"
+        ) from err
     if not isinstance(data, dict) or data.get("format") != FIT_FORMAT:
-        raise OpenkdError(f"--fit {path} is not an openkd plan fit ({FIT_FORMAT}); pass the fit.json openkd plan fit wrote")
+        raise OpenkdError(
+            f"--fit {path} is not an openkd plan fit ({FIT_FORMAT}); pass the fit.json openkd plan fit wrote"
+        )
     dist = data.get("distillation") or {}
     d_coef = _law_of(dist.get("coefficients") or {}, DISTILLATION_NAMES, "distillation", path)
     sup_block = data.get("supervised")
@@ -89,7 +97,14 @@ def load_fit(path: Path) -> Coefficients:
         d = {**d_coef, **dict(zip(d_free, row, strict=False))}
         s = None
         if s_coef:
-            s = {**s_coef, **(dict(zip(s_free, s_samples[i % len(s_samples)], strict=False)) if s_samples else {})}
+            s = {
+                **s_coef,
+                **(
+                    dict(zip(s_free, s_samples[i % len(s_samples)], strict=False))
+                    if s_samples
+                    else {}
+                ),
+            }
         samples.append(Law(Distillation(**d), Supervised(**s) if s else None))
     return Coefficients(
         law=law,
@@ -101,14 +116,15 @@ def load_fit(path: Path) -> Coefficients:
     )
 
 
-def outside(value: float, bounds: list[float] | None) -> float:
-    """How far `value` lies outside `bounds` (a factor, 1 when inside or unbounded)."""
+def outside(value: float, bounds: list[float | None] | None) -> float:
+    """How far `value` lies outside `bounds` (a factor, 1 when inside or unbounded; a None
+    bound is not checked; a value of 0 below a positive bound counts as 1e6 times)."""
     if not bounds:
         return 1.0
     low, high = bounds
-    if value < low:
-        return low / value if value > 0 else math.inf
-    if value > high:
+    if low is not None and value < low:
+        return low / value if value > 0 else 1e6
+    if high is not None and value > high:
         return value / high
     return 1.0
 
@@ -145,7 +161,9 @@ class Cell:
         }
 
 
-def predict_cell(coef: Coefficients, n: float, d: float, lt: float) -> tuple[float, float | None, float | None, float | None]:
+def predict_cell(
+    coef: Coefficients, n: float, d: float, lt: float
+) -> tuple[float, float | None, float | None, float | None]:
     """(L_S, 5th, 95th percentile over the bootstrap laws, supervised L~_S)."""
     loss = float(student_loss(coef.law, n, d, lt))
     low = high = None

@@ -57,9 +57,14 @@ DISTILLATION_INTERVALS: dict[str, tuple[float, float]] = {
     "f1": (0.088, 0.093),
     "d1": (1.302, 1.327),
 }
-# Where the paper observed students: sizes 143M-12.6B (Section 1) and distillation tokens
-# 8B-512B (Figure 41); outside it even their own coefficients extrapolate.
-RANGE: dict[str, list[float] | None] = {"N_S": [1.43e8, 1.26e10], "D_S": [8e9, 5.12e11], "L_T": None}
+# Where the paper observed models: 143M-12.6B parameters, trained on "a few billion to 512B
+# tokens" (Section 1); outside it even their own coefficients extrapolate. No lower token bound
+# is stated, so none is checked.
+RANGE: dict[str, list[float | None] | None] = {
+    "N_S": [1.43e8, 1.26e10],
+    "D_S": [None, 5.12e11],
+    "L_T": None,
+}
 
 LAW = Law(distillation=DISTILLATION, supervised=SUPERVISED)
 

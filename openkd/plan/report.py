@@ -4,6 +4,7 @@ fit.json, written atomically; a file there that openkd did not write is never re
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -48,21 +49,33 @@ def check_replaceable(path: Path, fmt: str, flag: str) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         ours = False
     if not ours:
-        raise OpenkdError(
-            f"{path} exists and openkd plan did not write it; choose another {flag}"
-        )
+        raise OpenkdError(f"{path} exists and openkd plan did not write it; choose another {flag}")
 
 
 def dump(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, indent=2, allow_nan=False, default=_finite) + "\n").encode()
+    """JSON with every non-finite number as null (JSON has no NaN or Infinity)."""
+    return (json.dumps(_finite(data), indent=2, allow_nan=False) + "\n").encode()
 
 
 def _finite(value: Any) -> Any:
-    raise TypeError(f"not JSON-serialisable: {value!r}")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def header(fmt: str) -> dict[str, Any]:
     return {"format": fmt, "created_at": now(), "openkd": __version__}
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -136,24 +149,52 @@ def recommendation_rows(rec: dict[str, Any] | None) -> list[tuple[str, str]]:
     rows = [
         ("student size N_S", count_label(rec["N_S"])),
         ("token budget D_S", count_label(rec["D_S"])),
-        ("predicted L_S", _fmt(rec["L_S"], 4) + (
-            f" (90 %: {rec['L_S_interval_90'][0]:.4g} - {rec['L_S_interval_90'][1]:.4g})"
-            if rec.get("L_S_interval_90") else ""
-        )),
+        (
+            "predicted L_S",
+            _fmt(rec["L_S"], 4)
+            + (
+                f" (90 %: {rec['L_S_interval_90'][0]:.4g} - {rec['L_S_interval_90'][1]:.4g})"
+                if rec.get("L_S_interval_90")
+                else ""
+            ),
+        ),
         ("SFT baseline L~_S", _fmt(rec["L_supervised"], 4)),
-        ("distillation beats SFT", {True: "yes", False: "no", None: "unknown (no supervised law)"}[rec["distillation_beats_sft"]]),
+        (
+            "distillation beats SFT",
+            {True: "yes", False: "no", None: "unknown (no supervised law)"}[
+                rec["distillation_beats_sft"]
+            ],
+        ),
         ("teacher tokens to label", count_label(costs["teacher_tokens"])),
-        ("labelling", f"{costs['teacher_flops']:.3g} FLOPs, {costs['labelling_gpu_hours']:.3g} GPU-h"),
-        ("student training", f"{costs['student_flops']:.3g} FLOPs, {costs['student_gpu_hours']:.3g} GPU-h"),
+        (
+            "labelling",
+            f"{costs['teacher_flops']:.3g} FLOPs, {costs['labelling_gpu_hours']:.3g} GPU-h"
+            if costs["teacher_flops"] or costs["labelling_gpu_hours"]
+            else "not costed (no N_T or --meta)",
+        ),
+        (
+            "student training",
+            f"{costs['student_flops']:.3g} FLOPs, {costs['student_gpu_hours']:.3g} GPU-h",
+        ),
         ("total", f"{costs['total_flops']:.3g} FLOPs, {costs['total_gpu_hours']:.3g} GPU-h"),
     ]
     if costs.get("sidecar_bytes") is not None:
-        rows.append(("--logprobs sidecar", f"{costs['sidecar_bytes'] / 1e9:.3g} GB"))
+        rows.append(("--logprobs sidecar", _bytes(costs["sidecar_bytes"])))
     gap = rec.get("capacity_gap")
     if gap is None:
-        rows.append(("capacity gap", "not known from these coefficients"))
+        rows.append(("capacity gap", "not known: these coefficients fix c0 (one teacher)"))
     elif gap["past_sweet_spot"]:
-        rows.append(("capacity gap", f"PAST the sweet spot: a teacher of L_T {gap['best_teacher_loss']:.3g} would give L_S {gap['L_S_with_best_teacher']:.4g}"))
+        rows.append(
+            (
+                "capacity gap",
+                f"PAST the sweet spot: a teacher of L_T {gap['best_teacher_loss']:.3g} would give L_S {gap['L_S_with_best_teacher']:.4g}",
+            )
+        )
     else:
-        rows.append(("capacity gap", f"no (best teacher L_T {gap['best_teacher_loss']:.3g})"))
+        rows.append(
+            (
+                "capacity gap",
+                f"no: a stronger teacher (down to L_T {gap['best_teacher_loss']:.3g}) would still help",
+            )
+        )
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from openkd.plan.costs import Labelling, candidate_costs, read_meta
 from openkd.plan.fit import distinct, fit_distillation, fit_supervised
 from openkd.plan.law import DISTILLATION_FORM, SUPERVISED_FORM, Supervised
 from openkd.plan.params import model_params
-from openkd.plan.pilots import Pilot, read_pilots, with_teacher_losses
+from openkd.plan.pilots import read_pilots, with_teacher_losses
 from openkd.plan.predict import (
     FAR,
     Cell,
@@ -55,18 +56,21 @@ def run_fit(cfg: FitConfig) -> None:
     inputs["--teacher-model"] = cfg.teacher_model
     refuse_input_as_output(cfg.output, inputs, output_flag="--output")
     report.check_replaceable(cfg.output, report.FIT_FORMAT, "--output")
-    pilots = with_teacher_losses(read_pilots(cfg.pilots), cfg.teacher_loss)
+    given = read_pilots(cfg.pilots)
+    supervised_pilots = [p for p in given if p.kind == "supervised"]
+    if cfg.supervised:
+        supervised_pilots += read_pilots(cfg.supervised, kind="supervised")
+    pilots = [p for p in given if p.kind == "distillation"]
+    if not pilots:
+        raise OpenkdError(
+            "no distillation pilots among the pilots given; pass at least the distilled "
+            "students' eval reports"
+        )
+    pilots = with_teacher_losses(pilots, cfg.teacher_loss)
     if cfg.teacher_model:
         from openkd.plan.teacher import measure_pilots
 
         pilots = measure_pilots(pilots, cfg.teacher_model)
-    supervised_pilots = read_pilots(cfg.supervised, kind="supervised") if cfg.supervised else []
-    pilots, supervised_pilots = (
-        [p for p in pilots if p.kind == "distillation"],
-        supervised_pilots + [p for p in pilots if p.kind == "supervised"],
-    )
-    if not pilots:
-        raise OpenkdError("no distillation pilots among the pilots given; pass at least the distilled students' eval reports")
     fixed = parse_fix(cfg.fix)
     sup_result = None
     supervised: Supervised | None = None
@@ -89,7 +93,11 @@ def run_fit(cfg: FitConfig) -> None:
         "method": {
             "loss": "Huber (delta 1e-4) of log predicted - log observed, as the paper's Appendix F",
             "optimizer": "scipy least_squares (trust region) from the best of random starts",
-            "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "interval": "5th-95th percentile"},
+            "bootstrap": {
+                "resamples": cfg.bootstrap,
+                "seed": cfg.seed,
+                "interval": "5th-95th percentile",
+            },
         },
         "distillation": result.to_json(),
         "supervised": sup_result.to_json() if sup_result else None,
@@ -129,7 +137,11 @@ def _students(values: list[str]) -> list[float]:
 def _teacher(cfg: PlanConfig) -> tuple[float, str, float | None]:
     """(L_T, where it came from, N_T or None)."""
     n_t = cfg.teacher_params
-    if n_t is None and cfg.teacher_model and (Path(cfg.teacher_model).expanduser() / "config.json").is_file():
+    if (
+        n_t is None
+        and cfg.teacher_model
+        and (Path(cfg.teacher_model).expanduser() / "config.json").is_file()
+    ):
         n_t = float(model_params(Path(cfg.teacher_model).expanduser()))
     if cfg.teacher_loss is not None:
         return cfg.teacher_loss, "--teacher-loss", n_t
@@ -138,7 +150,11 @@ def _teacher(cfg: PlanConfig) -> tuple[float, str, float | None]:
     assert cfg.teacher_model and cfg.held_out
     pairs = read_pairs(cfg.held_out)
     console.info(f"measuring L_T: {cfg.teacher_model} on {len(pairs):,} held-out answers")
-    return teacher_loss(cfg.teacher_model, pairs), f"measured: {cfg.teacher_model} on {cfg.held_out}", n_t
+    return (
+        teacher_loss(cfg.teacher_model, pairs),
+        f"measured: {cfg.teacher_model} on {cfg.held_out}",
+        n_t,
+    )
 
 
 def _recommend(cells: list[Cell]) -> Cell | None:
@@ -150,7 +166,12 @@ def run_predict(cfg: PlanConfig) -> None:
     out_dir = Path(cfg.output_dir)
     refuse_input_as_output(
         out_dir,
-        {"--fit": cfg.fit, "--held-out": cfg.held_out, "--meta": cfg.meta, "--teacher-model": cfg.teacher_model},
+        {
+            "--fit": cfg.fit,
+            "--held-out": cfg.held_out,
+            "--meta": cfg.meta,
+            "--teacher-model": cfg.teacher_model,
+        },
         output_flag="--output-dir",
         written=lambda rel: rel.parts[0] in (PLAN_JSON, PLAN_PNG),
     )
@@ -163,11 +184,18 @@ def run_predict(cfg: PlanConfig) -> None:
     ratio = cfg.tokens_per_answer_token or coef.tokens_per_answer_token or 1.0
     warnings: list[str] = []
     if cfg.prior:
-        warnings.append(f"coefficients are the paper's ({prior.SETTING}); outside that setting they are a shape, not a prediction")
-    if coef.law.distillation.c0 == 0 and "c0" in coef.fixed:
-        warnings.append(f"c0 fixed: {coef.fixed['c0']}")
+        warnings.append(
+            f"coefficients are the paper's ({prior.SETTING}); outside that setting they are a shape, not a prediction"
+        )
+    if lt <= 0 and coef.law.distillation.c0 > 0:
+        raise OpenkdError(
+            f"--teacher-loss {lt:g}: these coefficients have c0 = {coef.law.distillation.c0:g}, "
+            "so L_T must be > 0 (a teacher with no uncertainty is outside their range)"
+        )
     if n_t is None and labelling is None:
-        warnings.append("labelling not costed: pass --teacher-params, --teacher-model DIR or --meta")
+        warnings.append(
+            "labelling not costed: pass --teacher-params, --teacher-model DIR or --meta"
+        )
     cells = []
     for n in sizes:
         for d in budgets:
@@ -182,14 +210,16 @@ def run_predict(cfg: PlanConfig) -> None:
                 within = costs.total_flops <= cfg.budget_flops
             elif cfg.budget_gpu_hours is not None:
                 within = costs.total_gpu_hours <= cfg.budget_gpu_hours
-            cells.append(Cell(n, d, loss, low, high, sup, costs, within, extrapolation(coef, n, d, lt)))
+            cells.append(
+                Cell(n, d, loss, low, high, sup, costs, within, extrapolation(coef, n, d, lt))
+            )
     far = [c for c in cells if any(f > FAR for f in c.extrapolation.values())]
     if far:
         axes = sorted({a for c in far for a, f in c.extrapolation.items() if f > FAR})
         worst = max(f for c in far for f in c.extrapolation.values())
         warnings.append(
             f"{len(far)} of {len(cells)} candidates lie far outside the fitted range ({', '.join(axes)}; up to "
-            f"{worst:.3g}x): those predictions are extrapolations, not measurements' interpolation"
+            f"{worst:.3g}x): those predictions extrapolate the fit"
         )
     best = _recommend(cells)
     recommendation: dict[str, Any] | None = None
@@ -233,9 +263,13 @@ def run_predict(cfg: PlanConfig) -> None:
             "L_T": lt,
             "L_T_source": lt_source,
             "N_T": n_t,
-            "labelling": None if labelling is None else labelling.__dict__,
+            "labelling": None if labelling is None else dataclasses.asdict(labelling),
         },
-        "budget": {"flops": cfg.budget_flops, "gpu_hours": cfg.budget_gpu_hours, "gpu_flops": cfg.gpu_flops},
+        "budget": {
+            "flops": cfg.budget_flops,
+            "gpu_hours": cfg.budget_gpu_hours,
+            "gpu_flops": cfg.gpu_flops,
+        },
         "assumptions": {
             "epochs": cfg.epochs,
             "tokens_per_answer_token": ratio,
@@ -249,7 +283,3 @@ def run_predict(cfg: PlanConfig) -> None:
     }
     report.write_atomic(out_dir / PLAN_JSON, report.dump(data))
     console.stdout_line(str(out_dir / PLAN_JSON))
-
-
-def pilots_summary(pilots: list[Pilot]) -> str:
-    return ", ".join(f"{p.name}: N_S {p.n:.3g}, D_S {p.d:.3g}, L_S {p.loss:.4g}" for p in pilots)

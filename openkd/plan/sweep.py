@@ -11,6 +11,7 @@ report is newer than its student is skipped. Last, `openkd plan fit` on all of t
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -52,13 +53,28 @@ class PilotRun:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
-    def done(self) -> bool:
-        """Its eval report exists and is newer than the student's weights."""
-        report = self.eval_dir / REPORT
+    def done(self, train: Any, evaluate: Any) -> bool:
+        """Its eval report exists, is newer than the student's weights, and both were made
+        with these settings (anything else reruns the stages, which resume or refuse)."""
+        from openkd.data.metadata import redact
+        from openkd.train.results import RESOLVED_CONFIG
+
+        report_path = self.eval_dir / REPORT
         weights = [self.student_dir / w for w in WEIGHTS if (self.student_dir / w).is_file()]
-        return report.is_file() and bool(weights) and all(
-            report.stat().st_mtime >= w.stat().st_mtime for w in weights
-        )
+        if not report_path.is_file() or not weights:
+            return False
+        if any(report_path.stat().st_mtime < w.stat().st_mtime for w in weights):
+            return False
+        try:
+            trained = yaml.safe_load(
+                (self.student_dir / RESOLVED_CONFIG).read_text(encoding="utf-8")
+            )
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+            return False
+        return (trained or {}).get("train") == train.to_yaml_dict() and report.get(
+            "config"
+        ) == redact(evaluate.to_yaml_dict())
 
 
 def _size_name(spec: str) -> str:
@@ -75,7 +91,12 @@ def tiny_students(cfg: PilotConfig, out: Path) -> list[tuple[str, str]]:
     for h in cfg.hidden_sizes:
         target = out / "students" / f"h{h}"
         if not (target / MARKER).is_file():
-            make_tiny(target, TinyOptions(hidden_size=h, layers=cfg.tiny_layers), prompts=None, overwrite=False)
+            make_tiny(
+                target,
+                TinyOptions(hidden_size=h, layers=cfg.tiny_layers),
+                prompts=None,
+                overwrite=False,
+            )
         students.append((f"h{h}", str(target)))
     return students
 
@@ -83,7 +104,9 @@ def tiny_students(cfg: PilotConfig, out: Path) -> list[tuple[str, str]]:
 def plan_runs(cfg: PilotConfig, out: Path, students: list[tuple[str, str]]) -> list[PilotRun]:
     names = [name for name, _ in students]
     if len(set(names)) != len(names):
-        raise ConfigError("--students: two students have the same directory name; give each size its own name")
+        raise ConfigError(
+            "--students: two students have the same directory name; give each size its own name"
+        )
     return [
         PilotRun(name=f"{name}-s{steps}", student=path, steps=steps, root=out / f"{name}-s{steps}")
         for name, path in students
@@ -130,9 +153,13 @@ def _stage(name: str, config: Any, recipe: Path, what: str) -> None:
         config_file = Path(tmp) / f"{name}.yaml"
         save_resolved(config, config_file)
         env = {**os.environ, RECIPE_ENV: str(recipe), STAGE_ENV: name}
-        status = run_child([sys.executable, "-m", "openkd", name, "--config", str(config_file)], env=env)
+        status = run_child(
+            [sys.executable, "-m", "openkd", name, "--config", str(config_file)], env=env
+        )
     if status in (130, 128 + 15, -2, -15):
-        raise Stopped(f"stopped during {what}; rerun `openkd plan pilot {recipe}` to continue where it stopped")
+        raise Stopped(
+            f"stopped during {what}; rerun `openkd plan pilot {recipe}` to continue where it stopped"
+        )
     if status != 0:
         raise OpenkdError(
             f"{what} failed (exit status {status}; its error is above); fix it and rerun "
@@ -146,20 +173,29 @@ def run_pilot(recipe: Path, cfg: PilotConfig, *, dry_run: bool = False) -> None:
     if dry_run:
         names = [f"h{h}" for h in cfg.hidden_sizes] or [_size_name(s) for s in cfg.students]
         runs = plan_runs(cfg, out, list(zip(names, cfg.hidden_sizes or cfg.students, strict=True)))  # type: ignore[arg-type]
-        sys.stdout.write(yaml.safe_dump({"plan_pilot": cfg.to_yaml_dict(), "pilots": [r.name for r in runs]}, sort_keys=False))
+        sys.stdout.write(
+            yaml.safe_dump(
+                {"plan_pilot": cfg.to_yaml_dict(), "pilots": [r.name for r in runs]},
+                sort_keys=False,
+            )
+        )
         return
-    students = tiny_students(cfg, out) if cfg.hidden_sizes else [(_size_name(s), s) for s in cfg.students]
+    students = (
+        tiny_students(cfg, out) if cfg.hidden_sizes else [(_size_name(s), s) for s in cfg.students]
+    )
     runs = plan_runs(cfg, out, students)
-    wired = {run.name: wire_pilot(sections, recipe, run) for run in runs}  # all checked before any work
+    wired = {
+        run.name: wire_pilot(sections, recipe, run) for run in runs
+    }  # all checked before any work
     if "generate" in sections:
         console.console.rule(f"openkd plan pilot: labels ({recipe.name})")
         _stage("generate", wired[runs[0].name].configs["generate"], recipe, "generate")
     for i, run in enumerate(runs, start=1):
-        if run.done():
+        configs = wired[run.name].configs
+        if run.done(configs["train"], configs["eval"]):
             console.info(f"pilot {i}/{len(runs)} {run.name}: done, skipped")
             continue
         console.console.rule(f"openkd plan pilot {i}/{len(runs)}: {run.name}")
-        configs = wired[run.name].configs
         _stage("train", configs["train"], recipe, f"pilot {run.name}: train")
         _stage("eval", configs["eval"], recipe, f"pilot {run.name}: eval")
     if not cfg.fit:

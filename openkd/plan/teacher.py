@@ -43,7 +43,9 @@ def read_pairs(path: Path) -> list[tuple[list[dict[str, str]], str]]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise OpenkdError(f"{path} is unreadable ({err}); pass held-out rows with prompts and teacher answers") from err
+        raise OpenkdError(
+            f"{path} is unreadable ({err}); pass held-out rows with prompts and teacher answers"
+        ) from err
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -52,7 +54,11 @@ def read_pairs(path: Path) -> list[tuple[list[dict[str, str]], str]]:
         except json.JSONDecodeError as err:
             raise OpenkdError(f"{path}:{number}: not a JSON object ({err.msg})") from err
         teacher = row.get("teacher") if isinstance(row, dict) else None
-        answer = _text(teacher.get("text")) if isinstance(teacher, dict) else _text(row.get("completion"))
+        answer = (
+            _text(teacher.get("text"))
+            if isinstance(teacher, dict)
+            else _text(row.get("completion"))
+        )
         prompt = _prompt(row.get("prompt"))
         if prompt is None or answer is None:
             raise OpenkdError(
@@ -67,7 +73,11 @@ def read_pairs(path: Path) -> list[tuple[list[dict[str, str]], str]]:
 
 
 def teacher_loss(
-    model: str, pairs: list[tuple[list[dict[str, str]], str]], *, batch_size: int = 8, max_length: int = 4096
+    model: str,
+    pairs: list[tuple[list[dict[str, str]], str]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 4096,
 ) -> float:
     """Mean NLL (nats per answer token) of the answers under `model`, transformers on CPU/GPU."""
     from openkd.eval.nll import score_answers
@@ -76,13 +86,21 @@ def teacher_loss(
 
     loaded, tokenizer = load_causal_lm(model)
     try:
-        scores = score_answers(loaded, tokenizer, pairs, batch_size=batch_size, max_length=max_length)  # type: ignore[arg-type]
+        scores = score_answers(
+            loaded,
+            tokenizer,
+            pairs,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_length=max_length,
+        )
     finally:
         del loaded
         free_memory()
     tokens = sum(s.tokens for s in scores)
     if not tokens:
-        raise OpenkdError(f"no answer token of the held-out rows fits {max_length} tokens under {model}")
+        raise OpenkdError(
+            f"no answer token of the held-out rows fits {max_length} tokens under {model}"
+        )
     return sum(s.nll for s in scores) / tokens
 
 

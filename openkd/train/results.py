@@ -14,14 +14,18 @@ from openkd.system import library_versions
 from openkd.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer
     from openkd.train.prepare import Prepared
     from openkd.train.trainer import OpenkdSFTTrainer, RunMeter
+
+    # Both of openkd's trainers: SFT (hard and soft labels) and on-policy distillation.
+    Trainer = OpenkdSFTTrainer | OpenkdOnPolicyTrainer
 
 RESOLVED_CONFIG = "openkd_train.yaml"
 MERGED_DIR = "merged"
 
 
-def total_steps(trainer: OpenkdSFTTrainer) -> int:
+def total_steps(trainer: Trainer) -> int:
     args = trainer.args
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
@@ -31,7 +35,7 @@ def total_steps(trainer: OpenkdSFTTrainer) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
-def start_summary(prepared: Prepared, trainer: OpenkdSFTTrainer) -> None:
+def start_summary(prepared: Prepared, trainer: Trainer) -> None:
     cfg, data = prepared.cfg, prepared.data
     stats = trainer.prepared.get("train")
     args = trainer.args
@@ -150,7 +154,7 @@ def stop_if_diverged(prepared: Prepared, trainer: Any) -> None:
     )
 
 
-def save_student(prepared: Prepared, trainer: OpenkdSFTTrainer) -> Path:
+def save_student(prepared: Prepared, trainer: Trainer) -> Path:
     """Write the final student to --output-dir (all ranks take part); the folder to use/push."""
     cfg = prepared.cfg
     out = cfg.output_dir
@@ -195,7 +199,7 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
-def results(trainer: OpenkdSFTTrainer, meter: RunMeter) -> dict[str, Any]:
+def results(trainer: Trainer, meter: RunMeter) -> dict[str, Any]:
     history = trainer.state.log_history
     stats = trainer.prepared.get("train")
     return {
@@ -213,7 +217,7 @@ def results(trainer: OpenkdSFTTrainer, meter: RunMeter) -> dict[str, Any]:
     }
 
 
-def _card_settings(cfg: TrainConfig, trainer: OpenkdSFTTrainer) -> dict[str, Any]:
+def _card_settings(cfg: TrainConfig, trainer: Trainer) -> dict[str, Any]:
     args = trainer.args
     settings: dict[str, Any] = {
         "learning rate": cfg.learning_rate,
@@ -235,7 +239,7 @@ def _card_settings(cfg: TrainConfig, trainer: OpenkdSFTTrainer) -> dict[str, Any
     return settings
 
 
-def write_cards(prepared: Prepared, trainer: OpenkdSFTTrainer, results: dict[str, Any]) -> None:
+def write_cards(prepared: Prepared, trainer: Trainer, results: dict[str, Any]) -> None:
     from openkd.data.jsonl import write_text_atomic
     from openkd.train.card import CardInfo, render_card
 
