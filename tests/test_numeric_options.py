@@ -124,7 +124,11 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("eval", "nll_batch_size", "absurd"): "more than the dataset has: every row in one pass",
     ("eval", "temperature", "zero"): "greedy benchmark answers (the default)",
     ("eval", "temperature", "absurd"): "near-uniform sampling of benchmark answers",
-    ("eval", "on_policy_temperature", "absurd"): "near-uniform student samples for the on-policy KL",
+    (
+        "eval",
+        "on_policy_temperature",
+        "absurd",
+    ): "near-uniform student samples for the on-policy KL",
     ("eval", "seed", "negative"): "any 64-bit integer: sample i of a prompt uses seed + i",
     ("eval", "seed", "zero"): "the default seed",
     ("eval", "seed", "absurd"): "any 64-bit integer: sample i of a prompt uses seed + i",

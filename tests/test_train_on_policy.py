@@ -279,3 +279,32 @@ def test_a_text_prompt_dataset_is_read_as_user_messages(tmp_path: Path) -> None:
     assert data.train[0]["prompt"][0]["role"] == "user"
     assert data.train[0]["prompt"][0]["content"].startswith("Reverse the words: a b ")
     assert data.fingerprint == load_prompt_data(cfg).fingerprint
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_shard_the_teacher_and_resume(
+    tiny_model: Path, teacher: Path, data: Path, tmp_path: Path
+) -> None:
+    """DeepSpeed ZeRO-3 over 2 CPU processes: TRL's `prepare_deepspeed` shards the teacher
+    too, every process samples its own answers, and a rerun resumes from the sharded
+    checkpoint. (Samples depend on the process count, so there is no step-by-step match with
+    one process as for hard and soft labels.)"""
+    out = tmp_path / "zero3"
+    args = op_args(tiny_model, teacher, data, out, "--deepspeed", "zero3", "--num-processes", "2")
+    args[args.index("--max-steps") + 1] = "4"
+    args[args.index("--logging-steps") + 1] = "1"
+    first = run_cli(*args, env={**ENV, "COLUMNS": "250"}, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    err = flat(first.stderr)
+    assert "teacher placement │ DeepSpeed ZeRO-3 inference engine, parameters sharded over 2" in err
+    assert (out / "checkpoint-4" / "latest").is_file()  # DeepSpeed's sharded checkpoint
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [e for e in history if "loss" in e]
+    # gathered over both processes: with beta 1 and T 1 the metric is the loss
+    assert all(e["reverse_kl"] == pytest.approx(e["loss"], rel=1e-4) for e in logged)
+    # 2 more steps: resumed from the sharded checkpoint, not from step 0
+    args[args.index("--max-steps") + 1] = "6"
+    more = run_cli(*args, env=ENV, timeout=900)
+    assert more.returncode == 0, more.stderr[-4000:]
+    assert re.search(r"resuming from \S+checkpoint-4 at step 4\b", flat(more.stderr))
+    assert global_step(out) == 6

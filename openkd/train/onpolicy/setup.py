@@ -171,6 +171,7 @@ def start_rows(prepared: Prepared, trainer: Any) -> list[tuple[str, str]]:
     if eval_stats is not None:
         rows.append(("eval prompts", fmt(eval_stats.examples)))
     rows += [
+        ("teacher placement", teacher_placement(trainer)),
         ("loss", loss_description(cfg)),
         (
             "student sampling",
@@ -224,3 +225,19 @@ def card_fields(cfg: TrainConfig, results: dict[str, Any]) -> dict[str, Any]:
         "extra_tags": ("on-policy-distillation", "distillation-trainer"),
         "extra_results": tuple(lines),
     }
+
+
+def teacher_placement(trainer: Any) -> str:
+    """Where TRL put the teacher: sharded by ZeRO-3, or a copy in each process."""
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    processes = trainer.accelerator.num_processes
+    first = next(teacher.parameters())
+    if hasattr(first, "ds_id"):  # a ZeRO-3 partitioned parameter
+        return (
+            f"DeepSpeed ZeRO-3 inference engine, parameters sharded over {processes} "
+            "process(es) and gathered layer by layer for its forward pass"
+        )
+    where = str(first.device)
+    if processes > 1:
+        return f"a full copy in each of {processes} processes ({where}), inference only"
+    return f"{where}, inference only ({first.dtype})".replace("torch.", "")
