@@ -74,9 +74,7 @@ def _label_vllm_args(value: Any) -> dict[str, Any]:
 
 def _dataset(value: Any) -> str:
     """A local dataset by its real path (the same file typed two ways is one dataset)."""
-    text = str(value)
-    expanded = os.path.expanduser(text)
-    return os.path.realpath(expanded) if os.path.exists(expanded) else text
+    return dataset_path(str(value)) or str(value)
 
 
 # How a setting is compared when its raw value may differ without the label changing.

@@ -217,12 +217,7 @@ class FitConfig(StageConfig):
         problems = []
         if not self.pilots:
             problems.append("give the pilots to fit: PILOT... (eval reports or JSONL files)")
-        if self.teacher_loss and self.teacher_model:
-            problems.append("--teacher-loss and --teacher-model: pass one")
-        try:
-            parse_fix(self.fix)
-        except ValueError as err:
-            problems.append(f"--fix {err}")
+        problems += _fit_problems(self.teacher_loss, self.teacher_model, self.fix)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -274,12 +269,19 @@ class PilotConfig(StageConfig):
             problems.append("--max-steps is required: the step budgets to sweep (repeat the flag)")
         if any(s <= 0 for s in self.max_steps) or any(h < 32 or h % 32 for h in self.hidden_sizes):
             problems.append("--max-steps are > 0 and --hidden-sizes multiples of 32")
-        if self.teacher_loss and self.teacher_model:
-            problems.append("--teacher-loss and --teacher-model: pass one")
-        try:
-            parse_fix(self.fix)
-        except ValueError as err:
-            problems.append(f"--fix {err}")
+        problems += _fit_problems(self.teacher_loss, self.teacher_model, self.fix)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _fit_problems(teacher_loss: Any, teacher_model: Any, fix: Any) -> list[str]:
+    """The checks every command that fits the law shares: one teacher source, a valid --fix."""
+    problems = []
+    if teacher_loss and teacher_model:
+        problems.append("--teacher-loss and --teacher-model: pass one")
+    try:
+        parse_fix(fix)
+    except ValueError as err:
+        problems.append(f"--fix {err}")
+    return problems

@@ -166,8 +166,14 @@ def make_sft_config(kwargs: dict[str, Any]):
     """Build the SFTConfig; its validation errors become one-line ConfigErrors."""
     from trl import SFTConfig
 
+    return build_trl_config(SFTConfig, kwargs)
+
+
+def build_trl_config(config_class: Any, kwargs: dict[str, Any]):
+    """Build a TRL training config (SFTConfig, DistillationConfig); its validation errors become
+    one-line ConfigErrors."""
     try:
-        return SFTConfig(**kwargs)
+        return config_class(**kwargs)
     except (ValueError, TypeError) as exc:
         text = " ".join(str(exc).split())
         if "bf16" in text and kwargs.get("bf16"):

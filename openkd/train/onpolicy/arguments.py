@@ -79,13 +79,6 @@ def make_distillation_config(kwargs: dict[str, Any]):
     """Build the DistillationConfig; its validation errors become one-line ConfigErrors."""
     from trl import DistillationConfig
 
-    try:
-        return DistillationConfig(**kwargs)
-    except (ValueError, TypeError) as exc:
-        text = " ".join(str(exc).split())
-        if "bf16" in text and kwargs.get("bf16"):
-            raise ConfigError(
-                "--bf16 needs a GPU with bfloat16 support (NVIDIA Ampere or newer); pass "
-                "--no-bf16, or set `fp16: true` under sft_args on older GPUs"
-            ) from exc
-        raise ConfigError(f"invalid training settings: {text[:400]}") from exc
+    from openkd.train.arguments import build_trl_config
+
+    return build_trl_config(DistillationConfig, kwargs)
