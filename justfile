@@ -29,9 +29,10 @@ demo: setup
     echo "eval report    : {{demo_dir}}/run/eval/report.json"
 
 # Run the test suite (what CI runs), on two pytest-xdist workers (one file per worker, so module
-# fixtures such as engines and trained tiny models are built once).
+# fixtures such as engines and trained tiny models are built once), longest files first (the
+# order tests/conftest.py sets; xdist's own would start the minutes-long proofs last).
 test *args: setup
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -n 2 --dist loadfile -m "not long" {{args}}
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not long" {{args}}
 
 # The tests too long for CI: the planner's real pilot sweep (minutes of CPU training).
 test-long *args: setup

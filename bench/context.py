@@ -61,6 +61,13 @@ class Context:
         """The tiny float32 Llama + tokenizer of the test suite, built offline once."""
         return self._built_model("tiny-model", "the tiny model")
 
+    def tiny_teacher(self) -> Path:
+        """The tiny model's architecture and tokenizer with other random weights
+        (`TinySpec(weights_seed=1)`): a teacher for the tiny student."""
+        from openkd.tiny import TinySpec
+
+        return self._built_model("tiny-teacher", "the tiny teacher", TinySpec(weights_seed=1))
+
     def chaotic_model(self) -> Path:
         """The tiny Llama with large random weights (`TinySpec(seed=2, init_std=0.3)`): it
         decodes chaotically, and its greedy answers end at EOS after anything from a few tokens

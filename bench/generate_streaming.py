@@ -33,6 +33,9 @@ SLOTS = 256
 STEP_MS = 10
 MAX_NEW_TOKENS = 1000
 IN_FLIGHT = (64, 256)
+# Client CPU per answer is measured where the clients are CPU-bound: uniform lengths, 256 in flight.
+CPU_ROW = ("uniform", 256)
+CPU_SMALL = 32  # prompts of the short runs whose CPU is subtracted (start-up, imports, set-up)
 TEACHER = "gpu-like-teacher"
 LENGTHS = {
     "heavy-tailed": ("--lengths", "lognormal", "--median", "60", "--sigma", "1.1", "--cap", "1000"),
@@ -60,6 +63,12 @@ METHOD = (
     "finishes up to ~430 requests/s, more than one Python client process keeps up with on a "
     "2-core machine (the sliding window was CPU-bound there), so that row weighs each client's "
     "CPU per request as much as its scheduling, and moves with other load on the machine. "
+    f"Client CPU per 1,000 answers ({CPU_ROW[0]} lengths, {CPU_ROW[1]} in flight): each "
+    "client's whole-process CPU time (user + system, getrusage) in that run, minus the same "
+    f"client's CPU on the first {CPU_SMALL} prompts run right after, over the "
+    f"{PROMPTS - CPU_SMALL:,} answers between: start-up, imports, dataset loading and the first "
+    "request's lazy imports cancel out, so the figure is the CPU each further answer costs "
+    "(openkd: request, row, id, JSON, write, commit; baseline: request and JSON line). "
     "Last row, informational: bench/baselines/"
     "distilabel_pipeline.py (distilabel's Pipeline + TextGeneration(OpenAILLM), "
     f"input_batch_size {DISTILABEL_BATCH}, as Open R1's generate.py) on the first "
@@ -80,6 +89,7 @@ class Window:
     step_rate: float  # measured steps/s over nominal
     max_lag_ms: float  # the latest a step ran after its deadline
     skipped_steps: int  # steps dropped because the server was too far behind
+    client_cpu_seconds: float = 0.0  # the client process's CPU time (user + system)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,7 +122,7 @@ class StandIn:
                 )
             time.sleep(0.5)
 
-    def window(self, expected: int, who: str) -> Window:
+    def window(self, expected: int, who: str, client_cpu: float = 0.0) -> Window:
         import httpx
 
         stats = httpx.get(f"{self.root}/stats", timeout=10).json()
@@ -133,6 +143,7 @@ class StandIn:
             stats["step_rate"],
             stats["max_lag_ms"],
             stats["skipped_steps"],
+            client_cpu,
         )
 
 
@@ -163,9 +174,11 @@ def stand_in(ctx: Context, lengths: str) -> Iterator[StandIn]:
         yield StandIn(port)
 
 
-def openkd_run(ctx: Context, server: StandIn, prompts: Path, n: int, tag: str) -> Window:
+def openkd_run(
+    ctx: Context, server: StandIn, prompts: Path, n: int, tag: str, expected: int = PROMPTS
+) -> Window:
     server.reset()
-    ctx.run(
+    measured = ctx.run(
         f"openkd generate --backend openai --concurrency {n} ({tag})",
         proc.openkd_command(
             "generate",
@@ -188,7 +201,7 @@ def openkd_run(ctx: Context, server: StandIn, prompts: Path, n: int, tag: str) -
         log=f"{NAME}-openkd-{tag}",
         timeout=RUN_TIMEOUT,
     )
-    return server.window(PROMPTS, "openkd")
+    return server.window(expected, "openkd", measured.cpu_seconds)
 
 
 def baseline_run(
@@ -203,7 +216,7 @@ def baseline_run(
         label = f"distilabel Pipeline, input_batch_size {n} ({tag})"
         extra = ["--cache-dir", out / "distilabel-cache", "--input-batch-size", str(n)]
     server.reset()
-    ctx.run(
+    measured = ctx.run(
         label,
         proc.python_module(
             f"bench.baselines.{script}",
@@ -224,7 +237,7 @@ def baseline_run(
         log=f"{NAME}-{script}-{tag}",
         timeout=RUN_TIMEOUT,
     )
-    return server.window(expected, script.replace("_", " "))
+    return server.window(expected, script.replace("_", " "), measured.cpu_seconds)
 
 
 def compare(lengths: str, n: int, ours: Window, theirs: Window) -> Result:
@@ -245,6 +258,39 @@ def compare(lengths: str, n: int, ours: Window, theirs: Window) -> Result:
         Target("ratio_at_least", 0.97),
         note=note,
         details={"openkd": asdict(ours), "baseline": asdict(theirs)},
+    )
+
+
+def cpu_row(
+    ctx: Context, server: StandIn, lengths: str, n: int, ours: Window, theirs: Window
+) -> Result:
+    """Client CPU per 1,000 answers: each side's run minus its run on the first CPU_SMALL
+    prompts (start-up and first-request costs cancel out)."""
+    small = ctx.prompts(CPU_SMALL)
+    tag = f"{lengths}-{n}-{CPU_SMALL}"
+    ours_small = openkd_run(ctx, server, small, n, tag, expected=CPU_SMALL)
+    theirs_small = baseline_run(
+        ctx, server, small, n, tag, script="sliding_window", expected=CPU_SMALL
+    )
+    answers = PROMPTS - CPU_SMALL
+
+    def per_1k(full: Window, short: Window) -> float:
+        return (full.client_cpu_seconds - short.client_cpu_seconds) / answers * 1000
+
+    return Result(
+        NAME,
+        f"client CPU seconds per 1,000 answers, {lengths} lengths, {n} in flight",
+        "s",
+        per_1k(ours, ours_small),
+        per_1k(theirs, theirs_small),
+        f"sliding window of {n}",
+        Target("ratio_at_most", 1.1),
+        note=(
+            f"whole runs openkd {ours.client_cpu_seconds:.2f} s, baseline "
+            f"{theirs.client_cpu_seconds:.2f} s; on {CPU_SMALL} prompts openkd "
+            f"{ours_small.client_cpu_seconds:.2f} s, baseline {theirs_small.client_cpu_seconds:.2f} s"
+        ),
+        details={"openkd_small": asdict(ours_small), "baseline_small": asdict(theirs_small)},
     )
 
 
@@ -327,6 +373,10 @@ def run(ctx: Context) -> list[Result]:
                             ctx, server, prompts, n, tag, script="sliding_window", expected=PROMPTS
                         )
                 results.append(compare(lengths, n, runs["openkd"], runs["baseline"]))
+                if (lengths, n) == CPU_ROW:
+                    results.append(
+                        cpu_row(ctx, server, lengths, n, runs["openkd"], runs["baseline"])
+                    )
             if lengths == "heavy-tailed":
                 everything = measured[lengths, max(IN_FLIGHT)]["baseline"]
                 results.append(distilabel_row(ctx, server, everything))

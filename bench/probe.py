@@ -8,6 +8,12 @@ identically: tokens are counted in the batches the model is given (`input_ids` e
 non-padding ones from `attention_mask`; padding-free batches have none), time runs from the
 first training step until `Trainer.train` returns (checkpoint saves inside it included), both
 as wall time and as this process's CPU time (which a busy machine disturbs less).
+
+    python -m bench.probe onpolicy STATS.json -m openkd train --loss on-policy ...
+
+`onpolicy` times the loop the same way; its batches are prompts the trainer samples answers to,
+so tokens are counted in what TRL's `DistillationTrainer` builds from them (prompt and sampled
+tokens: `prompt_mask` and `completion_mask`), for openkd's subclass and a plain script alike.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class TrainerProbe:
         self.first_step_cpu = 0.0
         self.train_end_cpu = 0.0
         self.step_starts: list[float] = []
+        self.step_cpu_starts: list[float] = []
         self.steps = 0
         self.tensor_tokens = 0
         self.real_tokens = 0
@@ -45,12 +52,9 @@ class TrainerProbe:
                 probe.first_step = now
                 probe.first_step_cpu = time.process_time()
             probe.step_starts.append(now)
-            ids = inputs["input_ids"]
-            mask = inputs.get("attention_mask")
+            probe.step_cpu_starts.append(time.process_time())
             probe.steps += 1
-            probe.batch_rows += int(ids.shape[0])
-            probe.tensor_tokens += int(ids.numel())
-            probe.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+            probe.count(inputs)
             return training_step(self, model, inputs, *args, **kwargs)
 
         def timed_train(self: Any, *args: Any, **kwargs: Any):
@@ -62,6 +66,13 @@ class TrainerProbe:
 
         Trainer.training_step = counted_step  # type: ignore[method-assign]
         Trainer.train = timed_train  # type: ignore[method-assign]
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        self.batch_rows += int(ids.shape[0])
+        self.tensor_tokens += int(ids.numel())
+        self.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
 
     def stats(self) -> dict[str, Any]:
         seconds = (
@@ -86,15 +97,51 @@ class TrainerProbe:
             ]
             if seconds
             else [],
+            # The same in this process's CPU time, which other load on the machine disturbs less.
+            "step_cpu_seconds": [
+                b - a
+                for a, b in zip(
+                    self.step_cpu_starts,
+                    [*self.step_cpu_starts[1:], self.train_end_cpu],
+                    strict=True,
+                )
+            ]
+            if seconds
+            else [],
         }
 
 
-PROBES = {"train": TrainerProbe}
+class OnPolicyProbe(TrainerProbe):
+    """Tokens of the sampled batches: prompt and sampled tokens, counted where TRL builds them."""
+
+    def install(self) -> None:
+        super().install()
+        from trl.trainer.distillation_trainer import DistillationTrainer
+
+        probe = self
+        build = DistillationTrainer._generate_and_score_completions
+
+        def counted_build(self: Any, inputs: Any) -> dict[str, Any]:
+            out = build(self, inputs)
+            if self.model.training:
+                prompt, completion = out["prompt_mask"], out["completion_mask"]
+                probe.batch_rows += int(prompt.shape[0])
+                probe.tensor_tokens += int(prompt.numel() + completion.numel())
+                probe.real_tokens += int(prompt.sum() + completion.sum())
+            return out
+
+        DistillationTrainer._generate_and_score_completions = counted_build  # type: ignore[method-assign]
+
+    def count(self, inputs: Any) -> None:
+        """The step's inputs are prompts; its tokens are counted when they are sampled."""
+
+
+PROBES: dict[str, type[TrainerProbe]] = {"train": TrainerProbe, "onpolicy": OnPolicyProbe}
 
 
 def main() -> None:
     if len(sys.argv) < 5 or sys.argv[1] not in PROBES or sys.argv[3] != "-m":
-        sys.exit("usage: python -m bench.probe train STATS.json -m MODULE [ARGS...]")
+        sys.exit("usage: python -m bench.probe train|onpolicy STATS.json -m MODULE [ARGS...]")
     kind, stats_path, module, args = sys.argv[1], Path(sys.argv[2]), sys.argv[4], sys.argv[5:]
     probe = PROBES[kind]()
     probe.install()

@@ -18,7 +18,7 @@ import yaml
 from openkd import __version__
 from openkd.config import StageConfig, resolve
 from openkd.decontaminate.config import DecontaminateConfig
-from openkd.errors import TRACEBACK_ENV, OpenkdError, show_tracebacks
+from openkd.errors import TRACEBACK_ENV, OpenkdError, Preempted, show_tracebacks
 from openkd.eval.config import EvalConfig
 from openkd.export.config import ExportConfig
 from openkd.flags import config_command
@@ -207,6 +207,12 @@ def main() -> None:
             traceback.print_exception(err)
         console.error("aborted")
         sys.exit(1)
+    except Preempted as err:  # a clean stop with a checkpoint (rank 0 says so): not an error
+        from openkd.train.launch import LAUNCHED_ENV
+
+        if LAUNCHED_ENV not in os.environ:  # else the parent that launched this worker says it
+            console.info(str(err))
+        sys.exit(err.exit_code)
     except OpenkdError as err:
         if show_tracebacks():
             traceback.print_exception(err)

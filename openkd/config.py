@@ -24,6 +24,7 @@ from openkd.errors import ConfigError
 SECTIONS = (
     "generate",
     "train",
+    "on_policy",  # `openkd run`'s second training stage (`openkd train` keys, --loss on-policy)
     "eval",
     "decontaminate",
     "export",

@@ -15,7 +15,7 @@ from openkd.config import MAX_SECONDS, StageConfig
 
 # Also train's: a model repo's own code runs only when asked for.
 TRUST_REMOTE_CODE = Field(
-    False, description="Allow model repos to run their own code. Off unless you pass it."
+    default=False, description="Allow model repos to run their own code. Off unless you pass it."
 )
 
 
@@ -38,7 +38,7 @@ class EngineConfig(StageConfig):
     """Engine and client settings of every command that has models answer prompts."""
 
     concurrency: int | None = Field(
-        None,
+        default=None,
         gt=0,
         le=100_000,
         description="Requests kept in flight at once; answers stream back as each finishes and "
@@ -47,14 +47,20 @@ class EngineConfig(StageConfig):
     )
 
     # vLLM engine
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM).")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM context length limit.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per model replica (vLLM).")
+    max_model_len: int | None = Field(default=None, gt=0, description="vLLM context length limit.")
     gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
+        default=0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
     )
-    dtype: str = Field("auto", description="Weights dtype for vLLM (auto, bfloat16, float32, ...).")
-    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max sequences per step.")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM (faster start).")
+    dtype: str = Field(
+        default="auto", description="Weights dtype for vLLM (auto, bfloat16, float32, ...)."
+    )
+    max_num_seqs: int | None = Field(
+        default=None, gt=0, description="vLLM's max sequences per step."
+    )
+    enforce_eager: bool = Field(
+        default=False, description="Disable CUDA graphs in vLLM (faster start)."
+    )
     vllm_args: dict[str, Any] = Field(
         default_factory=dict,
         description="More vLLM engine options as JSON, passed to vllm.LLM and as flags to the "
@@ -65,18 +71,21 @@ class EngineConfig(StageConfig):
 
     # OpenAI-compatible client and the --serve child server
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (never logged)."
+        default="OPENAI_API_KEY",
+        description="Environment variable holding the API key (never logged).",
     )
     request_timeout: float = Field(
-        3600.0,
+        default=3600.0,
         gt=0,
         le=MAX_SECONDS,
         description="Seconds to wait for one answer, queueing on the server included (openai); "
         "long reasoning answers take many minutes.",
     )
-    max_retries: int = Field(5, ge=0, le=100, description="Retries per request, with backoff.")
+    max_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries per request, with backoff."
+    )
     serve_timeout: float = Field(
-        1800.0,
+        default=1800.0,
         gt=0,
         le=MAX_SECONDS,
         description="Seconds to wait for a --serve server to become healthy. 30 min: a first "
@@ -84,7 +93,8 @@ class EngineConfig(StageConfig):
         "which 15 min does not cover (the Slurm scripts use the same).",
     )
     serve_args: list[str] | None = Field(
-        None, description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager."
+        default=None,
+        description="Extra argument for the vLLM server, e.g. --serve-args=--enforce-eager.",
     )
 
     _vllm_args = field_validator("vllm_args", mode="before")(parse_json_mapping)

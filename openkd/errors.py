@@ -23,6 +23,26 @@ class ConfigError(OpenkdError):
     exit_code = 2
 
 
+# sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): distinct from
+# 130/143 (stopped or killed by a signal, nothing saved for it) and from errors (1, 2).
+PREEMPTED = 75
+
+
+class Preempted(OpenkdError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; a rerun resumes from it.
+    Not a failure: printed as an info line, and the exit code tells schedulers to requeue."""
+
+    exit_code = PREEMPTED
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(
+            f"preempted at step {step}: checkpoint saved to {checkpoint}; rerun the same "
+            "command to resume"
+        )
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 def brief(err: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line, clipped: library messages can be pages long."""
     text = " ".join(str(err).split())

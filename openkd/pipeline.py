@@ -1,4 +1,7 @@
-"""`openkd run RECIPE.yaml`: generate, train and eval from one file, resumable end to end.
+"""`openkd run RECIPE.yaml`: generate, train, on-policy and eval from one file, resumable end to end.
+
+A recipe holds any of the sections `generate:`, `train:` (hard, soft or mix labels),
+`on_policy:` (`openkd train` keys; `loss: on-policy` implied) and `eval:`, run in that order.
 
 All sections are validated, and outputs wired to inputs, before any stage starts. Each stage
 then runs as its own `openkd <stage> --config ...` process, so a stage's GPU memory (a vLLM
@@ -22,7 +25,7 @@ import yaml
 
 from openkd import console
 from openkd.config import SECTIONS, StageConfig, read_section, save_resolved, validate
-from openkd.errors import ConfigError, OpenkdError
+from openkd.errors import PREEMPTED, ConfigError, OpenkdError
 from openkd.eval.config import EvalConfig
 from openkd.generate.config import GenerateConfig
 from openkd.train.config import TrainConfig
@@ -30,8 +33,11 @@ from openkd.train.config import TrainConfig
 STAGES: dict[str, type[StageConfig]] = {
     "generate": GenerateConfig,
     "train": TrainConfig,
+    "on_policy": TrainConfig,  # a second `openkd train`, on the student's own samples
     "eval": EvalConfig,
 }
+# The command a stage runs, where it is not the stage's name.
+COMMANDS = {"on_policy": "train"}
 # Set for a stage that `openkd run` starts: the recipe, and the stage's section in it.
 RECIPE_ENV = "OPENKD_RECIPE"
 STAGE_ENV = "OPENKD_RECIPE_STAGE"
@@ -39,6 +45,7 @@ STAGE_ENV = "OPENKD_RECIPE_STAGE"
 OUTPUTS = {
     "generate": "generate.output and its side files",
     "train": "train.output_dir",
+    "on_policy": "on_policy.output_dir",
     "eval": "eval.output_dir",
 }
 
@@ -102,7 +109,7 @@ def wire(sections: dict[str, dict[str, Any]], path: Path) -> Recipe:
 
     generate = None
     if gen_values is not None:
-        generate = _validate(GenerateConfig, gen_values, path)
+        generate = _validate(GenerateConfig, gen_values, path, "generate")
         if generate.shard is not None:
             problems.append(
                 "generate.shard: a recipe labels the whole dataset in one run; drop `shard` "
@@ -121,13 +128,13 @@ def wire(sections: dict[str, dict[str, Any]], path: Path) -> Recipe:
         if "dataset" not in train_values and generate is not None:
             train_values["dataset"] = str(generate.output)
             recipe.wiring.append(f"train.dataset = generate.output ({generate.output})")
-        train = _validate(TrainConfig, train_values, path)
-        if train.overwrite:
-            problems.append(
-                "train.overwrite: true would restart training from step 0 on each rerun; "
-                "remove it (delete train.output_dir to start over)"
-            )
+        train = _validate(TrainConfig, train_values, path, "train")
+        problems += _train_problems(train, "train")
         recipe.configs["train"] = train
+
+    final = train  # the stage whose student eval scores
+    if sections.get("on_policy") is not None:
+        final = _wire_on_policy(dict(sections["on_policy"]), generate, train, recipe, problems)
 
     if eval_values is not None:
         eval_values = dict(eval_values)
@@ -143,34 +150,119 @@ def wire(sections: dict[str, dict[str, Any]], path: Path) -> Recipe:
                     "eval.dataset, or eval.benchmark (e.g. [math500, aime24])"
                 )
                 eval_values["dataset"] = "<missing>"
-        if "student" not in eval_values and train is not None:
-            student = _trained_student(train, problems)
+        if "student" not in eval_values and final is not None:
+            section = "on_policy" if final is not train else "train"
+            student = _trained_student(final, problems, section, "eval.student")
             eval_values["student"] = str(student)
-            recipe.wiring.append(f"eval.student = the trained student ({student})")
-        recipe.configs["eval"] = _validate(EvalConfig, eval_values, path)
+            what = "on-policy" if section == "on_policy" else "trained"
+            recipe.wiring.append(f"eval.student = the {what} student ({student})")
+        recipe.configs["eval"] = _validate(EvalConfig, eval_values, path, "eval")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return recipe
 
 
-def _trained_student(train: TrainConfig, problems: list[str]) -> Path:
+def _train_problems(train: TrainConfig, section: str) -> list[str]:
+    if train.overwrite:
+        return [
+            f"{section}.overwrite: true would restart training from step 0 on each rerun; "
+            f"remove it (delete {section}.output_dir to start over)"
+        ]
+    return []
+
+
+def _wire_on_policy(
+    values: dict[str, Any],
+    generate: GenerateConfig | None,
+    train: TrainConfig | None,
+    recipe: Recipe,
+    problems: list[str],
+) -> TrainConfig:
+    """The on_policy section: `openkd train --loss on-policy`, continuing train's student."""
+    loss = values.setdefault("loss", "on-policy")
+    if loss != "on-policy":
+        problems.append(
+            f"on_policy.loss: the on_policy section trains with loss on-policy, not {loss}; "
+            "drop the key (hard, soft and mix labels belong in the train: section)"
+        )
+        values["loss"] = "on-policy"
+    if "student" not in values and train is not None:
+        student = _trained_student(train, problems, "train", "on_policy.student")
+        values["student"] = str(student)
+        recipe.wiring.append(f"on_policy.student = the trained student ({student})")
+    prompts = (
+        ("generate.output", str(generate.output))
+        if generate is not None
+        else ("train.dataset", train.dataset)
+        if train is not None
+        else None
+    )
+    if "dataset" not in values and prompts is not None:
+        values["dataset"] = prompts[1]
+        recipe.wiring.append(f"on_policy.dataset = {prompts[0]}'s prompts ({prompts[1]})")
+    if "teacher" not in values and generate is not None:
+        teacher = _loadable_teacher(generate, problems)
+        values["teacher"] = teacher
+        if teacher != "<missing>":
+            recipe.wiring.append(f"on_policy.teacher = generate.teacher ({teacher})")
+    on_policy = _validate(TrainConfig, values, recipe.path, "on_policy")
+    problems += _train_problems(on_policy, "on_policy")
+    if train is not None and _nested(Path(train.output_dir), Path(on_policy.output_dir)):
+        problems.append(
+            f"on_policy.output_dir {on_policy.output_dir} overlaps train.output_dir "
+            f"{train.output_dir}: each training stage needs its own directory; set "
+            "on_policy.output_dir (e.g. a sibling ending in -on-policy)"
+        )
+    recipe.configs["on_policy"] = on_policy
+    return on_policy
+
+
+def _loadable_teacher(generate: GenerateConfig, problems: list[str]) -> str:
+    """generate's teacher where it names a model on-policy training can load, else a problem."""
+    local = generate.backend in ("vllm", "transformers") or (
+        generate.backend == "openai" and generate.serve
+    )
+    if not local:
+        problems.append(
+            f"on_policy.teacher is needed: generate's teacher {generate.teacher!r} (backend "
+            f"{generate.backend}{'' if generate.backend == 'mock' else ', served elsewhere'}) "
+            "is not a model openkd loads; set on_policy.teacher to a local path or Hub id "
+            "sharing the student's tokenizer"
+        )
+        return "<missing>"
+    if generate.revision:
+        problems.append(
+            f"on_policy.teacher is needed: generate pins teacher revision {generate.revision}, "
+            "which on-policy training does not take; set on_policy.teacher to a local copy "
+            "of that revision"
+        )
+    return generate.teacher
+
+
+def _nested(a: Path, b: Path) -> bool:
+    a, b = a.expanduser().absolute(), b.expanduser().absolute()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _trained_student(train: TrainConfig, problems: list[str], section: str, consumer: str) -> Path:
+    """The folder a training stage leaves its final student in, for the next stage to read."""
     if train.lora and not train.merge_lora:
         problems.append(
-            "train.lora saves an adapter, which eval backends cannot serve on its own: set "
-            "train.merge_lora: true or eval.student"
+            f"{section}.lora saves an adapter, which the next stage cannot load on its own: "
+            f"set {section}.merge_lora: true or {consumer}"
         )
     if train.lora and train.merge_lora:
-        from openkd.train.results import MERGED_DIR
+        from openkd.train.finish import MERGED_DIR
 
         return Path(train.output_dir) / MERGED_DIR
     return Path(train.output_dir)
 
 
-def _validate(cls: type[StageConfig], values: dict[str, Any], path: Path) -> Any:
+def _validate(cls: type[StageConfig], values: dict[str, Any], path: Path, section: str) -> Any:
     try:
         return validate(cls, values, source=path)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: section '{cls.section}': {exc}") from exc
+        raise ConfigError(f"{path}: section '{section}': {exc}") from exc
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -205,12 +297,19 @@ def _run_stage(name: str, config_file: Path, recipe: Path, remaining: list[str])
     from openkd.train.launch import run_child
 
     env = {**os.environ, RECIPE_ENV: str(recipe), STAGE_ENV: name}
+    command = COMMANDS.get(name, name)
     status = run_child(
-        [sys.executable, "-m", "openkd", name, "--config", str(config_file)], env=env
+        [sys.executable, "-m", "openkd", command, "--config", str(config_file)], env=env
     )
     if status == 0:
         return
     skipped = f"; {', '.join(remaining)} did not run" if remaining else ""
+    if status == PREEMPTED:  # training saved a checkpoint on SIGTERM/SIGUSR1
+        raise StageFailed(
+            f"{name} was preempted (its checkpoint is saved){skipped}; rerun `openkd run "
+            f"{recipe}` to resume",
+            PREEMPTED,
+        )
     if status in (130, 128 + 15, -2, -15):
         raise StageFailed(
             f"stopped during {name}{skipped}; rerun `openkd run {recipe}` to continue where it "

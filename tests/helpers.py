@@ -1,19 +1,48 @@
-"""Drivers shared by the tests: the CLI in this process, and the one-line error it prints."""
+"""Drivers shared by the tests: the CLI in this process, and the one-line error it prints.
+
+Test modules import nothing from each other: what several share lives here or in a topic
+module beside them (`train_helpers`, `soft_helpers`, `generate_helpers`, ...).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
-import subprocess
 import sys
+from typing import Any, NamedTuple
+
+from tests.soft_helpers import _swap_two_tokens, sharper_copy, swap_two_tokens
+
+__all__ = [
+    "Outcome",
+    "_swap_two_tokens",
+    "error_line",
+    "invoke",
+    "sharper_copy",
+    "swap_two_tokens",
+    "watch_model_loads",
+]
 
 
-def invoke(*args: str | os.PathLike[str], env: dict | None = None) -> subprocess.CompletedProcess:
+class Outcome(NamedTuple):
+    """What a command ended with: `.returncode`/`.stdout`/`.stderr` as from `run_cli`, or
+    unpacked as `code, stdout, stderr`."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def returncode(self) -> int:
+        return self.code
+
+
+def invoke(*args: str | os.PathLike[str], env: dict | None = None) -> Outcome:
     """`openkd ARGS...` through the real entry point, in this process (no interpreter start-up).
 
-    Exit code, stdout and stderr are captured as `run_cli` would; the one test that must kill
-    a process uses a subprocess.
+    Exit code, stdout and stderr are captured as `run_cli` would; tests that must kill a
+    process, or need a fresh one, use `run_cli`.
     """
     from openkd.cli import main
 
@@ -37,12 +66,48 @@ def invoke(*args: str | os.PathLike[str], env: dict | None = None) -> subprocess
                 os.environ[key] = value
     code = 0 if code is None else code
     assert isinstance(code, int), code
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    return Outcome(code, out.getvalue(), err.getvalue())
 
 
-def error_line(stderr: str) -> str:
-    """The one-line error a failing command ends with (asserting there is one)."""
+def error_line(stderr: str, *, last: bool = True, only: bool = False) -> str:
+    """The one-line error a failing command printed, asserting there is exactly one and no
+    traceback. `last`: it is the final line (a subprocess's children may write after it when
+    False); `only`: nothing else was printed (usage errors)."""
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
     assert "Traceback" not in stderr, stderr[-2000:]
-    return lines[-1]
+    assert len(errors) == 1, stderr[-2000:]
+    if last:
+        assert lines[-1] == errors[0], stderr[-2000:]
+    if only:
+        assert lines == errors, stderr[-2000:]
+    return errors[0]
+
+
+def watch_model_loads(monkeypatch: Any, *, weights: bool = False) -> list[str]:
+    """Make the ways openkd constructs a model or an engine fail, recording each call: the
+    teacher/engine factory (`make_backend`) and eval's transformers loader, and with `weights`
+    also transformers' `from_pretrained` for every model class (TRL loads the student so).
+    The list stays empty while nothing was constructed."""
+    import openkd.generate.backends as backends
+    import openkd.generate.backends.transformers as hf_backend
+
+    calls: list[str] = []
+
+    def refuse(name: str) -> Any:
+        def constructed(*_args: Any, **_kwargs: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"{name} was called: a model or engine was constructed")
+
+        return constructed
+
+    monkeypatch.setattr(backends, "make_backend", refuse("make_backend"))
+    monkeypatch.setattr(hf_backend, "load_causal_lm", refuse("load_causal_lm"))
+    if weights:
+        from transformers import PreTrainedModel
+
+        loader = refuse("from_pretrained")
+        monkeypatch.setattr(
+            PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: loader(*a, **k))
+        )
+    return calls

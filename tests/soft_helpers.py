@@ -5,15 +5,17 @@ tokenised (plus the end-of-turn token) as if the teacher had produced those ids,
 "teacher" is run teacher-forced on the prompt (its chat template with the generation prompt)
 followed by those ids; its top-K log-probabilities at each answer position go to the sidecar
 with `SidecarWriter`, as generate will write them.
+
+Also the model copies the soft-label tests use as teachers: a sharper one, one whose
+tokenizer disagrees with the student's.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
-
-from openkd.data.logprobs import SidecarWriter, sidecar_dir
 
 
 def write_teacher_logprobs(
@@ -35,6 +37,7 @@ def write_teacher_logprobs(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from openkd.data.jsonl import iter_jsonl
+    from openkd.data.logprobs import SidecarWriter, sidecar_dir
 
     jsonl = Path(jsonl)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
@@ -67,6 +70,29 @@ def write_teacher_logprobs(
         meta["teacher"] = {**(meta.get("teacher") or {}), "name": teacher_name}
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return out
+
+
+def sharper_copy(model_dir: Path, out: Path, factor: float) -> Path:
+    """The same tokenizer, weights scaled: a more confident 'teacher'."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: v * factor for k, v in weights.items()}, out / "model.safetensors")
+    return out
+
+
+def swap_two_tokens(model_dir: Path, out: Path) -> Path:
+    """A copy whose tokenizer gives two ordinary tokens each other's id."""
+    shutil.copytree(model_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+_swap_two_tokens = swap_two_tokens  # the name it had in test_train_soft
 
 
 def _encode(tokenizer: Any, row: dict[str, Any], eos: int) -> tuple[list[int], list[int]]:

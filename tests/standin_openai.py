@@ -47,6 +47,12 @@ class StandIn:
     arrived: list[tuple[float, str]] = field(default_factory=list)  # (time, prompt)
     answered: list[tuple[float, str]] = field(default_factory=list)  # (time sent, prompt)
     dead: bool = False
+    # /v1/completions with `prompt_logprobs` (how a served teacher scores token sequences): every
+    # token gets this log-probability at rank 1; `scoring` records each request's prompts, and
+    # the server vanishes (as `kill()`) when a request arrives after `die_after` of them.
+    prompt_logprob: float = -0.5
+    scoring: list[list[list[int]]] = field(default_factory=list)
+    die_after: int | None = None
     # Connections waiting to be accepted (http.server's default); past it a burst of new ones is
     # reset. Tests' timings were tuned with 5: raise it only for hundreds at once.
     backlog: int = 5
@@ -92,9 +98,34 @@ class StandIn:
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
+            def _score(self, request: dict[str, Any]) -> None:
+                if standin.die_after is not None and len(standin.scoring) >= standin.die_after:
+                    standin.dead = True
+                    self.close_connection = True
+                    threading.Thread(target=standin.stop, daemon=True).start()
+                    return
+                standin.scoring.append(request["prompt"])
+                value = {"logprob": standin.prompt_logprob, "rank": 1, "decoded_token": "x"}
+                choices = [
+                    {
+                        "index": i,
+                        "text": "",
+                        "finish_reason": "length",
+                        "prompt_logprobs": [None] + [{str(t): value} for t in ids[1:]],
+                    }
+                    for i, ids in enumerate(request["prompt"])
+                ]
+                self._send(200, {"object": "text_completion", "choices": choices})
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length))
+                if standin.dead:
+                    self.close_connection = True
+                    return
+                if self.path == "/v1/completions":
+                    self._score(request)
+                    return
                 prompt = request["messages"][-1]["content"]
                 if standin.dead:
                     self.close_connection = True
@@ -167,7 +198,8 @@ class StandIn:
         self.stop()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        with self.lock:  # a dying `_score` stops it from a handler thread too
+            server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -254,3 +254,29 @@ def test_the_cached_models_build_from_the_bench_context(tmp_path):
         assert (model / "config.json").exists() and (model / "tokenizer.json").exists()
     assert json.loads((chaotic / "config.json").read_text())["initializer_range"] == 0.3
     assert ctx.chaotic_model() == chaotic  # cached: built once
+
+
+def test_training_figure_can_take_each_step_at_its_lowest_cpu_time():
+    from bench.train import fastest_steps_seconds
+
+    a = {"real_tokens": 300, "step_seconds": [1.0, 3.0], "step_cpu_seconds": [0.8, 0.9]}
+    b = {"real_tokens": 300, "step_seconds": [2.0, 1.0], "step_cpu_seconds": [0.7, 1.0]}
+    assert fastest_steps_seconds([a, b]) == pytest.approx(2.0)
+    assert fastest_steps_seconds([a, b], "step_cpu_seconds") == pytest.approx(1.6)
+
+
+def test_client_cpu_per_answer_subtracts_each_clients_short_run(tmp_path, monkeypatch):
+    from bench import generate_streaming as gs
+    from bench.context import Context
+
+    def window(cpu: float) -> gs.Window:
+        return gs.Window(10, 100, 1.0, 0.5, 1.0, 0.0, 0, cpu)
+
+    monkeypatch.setattr(gs, "openkd_run", lambda *a, **k: window(1.5))
+    monkeypatch.setattr(gs, "baseline_run", lambda *a, **k: window(0.5))
+    ctx = Context(tmp_path, {})
+    monkeypatch.setattr(ctx, "prompts", lambda n: tmp_path / f"prompts-{n}.jsonl")
+    row = gs.cpu_row(ctx, None, "uniform", 256, window(1.5 + 2.016), window(0.5 + 1.68))
+    # (whole run - short run) / the answers between them, per 1,000
+    assert row.openkd == pytest.approx(1.0) and row.baseline == pytest.approx(1680 / 2016)
+    assert row.ratio == pytest.approx(1.2) and row.passed is False

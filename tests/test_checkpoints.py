@@ -131,6 +131,22 @@ def test_resume_message_names_checkpoint_and_step(
     assert f"resuming from {full_run / 'checkpoint-4'} at step 4 of 4" in err
 
 
+def test_resume_message_gives_this_runs_length_not_the_checkpoints(
+    full_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """full_run stopped at --max-steps 4; a rerun asked for 10 trains to 10 and says so."""
+    ckpt = full_run / "checkpoint-4"
+    find_resume_checkpoint(full_run, "auto", max_steps=10)
+    find_resume_checkpoint(full_run, str(ckpt), max_steps=10)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count(f"resuming from {ckpt} at step 4 of 10") == 2
+    assert "of 4" not in err
+    # Epoch mode: the total is known only when the epochs are the checkpoint's.
+    find_resume_checkpoint(full_run, "auto", epochs=3.0)
+    assert "resuming from" in (err := " ".join(capsys.readouterr().err.split()))
+    assert " of " not in err.split("resuming from", 1)[1]
+
+
 @pytest.mark.parametrize("kind", list(TEARS))
 def test_torn_newest_checkpoint_is_skipped_with_reason(
     kind: str, run_copy: Path, capsys: pytest.CaptureFixture

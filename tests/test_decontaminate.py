@@ -11,6 +11,7 @@ import yaml
 
 from openkd.decontaminate.ngrams import NgramIndex, words
 from tests.conftest import read_jsonl, run_cli, write_jsonl
+from tests.helpers import error_line, invoke
 
 PROBLEMS = [
     "Let $f(x) = 3x^2 + 2x - 7$. Find the sum of all real values of $x$ such that $f(x) = 0$.",
@@ -42,7 +43,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 
 def _run(files: dict[str, Path], *extra: str | Path):
-    return run_cli(
+    return invoke(
         "decontaminate", "--dataset", files["data"], "--benchmark", files["bench"],
         "--output", files["out"], *extra,
     )  # fmt: skip
@@ -99,7 +100,7 @@ def test_several_benchmarks_columns_and_yaml(files, tmp_path):
             }
         )
     )
-    proc = run_cli("decontaminate", "--config", config, "--ngram-size", "3")  # the flag wins
+    proc = invoke("decontaminate", "--config", config, "--ngram-size", "3")  # the flag wins
     assert proc.returncode == 0, proc.stderr
     dropped = read_jsonl(files["out"].with_name("clean.contaminated.jsonl"))
     assert [(d["row"]["id"], d["benchmark"]) for d in dropped] == [
@@ -109,7 +110,7 @@ def test_several_benchmarks_columns_and_yaml(files, tmp_path):
         ("unrelated", "other"),
         ("short", str(files["bench"])),
     ]
-    dry = run_cli("decontaminate", "--config", config, "--dry-run")
+    dry = invoke("decontaminate", "--config", config, "--dry-run")
     resolved = yaml.safe_load(dry.stdout)["decontaminate"]
     assert resolved["benchmark"][0] == {
         "source": str(files["bench"]), "columns": ["problem"], "split": None, "subset": None,
@@ -123,7 +124,7 @@ def test_prompt_template_is_what_gets_checked(files, tmp_path):
         tmp_path / "q.jsonl",
         [{"q": "How many positive divisors", "rest": "does the number 2024 have?"}, {"q": "hi"}],
     )
-    proc = run_cli(
+    proc = invoke(
         "decontaminate", "--dataset", data, "--benchmark", files["bench"],
         "--prompt-template", "{{ q }} {{ rest | default('') }}", "--output", files["out"],
     )  # fmt: skip
@@ -133,7 +134,7 @@ def test_prompt_template_is_what_gets_checked(files, tmp_path):
 
 def test_rows_without_prompt_text_are_kept_and_counted(files, tmp_path):
     data = write_jsonl(tmp_path / "n.jsonl", [{"prompt": None}, {"prompt": PROBLEMS[1]}])
-    proc = run_cli(
+    proc = invoke(
         "decontaminate", "--dataset", data, "--benchmark", files["bench"], "--output", files["out"]
     )
     assert proc.returncode == 0, proc.stderr
@@ -194,9 +195,9 @@ def test_bad_input_is_one_line_with_the_fix(files, tmp_path, case):
     names = {"other": files["other"], "tmp": tmp_path, "bench": files["bench"]}
     proc = _run(files, *[e.format(**names) for e in extra])
     assert proc.returncode == code, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Generating" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert re.search(message, lines[0]), lines[0]
+    lines = [ln for ln in proc.stderr.splitlines() if "Generating" not in ln]
+    line = error_line("\n".join(lines), only=True)  # datasets' progress lines aside
+    assert re.search(message, line), line
     assert not files["out"].exists()
 
 

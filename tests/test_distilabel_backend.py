@@ -17,11 +17,12 @@ import pytest
 
 from openkd.config import resolve
 from openkd.errors import OpenkdError
-from openkd.generate.backends.mock import reverse_words
 from openkd.generate.config import GenerateConfig
 from openkd.generate.run import run
 from openkd.tiny import make_prompts
+from openkd.tiny.tasks import reverse_words
 from tests.conftest import read_jsonl, run_cli, write_jsonl
+from tests.helpers import error_line
 
 SECRET = "sk-secret-distilabel"
 
@@ -260,5 +261,5 @@ def test_unusable_llm_class_is_one_line_error(tmp_path, llm_class, message):
         "--dataset", dataset, "--output", tmp_path / "t.jsonl",
     )  # fmt: skip
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
+    last = error_line(proc.stderr)
     assert last.startswith("error: --llm-class") and re.search(message, last), proc.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_jsonl, run_cli, write_jsonl
+from tests.helpers import invoke, watch_model_loads
 
 N_PROMPTS = 24
 MAX_NEW = 12
@@ -28,7 +29,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
         root / "prompts.jsonl", [{"prompt": p} for p in make_prompts(N_PROMPTS, seed=3)]
     )
     out = root / "teacher.jsonl"
-    proc = run_cli(
+    proc = invoke(
         "generate",
         "--backend", "transformers",
         "--teacher", tiny_model,
@@ -57,7 +58,7 @@ def evaluated(tmp_path_factory, tiny_model, labelled):
         "--concurrency", 16,
         "--output-dir", out_dir,
     )  # fmt: skip
-    proc = run_cli(*args)
+    proc = invoke(*args)
     assert proc.returncode == 0, proc.stderr
     return args, out_dir, proc
 
@@ -107,14 +108,14 @@ def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
     report = out_dir / "report.json"
     before = report.read_text()
     mtime = report.stat().st_mtime_ns
-    proc = run_cli(*args)
+    proc = invoke(*args)
     assert proc.returncode == 0, proc.stderr
     assert "reusing" in proc.stderr
     assert "student answering" not in proc.stderr
     assert report.stat().st_mtime_ns == mtime and report.read_text() == before
     assert proc.stdout.strip() == str(report)
 
-    proc = run_cli(*args, "--overwrite", "--no-nll", "--max-samples", 4)
+    proc = invoke(*args, "--overwrite", "--no-nll", "--max-samples", 4)
     assert proc.returncode == 0, proc.stderr
     fresh = json.loads(report.read_text())
     assert fresh["rows"] + fresh["rows_without_reference"] == 4
@@ -125,8 +126,8 @@ def test_rerun_reuses_the_report_and_overwrite_recomputes(evaluated):
 def test_live_teacher_and_gold_answers(tmp_path, tiny_model):
     """--teacher answers live (the mock teacher reversing words) on a set with gold answers;
     the untrained student agrees with none of its answers."""
-    from openkd.generate.backends.mock import reverse_words
     from openkd.tiny import make_prompts
+    from openkd.tiny.tasks import reverse_words
 
     prompts = make_prompts(6, seed=4)
     gold = [reverse_words(p) for p in prompts[:5]] + ["wrong"]
@@ -134,7 +135,7 @@ def test_live_teacher_and_gold_answers(tmp_path, tiny_model):
         tmp_path / "p.jsonl",
         [{"prompt": p, "answer": g} for p, g in zip(prompts, gold, strict=True)],
     )
-    proc = run_cli(
+    proc = invoke(
         "eval",
         "--student", tiny_model,
         "--dataset", data,
@@ -162,7 +163,7 @@ def test_live_teacher_and_gold_answers(tmp_path, tiny_model):
 def test_missing_reference_column_is_a_one_line_error(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "hello"}])
     out_dir = tmp_path / "out"
-    proc = run_cli(
+    proc = invoke(
         "eval", "--student", tiny_model, "--dataset", data, "--output-dir", out_dir,
         "--backend", "transformers",
     )  # fmt: skip
@@ -183,16 +184,20 @@ def test_missing_reference_column_is_a_one_line_error(tmp_path, tiny_model):
         ({"prompt_column": "question"}, "no column 'question'"),
     ],
 )
-def test_bad_input_fails_before_loading_a_model(tmp_path, tiny_model, values, expected):
+def test_bad_input_fails_before_loading_a_model(
+    tmp_path, tiny_model, values, expected, monkeypatch
+):
     from openkd.errors import OpenkdError
     from openkd.eval.config import EvalConfig
     from openkd.eval.run import run
 
+    loads = watch_model_loads(monkeypatch)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "hello"}])
     settings = {"student": str(tiny_model), "dataset": str(data), "backend": "transformers"}
     cfg = EvalConfig(**{**settings, "output_dir": tmp_path / "out", **values})
     with pytest.raises(OpenkdError, match=expected):
         run(cfg)
+    assert loads == [], "a model was loaded before the bad input was found"
     assert not (tmp_path / "out" / "report.json").exists()
 
 
@@ -252,7 +257,7 @@ def test_rows_without_reference_or_nll_room_are_counted_not_scored(tmp_path, tin
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out_dir = tmp_path / "out"
-    proc = run_cli(
+    proc = invoke(
         "eval", "--student", tiny_model, "--dataset", data, "--backend", "transformers",
         "--max-new-tokens", 4, "--nll-max-length", 40, "--output-dir", out_dir,
     )  # fmt: skip
@@ -280,7 +285,7 @@ def test_every_reference_empty_is_a_one_line_error(tmp_path, tiny_model):
     rows = [{"prompt": f"p{i}", "completion": None} for i in range(3)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out_dir = tmp_path / "out"
-    proc = run_cli(
+    proc = invoke(
         "eval", "--student", tiny_model, "--dataset", data, "--output-dir", out_dir,
         "--backend", "transformers",
     )  # fmt: skip

@@ -401,7 +401,7 @@ def test_tiny_model_end_to_end_with_base(tmp_path, tiny_model):
     ]
     data = write_jsonl(tmp_path / "data" / "bench.jsonl", rows)
     out = tmp_path / "out"
-    proc = run_cli(
+    proc = invoke(
         "eval", "--student", tiny_model, "--base", tiny_model, "--backend", "transformers",
         "--dataset", data, "--prompt-column", "problem", "--max-new-tokens", 6,
         "--output-dir", out,

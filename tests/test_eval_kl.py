@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
 
 from openkd.data.jsonl import iter_jsonl
 from openkd.data.logprobs import SidecarReader
 from openkd.eval.kl import teacher_student_kl
-from tests.soft_helpers import write_teacher_logprobs
+from tests.soft_helpers import sharper_copy, write_teacher_logprobs
 from tests.train_resume_helpers import write_reverse_dataset
-
-
-def sharper_copy(model_dir: Path, out: Path, factor: float) -> Path:
-    """The same tokenizer, weights scaled: a more confident 'teacher'."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model_dir, out)
-    weights = load_file(out / "model.safetensors")
-    save_file({k: v * factor for k, v in weights.items()}, out / "model.safetensors")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +24,8 @@ def held_out(tiny_model, tmp_path_factory):
 
 def naive(model, tokenizer, rows, reader):
     """Per row, full logits of the whole sequence, probability space, float64."""
+    import torch
+
     kl_sum, agree, positions = 0.0, 0, 0
     for row in rows:
         stored = reader.get(row["id"])

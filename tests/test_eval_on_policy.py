@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_eval_kl import sharper_copy
-from tests.test_train import error_line, in_process
-from tests.test_train_soft import _swap_two_tokens
+from tests.helpers import error_line, invoke
+from tests.soft_helpers import sharper_copy, swap_two_tokens
 from tests.train_resume_helpers import write_reverse_dataset
 
 
@@ -28,7 +27,7 @@ def _load(path: Path):
 def test_reverse_kl_sum_is_exact_over_the_vocabulary(tiny_model: Path, teacher: Path) -> None:
     import torch
 
-    from openkd.train.onpolicy.divergence import reverse_kl_sum
+    from openkd.distill.divergence import reverse_kl_sum
 
     student, teach = _load(tiny_model), _load(teacher)
     torch.manual_seed(0)
@@ -66,12 +65,11 @@ def test_a_model_scored_against_itself_has_zero_reverse_kl(tiny_model: Path, tea
 
 @pytest.mark.slow
 def test_eval_reports_the_on_policy_reverse_kl(
-    tiny_model: Path, teacher: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_model: Path, teacher: Path, tmp_path: Path
 ) -> None:
     data = write_reverse_dataset(tmp_path / "t.eval.jsonl", rows=6)
     out = tmp_path / "eval"
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "eval", "--student", tiny_model, "--base", teacher, "--dataset", data,
         "--backend", "transformers", "--max-new-tokens", "8", "--no-nll",
         "--on-policy-teacher", teacher, "--on-policy-samples", "2", "--output-dir", out,
@@ -85,13 +83,10 @@ def test_eval_reports_the_on_policy_reverse_kl(
     assert "reverse KL to teacher, own samples" in " ".join(err.split())
 
 
-def test_eval_refuses_a_teacher_with_another_vocabulary(
-    tiny_model: Path, tmp_path: Path, monkeypatch, capsys
-) -> None:
+def test_eval_refuses_a_teacher_with_another_vocabulary(tiny_model: Path, tmp_path: Path) -> None:
     data = write_reverse_dataset(tmp_path / "t.eval.jsonl", rows=3)
-    other = _swap_two_tokens(tiny_model, tmp_path / "other")
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    other = swap_two_tokens(tiny_model, tmp_path / "other")
+    code, _, err = invoke(
         "eval", "--student", tiny_model, "--dataset", data, "--backend", "transformers",
         "--max-new-tokens", "4", "--no-nll", "--on-policy-teacher", other,
         "--output-dir", tmp_path / "eval",

@@ -27,12 +27,13 @@ def test_first_stop():
 @pytest.fixture(scope="module")
 def backend(tiny_model):
     from openkd.generate.backends import make_backend
+    from openkd.generate.backends.spec import teacher_spec
     from openkd.generate.config import GenerateConfig
 
     cfg = GenerateConfig(
         teacher=str(tiny_model), dataset="unused", backend="transformers", max_model_len=40
     )
-    with make_backend(cfg) as b:
+    with make_backend(teacher_spec(cfg)) as b:
         yield b
 
 

@@ -21,7 +21,7 @@ from openkd.data.logprobs import SidecarReader, SidecarWriter
 from openkd.export import codec
 from openkd.export.imports import import_sets
 from tests.conftest import read_jsonl, write_jsonl
-from tests.helpers import invoke
+from tests.helpers import error_line, invoke
 
 K = 4
 FORMATS = ("parquet", "axolotl-kd", "distillkit")
@@ -74,12 +74,6 @@ def hand_made(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 def export(source: Path, fmt: str, out: Path, *extra: str):
     return invoke("export", "--input", source, "--format", fmt, "--output", out, *extra)
-
-
-def error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
-    return lines[-1]
 
 
 def provenance(path: Path) -> dict:
@@ -361,14 +355,11 @@ def test_a_distillkit_set_without_its_config_is_refused_by_train_import(labels, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["axolotl-kd", "distillkit"])
-def test_train_soft_from_an_exported_set(fmt, labels, tiny_model, tmp_path, monkeypatch, capsys):
-    from tests.test_train import in_process
-
+def test_train_soft_from_an_exported_set(fmt, labels, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / fmt
     assert export(labels, fmt, out).returncode == 0
     monkeypatch.setenv("OPENKD_CACHE", str(tmp_path / "cache"))
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", tiny_model, "--dataset", labels, "--logprobs", out,
         "--output-dir", tmp_path / "student", "--loss", "soft", "--max-steps", "2",
         "--batch-size", "4", "--save-steps", "2", "--eval-fraction", "0",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, write_jsonl
-from tests.test_generate_mock import invoke
+from tests.helpers import error_line, invoke, watch_model_loads
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -68,40 +68,41 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, case):
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, case, monkeypatch):
     make, extra, message = CASES[case]
+    monkeypatch.chdir(tmp_path)
     dataset = make(tmp_path)
     out = tmp_path / "out" / "t.jsonl"
     args = ["--backend", "mock", "--dataset", dataset, "--output", out]
     if "--teacher" not in extra:
         args += ["--teacher", "mock-teacher"]
-    proc = run_cli("generate", *args, *extra, cwd=tmp_path)
+    proc = invoke("generate", *args, *extra)
     assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr
+    last = error_line(proc.stderr)
     assert re.search(message, last), last
     assert "labelling" not in proc.stderr  # stopped before any teacher work
     assert not out.exists()
 
 
-def test_output_in_an_unwritable_place_is_refused_before_loading(tmp_path):
+def test_output_in_an_unwritable_place_is_refused_before_loading(tmp_path, monkeypatch):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
-    proc = run_cli(
+    loads = watch_model_loads(monkeypatch)
+    proc = invoke(
         "generate", "--backend", "mock", "--teacher", "t", "--dataset", dataset,
         "--output", blocker / "t.jsonl",
     )  # fmt: skip
     assert proc.returncode == 1
-    assert (
-        "is not writable" in proc.stderr
-        and "pass another --output in a directory you can write to" in proc.stderr
-    )
+    line = error_line(proc.stderr)
+    assert "is not writable" in line and "pass another --output in a directory you can" in line
+    assert loads == [], "the teacher was set up before the output was checked"
+    assert blocker.read_text() == "not a directory"
 
 
 def test_malformed_shard_is_a_config_error(tmp_path):
     dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
-    proc = run_cli(
+    proc = invoke(
         "generate", "--backend", "mock", "--teacher", "t", "--dataset", dataset,
         "--output", tmp_path / "t.jsonl", "--shard", "3/2",
     )  # fmt: skip

@@ -21,8 +21,8 @@ import pytest
 from openkd.data.logprobs import SidecarReader
 from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
+from tests.helpers import invoke
 from tests.standin_openai import StandIn
-from tests.test_generate_mock import invoke
 
 
 def mock_args(teacher: Path, dataset: Path, out: Path, *extra: str) -> list[str]:

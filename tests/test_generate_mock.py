@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from openkd.generate.backends.mock import reverse_words
 from openkd.generate.source import in_eval_split
 from openkd.tiny import make_prompts
+from openkd.tiny.tasks import reverse_words
 from tests.conftest import read_jsonl, write_jsonl
-from tests.helpers import invoke
-
-TEACHER = "mock-teacher"
-
-
-def generate(dataset: Path, output: Path, *args: str, env: dict | None = None):
-    return invoke(
-        "generate", "--backend", "mock", "--teacher", TEACHER, "--dataset", dataset,
-        "--output", output, *args, env=env,
-    )  # fmt: skip
+from tests.generate_helpers import TEACHER, generate
+from tests.helpers import error_line, invoke
 
 
 def ids(path: Path) -> list[str]:
@@ -124,8 +116,8 @@ def test_failures_go_to_the_failed_file_and_a_rerun_clears_them(prompts_file, tm
 
     proc = generate(prompts_file, out, "--mock-fail", "tiger", "--concurrency", "7")
     assert proc.returncode == 1
-    error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: ") and f"{expected_failures} of 50 prompts failed" in error
+    error = error_line(proc.stderr)
+    assert f"{expected_failures} of 50 prompts failed" in error
     assert "rerun the same command to retry them" in error
     failures = read_jsonl(failed)
     assert len(failures) == expected_failures

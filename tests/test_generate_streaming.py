@@ -21,8 +21,9 @@ import pytest
 
 from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
+from tests.generate_helpers import generate
+from tests.helpers import error_line, invoke
 from tests.standin_openai import StandIn
-from tests.test_generate_mock import generate, invoke
 
 
 def heavy_tail(prompt: str) -> float:
@@ -136,7 +137,7 @@ def test_a_dead_teacher_stops_the_run_keeps_its_work_and_a_rerun_completes(stand
     _, stderr = proc.communicate(timeout=120)
     assert time.monotonic() - t0 < 30, "the run should stop soon after the teacher died"
     assert proc.returncode == 1, stderr
-    last = stderr.strip().splitlines()[-1]
+    last = error_line(stderr)
     assert last.startswith("error: the teacher server at ") and "stopped answering" in last
     assert "rerun the same command to continue" in last
     kept = prompts_of(out)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from openkd.generate.backends.mock import sum_numbers
 from openkd.tiny import make_prompts
+from openkd.tiny.tasks import sum_numbers
 from tests.conftest import read_jsonl, write_jsonl
-from tests.test_generate_mock import invoke
+from tests.helpers import error_line, invoke
 
 
 def sums(tmp_path: Path, n: int = 60) -> tuple[Path, list[str]]:
@@ -186,6 +186,6 @@ def test_bad_verification_input_is_one_line_before_the_teacher(
     proc = generate(dataset, out, *extra)
     assert proc.returncode == code, proc.stderr
     if message:
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and re.search(message, last), last
+        last = error_line(proc.stderr)
+        assert re.search(message, last), last
         assert "teacher:" not in proc.stderr and not out.exists()

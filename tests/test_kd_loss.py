@@ -11,22 +11,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
-from openkd.train.kd import (
-    LogitTransform,
-    chunk_positions,
-    chunked_kd_loss,
-    kd_terms,
-    student_log_buckets,
-    teacher_log_buckets,
-)
 
 V, H, K, N = 50, 12, 5, 23
 
 
 def naive_loss(hidden, weight, bias, labels, top_ids, top_lp, has, alpha, temperature, cap=None):
     """Sum over positions of alpha*CE + (1-alpha)*T^2*KL(P_T || Q_T), CE alone without teacher."""
+    import torch
+
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -51,6 +43,8 @@ def naive_loss(hidden, weight, bias, labels, top_ids, top_lp, has, alpha, temper
 
 
 def case(seed: int = 0, bias: bool = True, sharp: float = 3.0):
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
@@ -73,6 +67,10 @@ def grads_of(fn, *tensors):
     "alpha,temperature", [(1.0, 1.0), (0.0, 1.0), (0.5, 1.0), (0.0, 2.0), (0.3, 0.7)]
 )
 def test_loss_and_gradients_match_the_naive_reference(alpha, temperature):
+    import torch
+
+    from openkd.distill.kd import chunked_kd_loss
+
     hidden, weight, bias, labels, top_ids, top_lp, has = case()
 
     def ours(h, w, b):
@@ -91,6 +89,10 @@ def test_loss_and_gradients_match_the_naive_reference(alpha, temperature):
 
 
 def test_chunks_give_the_unchunked_value_and_gradients_in_float32():
+    import torch
+
+    from openkd.distill.kd import chunked_kd_loss
+
     hidden, weight, bias, labels, top_ids, top_lp, has = (
         t.float() if t is not None and t.is_floating_point() else t for t in case(seed=3)
     )
@@ -118,6 +120,10 @@ def test_chunks_give_the_unchunked_value_and_gradients_in_float32():
 def test_rest_bucket_is_matched_and_the_top_k_is_not_renormalised():
     """Teacher top-2 = 0.5, 0.2 (rest 0.3). A student with the same buckets has KL 0, however
     it spreads its rest; one that renormalised the top-2 (0.714, 0.286) does not."""
+    import torch
+
+    from openkd.distill.kd import kd_terms
+
     teacher = torch.tensor([[math.log(0.5), math.log(0.2)]], dtype=torch.float64)
     top_ids = torch.tensor([[0, 1]])
 
@@ -140,6 +146,10 @@ def test_rest_bucket_is_matched_and_the_top_k_is_not_renormalised():
 
 
 def test_temperature_softens_both_sides_the_same_way():
+    import torch
+
+    from openkd.distill.kd import student_log_buckets, teacher_log_buckets
+
     teacher = torch.log(torch.tensor([[0.6, 0.3]], dtype=torch.float64))  # rest 0.1
     log_p = teacher_log_buckets(teacher, 2.0)
     raw = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64).sqrt()
@@ -152,6 +162,10 @@ def test_temperature_softens_both_sides_the_same_way():
 
 
 def test_sums_and_agreement_and_positions_without_teacher():
+    import torch
+
+    from openkd.distill.kd import chunked_kd_loss, kd_terms
+
     hidden, weight, bias, labels, top_ids, top_lp, has = case(seed=5)
     with torch.no_grad():
         sums = chunked_kd_loss(
@@ -171,6 +185,10 @@ def test_sums_and_agreement_and_positions_without_teacher():
 
 
 def test_softcap_transform_and_bad_teacher_values_are_handled():
+    import torch
+
+    from openkd.distill.kd import LogitTransform, chunked_kd_loss
+
     hidden, weight, bias, labels, top_ids, top_lp, has = case(seed=7)
     top_lp = top_lp.clone()
     top_lp[0, -1] = float("-inf")  # a teacher that gave a token zero probability
@@ -185,15 +203,18 @@ def test_softcap_transform_and_bad_teacher_values_are_handled():
 
 
 def test_chunk_size_keeps_a_chunk_of_logits_bounded():
+    from openkd.distill.kd import chunk_positions
+
     assert chunk_positions(151_936) == (1 << 25) // 151_936
     assert chunk_positions(10**9) == 1
 
 
 def test_kd_head_on_a_model_matches_full_logits_in_value_and_weight_gradients(tiny_model):
     """The patched forward (backbone + chunked LM head) against the model's own full logits."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from openkd.train.kd import add_kd_head
+    from openkd.distill.kd import add_kd_head, kd_terms
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)

@@ -12,7 +12,7 @@ import pytest
 from openkd.errors import OpenkdError
 from openkd.tiny import build_tiny_model
 from openkd.tiny.model import MARKER
-from tests.test_train import error_line, in_process
+from tests.helpers import Outcome, error_line, invoke
 
 BAD = ["nan", "inf", "-1", "0", str(10**12)]
 INTS = [
@@ -25,8 +25,8 @@ INTS = [
 ]
 
 
-def make_tiny(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    return in_process(monkeypatch, capsys, "make-tiny", *args)
+def make_tiny(*args) -> Outcome:
+    return invoke("make-tiny", *args)
 
 
 def listing(path: Path) -> dict[str, int]:
@@ -35,11 +35,11 @@ def listing(path: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("value", BAD)
 @pytest.mark.parametrize("flag", [*INTS, "--seed", "--weights-seed", "--init-std"])
-def test_numeric_options_are_bounded(flag, value, tmp_path, monkeypatch, capsys):
+def test_numeric_options_are_bounded(flag, value, tmp_path):
     # DIR is a file: a value that passes the checks ends at "is a file", before any build.
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    code, stdout, err = make_tiny(monkeypatch, capsys, blocker, flag, value)
+    code, stdout, err = make_tiny(blocker, flag, value)
     assert code == 2 and stdout == "" and "Traceback" not in err
     if value in ("nan", "inf") and flag != "--init-std":
         assert f"Invalid value for '{flag}'" in err  # not an integer: the parser says so
@@ -54,7 +54,7 @@ def test_numeric_options_are_bounded(flag, value, tmp_path, monkeypatch, capsys)
         assert line.startswith(f"error: {flag} {value}: must be between"), line
 
 
-def test_head_layout_and_size_limits(tmp_path, monkeypatch, capsys):
+def test_head_layout_and_size_limits(tmp_path):
     for args, expected in [
         (["--hidden-size", "96", "--heads", "5"], "must divide by --heads into an even head size"),
         (["--hidden-size", "6", "--heads", "2"], "must divide by --heads into an even head size"),
@@ -62,12 +62,12 @@ def test_head_layout_and_size_limits(tmp_path, monkeypatch, capsys):
         (["--task", "sum", "--num-prompts", "600000"], "--num-prompts 600000: must be between"),
         (["--task", "copy"], "--task copy: use reverse or sum"),
     ]:
-        code, _, err = make_tiny(monkeypatch, capsys, tmp_path / "m", *args)
+        code, _, err = make_tiny(tmp_path / "m", *args)
         assert code == 2 and expected in error_line(err), error_line(err)
     assert not (tmp_path / "m").exists()
 
 
-def test_output_paths_are_checked_before_anything_is_written(tmp_path, monkeypatch, capsys):
+def test_output_paths_are_checked_before_anything_is_written(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
     for args, expected in [
@@ -78,49 +78,47 @@ def test_output_paths_are_checked_before_anything_is_written(tmp_path, monkeypat
         ([tmp_path / "m", "--prompts", tmp_path / "m" / "p.jsonl"], "lies inside the model"),
         ([tmp_path / "m", "--prompts", tmp_path / "file"], "--prompts"),
     ]:
-        code, _, err = make_tiny(monkeypatch, capsys, *args)
+        code, _, err = make_tiny(*args)
         assert code == 2 and expected in error_line(err), error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
 
 
-def test_a_directory_make_tiny_did_not_write_is_never_replaced(
-    tiny_model, tmp_path, monkeypatch, capsys
-):
+def test_a_directory_make_tiny_did_not_write_is_never_replaced(tiny_model, tmp_path):
     student = Path(shutil.copytree(tiny_model, tmp_path / "student"))
     (student / MARKER).unlink()
     (student / "openkd_run.json").write_text('{"status": "complete"}')
     before = listing(student)
     for flags in ([], ["--overwrite"]):
-        code, _, err = make_tiny(monkeypatch, capsys, student, *flags)
+        code, _, err = make_tiny(student, *flags)
         line = error_line(err)
         assert code == 1 and "a trained student: it has openkd_run.json" in line, line
         assert f"make-tiny did not write it (no {MARKER}); choose another directory" in line
     # make-tiny's own model with someone's files added is not replaced either
     made = Path(shutil.copytree(tiny_model, tmp_path / "made"))
     (made / "checkpoint-2").mkdir()
-    code, _, err = make_tiny(monkeypatch, capsys, made, "--overwrite")
+    code, _, err = make_tiny(made, "--overwrite")
     assert code == 1 and "and also checkpoint-2 (not make-tiny's)" in error_line(err)
     assert listing(student) == before and (made / "checkpoint-2").is_dir()
     with pytest.raises(OpenkdError, match="is not empty"):
         build_tiny_model(student)
 
 
-def test_a_tiny_model_is_replaced_only_with_overwrite(tiny_model, tmp_path, monkeypatch, capsys):
+def test_a_tiny_model_is_replaced_only_with_overwrite(tiny_model, tmp_path):
     model = Path(shutil.copytree(tiny_model, tmp_path / "m"))
     before = listing(model)
-    code, _, err = make_tiny(monkeypatch, capsys, model)
+    code, _, err = make_tiny(model)
     assert code == 1 and "already holds a tiny model" in error_line(err)
     assert "pass --overwrite to replace it" in error_line(err)
     assert listing(model) == before
 
 
-def test_overwrite_replaces_a_tiny_model_and_its_prompts(tiny_model, tmp_path, monkeypatch, capsys):
+def test_overwrite_replaces_a_tiny_model_and_its_prompts(tiny_model, tmp_path):
     model = Path(shutil.copytree(tiny_model, tmp_path / "m"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Reverse the words: a b c"}\n')
     old = (model / "model.safetensors").read_bytes()
     code, stdout, err = make_tiny(
-        monkeypatch, capsys, model, "--overwrite", "--weights-seed", "1",
+        model, "--overwrite", "--weights-seed", "1",
         "--prompts", prompts, "--num-prompts", "7",
     )  # fmt: skip
     assert code == 0, err[-2000:]

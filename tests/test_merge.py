@@ -9,7 +9,7 @@ import pytest
 
 from openkd.tiny import make_prompts
 from tests.conftest import read_jsonl, write_jsonl
-from tests.test_generate_mock import invoke
+from tests.helpers import error_line, invoke
 
 
 def _generate(dataset: Path, output: Path, *args: str):
@@ -87,10 +87,8 @@ def test_duplicate_ids_are_rejected_naming_both_files(run_and_shards, tmp_path):
 
 def _error(proc) -> str:
     """The one-line error a refused merge ends with (no traceback)."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[-1].startswith("error: "), proc.stderr
-    return lines[-1]
+    assert proc.returncode == 1, proc.stderr
+    return error_line(proc.stderr)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

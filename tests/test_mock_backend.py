@@ -8,12 +8,13 @@ from openkd.config import resolve
 from openkd.errors import OpenkdError
 from openkd.generate.backends import make_backend
 from openkd.generate.backends.base import Sampling, answer_in_order
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
 
 
 def _backend(**extra):
     values = {"backend": "mock", "teacher": "mock-teacher", "dataset": "d", **extra}
-    return make_backend(resolve(GenerateConfig, None, values))
+    return make_backend(teacher_spec(resolve(GenerateConfig, None, values)))
 
 
 def _user(text: str) -> list[dict]:

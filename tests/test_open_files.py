@@ -88,11 +88,12 @@ EXHAUSTED = textwrap.dedent(
     from openkd.errors import OpenkdError
     from openkd.generate.backends.base import Sampling, TeacherUnavailable, answer_in_order
     from openkd.generate.backends.openai import OpenAIBackend
+    from openkd.generate.backends.spec import teacher_spec
     from openkd.generate.config import GenerateConfig
 
     cfg = GenerateConfig(teacher="teacher", dataset="d.jsonl", backend="openai",
                          base_url=sys.argv[1], max_retries=2, concurrency=8)
-    backend = OpenAIBackend(cfg)
+    backend = OpenAIBackend(teacher_spec(cfg))
     backend.retry_base_delay = 0.001
     conversation = [{"role": "user", "content": "Reverse the words: a b"}]
     with backend:

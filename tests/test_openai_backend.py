@@ -11,6 +11,7 @@ import pytest
 from openkd.errors import ConfigError, OpenkdError
 from openkd.generate.backends.base import FINISH_ERROR, Request, Sampling, answer_in_order
 from openkd.generate.backends.openai import OpenAIBackend
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
 from tests.standin_openai import StandIn, completion
 
@@ -35,7 +36,7 @@ def make_backend(base_url: str, **overrides) -> OpenAIBackend:
         "max_new_tokens": 16,
         **overrides,
     }
-    backend = OpenAIBackend(GenerateConfig(**settings))
+    backend = OpenAIBackend(teacher_spec(GenerateConfig(**settings)))
     backend.retry_base_delay = 0.001  # keep the schedule's shape, not its seconds
     return backend
 
@@ -248,10 +249,12 @@ def test_sampled_top_k_drops_a_sampled_token_ranked_below_k(standin: StandIn) ->
 
 
 def test_a_served_engine_allows_the_extra_log_probability_when_sampling() -> None:
-    from openkd.generate.vllm.engine import engine_options
+    from openkd.generate.vllm.options import engine_options
 
     def options(**overrides) -> dict:
-        return engine_options(GenerateConfig(teacher="t", dataset="d.jsonl", **overrides))
+        return engine_options(
+            teacher_spec(GenerateConfig(teacher="t", dataset="d.jsonl", **overrides))
+        )
 
     assert "max_logprobs" not in options(logprobs=20)  # vLLM's default limit is 20
     assert options(logprobs=20, temperature=0.7)["max_logprobs"] == 21

@@ -9,6 +9,7 @@ import pytest
 
 from openkd.generate.vllm.server import free_port
 from tests.conftest import read_jsonl, run_cli, write_jsonl
+from tests.helpers import error_line
 from tests.standin_openai import StandIn, completion
 
 
@@ -33,10 +34,6 @@ def generate(base_url: str, prompts: Path, out: Path, *extra: str, env: dict | N
     )  # fmt: skip
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
 def test_labels_through_the_endpoint(standin: StandIn, prompts: Path, tmp_path: Path) -> None:
     standin.echo = True
     standin.script = [completion(finish_reason="stop", prompt_tokens=9, completion_tokens=4)]
@@ -58,7 +55,7 @@ def test_unreachable_endpoint_exits_nonzero_without_output(prompts: Path, tmp_pa
     out = tmp_path / "labels.jsonl"
     result = generate(url, prompts, out)
     assert result.returncode == 1
-    [line] = error_lines(result.stderr)
+    line = error_line(result.stderr)
     assert line.startswith(f"error: cannot reach teacher server at {url}: Connection error.")
     assert "or pass --serve" in line
     assert not out.exists()
@@ -69,7 +66,7 @@ def test_teacher_name_not_served(standin: StandIn, prompts: Path, tmp_path: Path
     out = tmp_path / "labels.jsonl"
     result = generate(standin.base_url, prompts, out)
     assert result.returncode == 1
-    [line] = error_lines(result.stderr)
+    line = error_line(result.stderr)
     assert line == (
         f"error: teacher 'teacher' is not served at {standin.base_url}; it serves: "
         "Qwen/Qwen2.5-0.5B-Instruct; pass one of them as --teacher (or start the server "

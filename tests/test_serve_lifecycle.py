@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from openkd.errors import ConfigError, OpenkdError
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
 from openkd.generate.vllm.server import (
     ManagedServer,
@@ -25,7 +26,6 @@ from openkd.generate.vllm.server import (
     free_port,
     group_members,
     last_meaningful_line,
-    server_log_path,
     vllm_server_command,
 )
 
@@ -211,7 +211,7 @@ def test_vllm_command_carries_every_engine_setting(tmp_path: Path) -> None:
         seed=7,
         serve_args=["--kv-cache-dtype fp8", "--max-model-len=4096"],
     )
-    cmd = vllm_server_command(cfg, 8123)
+    cmd = vllm_server_command(teacher_spec(cfg), 8123)
     # `vllm serve` (one API server per replica by default), vLLM's command line as a module.
     assert cmd[:5] == [sys.executable, "-m", "openkd.generate.vllm.cli", "serve", "org/teacher"]
     line = " ".join(cmd[5:])
@@ -232,11 +232,11 @@ def test_vllm_command_carries_every_engine_setting(tmp_path: Path) -> None:
         assert expected in line
     # User extras come last (so they win) and are split like a shell would.
     assert cmd[-3:] == ["--kv-cache-dtype", "fp8", "--max-model-len=4096"]
-    assert server_log_path(cfg) == tmp_path / "labels.server.log"
+    assert teacher_spec(cfg).server_log == tmp_path / "labels.server.log"
     sharded = cfg.model_copy(update={"shard": "1/4"})
-    assert server_log_path(sharded) == tmp_path / "labels.shard-1-of-4.server.log"
+    assert teacher_spec(sharded).server_log == tmp_path / "labels.shard-1-of-4.server.log"
     assert "--trust-remote-code" in vllm_server_command(
-        cfg.model_copy(update={"trust_remote_code": True}), 1
+        teacher_spec(cfg.model_copy(update={"trust_remote_code": True})), 1
     )
 
 

@@ -120,3 +120,21 @@ def test_wheel_includes_configs() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     force = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert force["configs"] == "openkd/configs"
+
+
+def test_on_policy_recipe_follows_thinking_machines_setup() -> None:
+    """SFT start on the teacher's answers, then reverse KL on the student's own samples, the
+    teacher wired from generate (same Qwen3 tokenizer), and a cost estimate said to be one."""
+    from openkd.pipeline import load_recipe
+
+    recipe = REPO / "configs" / "recipes" / "qwen3-8b_to_qwen3-1.7b-base_on-policy.yaml"
+    loaded = load_recipe(recipe)
+    assert list(loaded.configs) == ["generate", "train", "on_policy", "eval"]
+    gen, sft, op, ev = loaded.configs.values()
+    assert sft.loss == "hard" and sft.dataset == str(gen.output)
+    assert op.loss == "on-policy" and op.beta == 1.0
+    assert op.student == str(sft.output_dir) and op.teacher == gen.teacher == "Qwen/Qwen3-8B"
+    assert sft.student.startswith("Qwen/Qwen3-") and op.learning_rate < sft.learning_rate
+    assert ev.student == str(op.output_dir)
+    header = recipe.read_text().split("\n\n")[0]
+    assert "Cost:" in header and "ESTIMATES" in header and "H100" in header

@@ -252,6 +252,73 @@ def test_requeueable_jobs_trap_the_warning_signal():
         assert re.search(r"&\n(\w+_pid)=\$!\nwait \"\$\1\"", text), name
 
 
+def test_training_checkpoints_before_the_time_limit_requeue():
+    """USR1 first SIGTERMs the steps (every rank saves at the next step), waits, then requeues;
+    the launcher passes SIGTERM/SIGUSR1 on and waits for the save within the signal's lead."""
+    from openkd.errors import PREEMPTED
+
+    text = (SLURM / "train_multinode.sbatch").read_text()
+    lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)", text).group(1))
+    body = text[text.index("requeue() {") : text.index("trap requeue USR1")]
+    assert body.index('scancel --signal=TERM "$SLURM_JOB_ID"') < body.index('wait "$srun_pid"')
+    assert body.index('wait "$srun_pid"') < body.index('scontrol requeue "$SLURM_JOB_ID"')
+    handled = re.search(r"export PET_SIGNALS_TO_HANDLE=(\S+)", text).group(1).split(",")
+    assert {"SIGTERM", "SIGUSR1"} <= set(handled)
+    timeout = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
+    assert 0 < timeout < lead
+    assert f"PREEMPTED={PREEMPTED}" in text
+
+
+def _run_train_script(tmp_path: Path, srun_body: str) -> tuple[int, str]:
+    """train_multinode.sbatch with stand-ins for srun/scontrol/scancel; the calls they got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    for name, body in {
+        "srun": srun_body,
+        "scontrol": 'if [[ "$1" == show ]]; then echo gpu001; else echo "scontrol $*" >> "$CALLS"; fi',
+        "scancel": 'echo "scancel $*" >> "$CALLS"',
+    }.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/bash\n{body}\n")
+        path.chmod(0o755)
+    env = {
+        **PLAUSIBLE_ENV,
+        "PATH": f"{bin_dir}{os.pathsep}{PLAUSIBLE_ENV['PATH']}",
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "CALLS": str(calls),
+    }
+    proc = subprocess.run(
+        ["bash", str(SLURM / "train_multinode.sbatch")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode, calls.read_text() if calls.exists() else ""
+
+
+def test_training_preempted_behind_the_launcher_is_requeued(tmp_path: Path):
+    # accelerate's launcher exits 143 after its workers saved and recorded the preemption
+    code, calls = _run_train_script(
+        tmp_path,
+        'mkdir -p "$OUTPUT_DIR"\n'
+        """echo '{"status": "preempted"}' > "$OUTPUT_DIR/openkd_run.json"\n"""
+        "exit 143",
+    )
+    assert code == 0
+    assert calls.splitlines() == ["scontrol requeue 4242"]
+
+
+@pytest.mark.parametrize("status", [75, 1], ids=["preempted-exit-code", "failure"])
+def test_training_exit_code_decides_the_requeue(tmp_path: Path, status: int):
+    code, calls = _run_train_script(tmp_path, f"exit {status}")
+    if status == 75:
+        assert (code, calls.splitlines()) == (0, ["scontrol requeue 4242"])
+    else:  # a real failure (no preemption recorded) is not requeued forever
+        assert (code, calls) == (1, "")
+
+
 def test_extraction_found_every_kind_of_command():
     """Guards the test itself: an extractor that finds nothing would pass vacuously."""
     by_source: dict[str, set[str]] = {}

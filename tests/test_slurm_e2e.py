@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import read_jsonl, write_jsonl
+from tests.helpers import error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "configs" / "slurm"
@@ -447,7 +448,7 @@ def test_node_script_refuses_a_bad_client_config_before_starting_the_server(tmp_
         SLURM / "generate_node.sh", node_env(tmp_path, CONFIG=config), stubs, cwd=tmp_path
     )
     assert proc.returncode == 2
-    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    line = error_line(proc.stderr, last=False)  # the script may log after openkd ends
     assert "--num-samples 4" in line
     assert not (log_dir(stubs) / "vllm-args").exists(), "no server was started"
     assert not (log_dir(stubs) / "curl").exists()

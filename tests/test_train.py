@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import yaml
 
-from openkd.generate.backends.mock import reverse_words
 from openkd.tiny import make_prompts
 from tests.conftest import run_cli, write_jsonl
+from tests.helpers import error_line, invoke
+from tests.train_helpers import QWEN_STYLE, records
 
 TEACHER = "org/teacher-72b"
 EOS = "<|im_end|>"
@@ -24,23 +24,6 @@ E2E_FLAGS = [
     "--lr-scheduler-type", "constant", "--warmup-ratio", "0",
     "--logging-steps", "10", "--save-steps", "30",
 ]  # fmt: skip
-
-
-def records(n: int, seed: int = 1) -> list[dict]:
-    rows = []
-    for i, prompt in enumerate(make_prompts(n, seed=seed)):
-        rows.append(
-            {
-                "id": f"r{seed}-{i}",
-                "prompt": [{"role": "user", "content": prompt}],
-                "completion": [{"role": "assistant", "content": reverse_words(prompt)}],
-                "finish_reason": "stop",
-                "prompt_tokens": 12,
-                "completion_tokens": 6,
-                "source_index": i,
-            }
-        )
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +38,6 @@ def dataset(tmp_path_factory) -> Path:
     meta = {"teacher": {"name": TEACHER, "backend": "mock"}, "sampling": {"temperature": 0.0}}
     (root / "teacher.meta.json").write_text(json.dumps(meta))
     return path
-
-
-def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`openkd ARGS` through the real entry point, in this process (shares imported libraries)."""
-    from openkd.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["openkd", *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (0 if code is None else int(code)), out, err
-
-
-def error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +129,6 @@ def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path
     from openkd.config import resolve
     from openkd.train.config import TrainConfig
     from openkd.train.prepare import build_trainer, prepare
-    from tests.test_train_preflight import QWEN_STYLE
 
     template = tmp_path / "qwen_style.jinja"
     template.write_text(QWEN_STYLE)
@@ -190,23 +154,21 @@ def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path
 
 
 @pytest.mark.slow
-def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path):
     out = tmp_path / "out"
     args = ["train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out]
     short = ["--max-steps", "1", "--batch-size", "2", "--save-steps", "1"]
-    code, _, err = in_process(monkeypatch, capsys, *args, *short)
+    code, _, err = invoke(*args, *short)
     assert code == 0, err[-3000:]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, _, err = in_process(monkeypatch, capsys, *args, *short, "--learning-rate", "5e-3")
+    code, _, err = invoke(*args, *short, "--learning-rate", "5e-3")
     line = error_line(err)
     assert code == 1
     assert "holds a different run" in line and "learning_rate 2e-05 (now 0.005)" in line
     assert "--overwrite" in line
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
     # --overwrite replaces the earlier run instead of resuming its checkpoint.
-    code, _, err = in_process(
-        monkeypatch, capsys, *args, *short, "--learning-rate", "5e-3", "--overwrite"
-    )
+    code, _, err = invoke(*args, *short, "--learning-rate", "5e-3", "--overwrite")
     assert code == 0, err[-3000:]
     assert "--overwrite: removing" in err and "resuming from" not in err
     record = json.loads((out / "openkd_run.json").read_text())
@@ -226,7 +188,7 @@ def broken_student(tiny_model: Path, tmp_path: Path, *, eos: str | None = None) 
 
 
 def test_eos_token_flag_fixes_a_student_whose_eos_is_not_the_end_of_turn(
-    tiny_model, dataset, tmp_path, monkeypatch, capsys
+    tiny_model, dataset, tmp_path
 ):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -237,8 +199,7 @@ def test_eos_token_flag_fixes_a_student_whose_eos_is_not_the_end_of_turn(
         settings["eos_token_id"] = 0
         (student / name).write_text(json.dumps(settings))
     out = tmp_path / "out"
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", student, "--dataset", dataset, "--output-dir", out,
         "--eos-token", EOS, "--max-steps", "1", "--batch-size", "2", "--save-steps", "1",
     )  # fmt: skip
@@ -248,11 +209,11 @@ def test_eos_token_flag_fixes_a_student_whose_eos_is_not_the_end_of_turn(
     assert AutoConfig.from_pretrained(out).eos_token_id == 2
 
 
-def test_eos_mismatch_is_an_error_with_the_fix(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+def test_eos_mismatch_is_an_error_with_the_fix(tiny_model, dataset, tmp_path):
     student = broken_student(tiny_model, tmp_path, eos="<|endoftext|>")
     out = tmp_path / "out"
     args = ["train", "--student", student, "--dataset", dataset, "--output-dir", out]
-    code, _, err = in_process(monkeypatch, capsys, *args)
+    code, _, err = invoke(*args)
     line = error_line(err)
     assert code == 1
     assert f"the chat template ends assistant turns with '{EOS}' (id 2)" in line
@@ -277,7 +238,7 @@ def test_eos_mismatch_is_an_error_with_the_fix(tiny_model, dataset, tmp_path, mo
     ],
 )
 def test_errors_are_one_line_and_leave_nothing_behind(
-    case, expected, tiny_model, dataset, tmp_path, monkeypatch, capsys
+    case, expected, tiny_model, dataset, tmp_path
 ):
     student, data, extra = tiny_model, dataset, []
     if case == "not_openkd":
@@ -296,8 +257,7 @@ def test_errors_are_one_line_and_leave_nothing_behind(
     elif case == "template_missing":
         extra = ["--chat-template", tmp_path / "missing.jinja"]
     out = tmp_path / "out"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", student, "--dataset", data, "--output-dir", out, *extra,
     )  # fmt: skip
     import re
@@ -308,11 +268,10 @@ def test_errors_are_one_line_and_leave_nothing_behind(
     assert not out.exists()
 
 
-def test_unknown_sft_arg_is_a_config_error(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+def test_unknown_sft_arg_is_a_config_error(tiny_model, dataset, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("train:\n  sft_args:\n    max_grad_nrom: 0.5\n")
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--config", config, "--student", tiny_model, "--dataset", dataset,
         "--output-dir", tmp_path / "out",
     )  # fmt: skip
@@ -322,14 +281,13 @@ def test_unknown_sft_arg_is_a_config_error(tiny_model, dataset, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path):
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
         "--lora", "--merge-lora", "--lora-r", "4", "--max-steps", "3", "--batch-size", "4",
         "--learning-rate", "1e-2", "--save-steps", "3",
@@ -353,9 +311,7 @@ def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_push_failure_keeps_the_model_and_a_rerun_retries(
-    tiny_model, dataset, tmp_path, monkeypatch, capsys
-):
+def test_push_failure_keeps_the_model_and_a_rerun_retries(tiny_model, dataset, tmp_path):
     out = tmp_path / "pushed"
     args = [
         "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
@@ -365,7 +321,7 @@ def test_push_failure_keeps_the_model_and_a_rerun_retries(
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.upload_folder.side_effect = RuntimeError("503 Server Error (token hf_secretsecret123)")
-        code, stdout, err = in_process(monkeypatch, capsys, *args)
+        code, stdout, err = invoke(*args)
     line = error_line(err)
     assert code == 1
     assert "push to org/student failed" in line and "rerun the same command" in line
@@ -376,7 +332,7 @@ def test_push_failure_keeps_the_model_and_a_rerun_retries(
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.return_value.url = "https://huggingface.co/org/student"
-        code, stdout, err = in_process(monkeypatch, capsys, *args)
+        code, stdout, err = invoke(*args)
     assert code == 0, err[-3000:]
     assert stdout.strip() == str(out)
     assert "0 in this run" in err  # training was complete: only the push was redone
@@ -408,10 +364,9 @@ def test_packed_sequences_do_not_attend_across_examples(tiny_model):
 
 
 @pytest.mark.slow
-def test_packing_with_eval_split_trains(tiny_model, dataset, tmp_path, monkeypatch, capsys):
+def test_packing_with_eval_split_trains(tiny_model, dataset, tmp_path):
     out = tmp_path / "packed"
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
         "--packing", "--max-length", "96", "--batch-size", "2", "--max-steps", "3",
         "--save-steps", "3", "--eval-fraction", "0.1", "--gradient-checkpointing",

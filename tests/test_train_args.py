@@ -16,6 +16,9 @@ from openkd.train.arguments import (
     sft_kwargs,
 )
 from openkd.train.config import TrainConfig
+from tests.conftest import write_jsonl
+from tests.helpers import error_line, invoke, watch_model_loads
+from tests.train_helpers import records
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,19 @@ def test_invalid_sft_value_is_one_line_config_error():
     assert "invalid training settings" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_report_to_is_checked_before_the_model_loads():
+def test_report_to_is_checked_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    loads = watch_model_loads(monkeypatch, weights=True)
+    data = write_jsonl(tmp_path / "t.jsonl", records(8))
+    out = tmp_path / "student"
+    proc = invoke(
+        "train", "--student", tiny_model, "--dataset", data, "--output-dir", out,
+        "--report-to", "nosuch",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--report-to nosuch: not a tracker" in error_line(proc.stderr)
+    assert loads == [], "the student was loaded before --report-to was checked"
+    assert not (out / "model.safetensors").exists()
+
     check_report_to("none")
     with pytest.raises(ConfigError, match=r"--report-to nosuch: not a tracker .*wandb"):
         check_report_to("nosuch")

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from openkd.chat import find_end_of_turn
 from openkd.errors import OpenkdError
 from openkd.train import preflight
 from openkd.train.preflight import (
@@ -14,18 +15,11 @@ from openkd.train.preflight import (
     check_loss_mask,
     check_prompts_fit,
     drop_after_last_eos,
-    find_end_of_turn,
     loss_segments,
     marked_text,
 )
+from tests.train_helpers import QWEN_STYLE
 
-# Qwen2.5-style ChatML: every turn, the last included, ends with '<|im_end|>\n'.
-QWEN_STYLE = (
-    "{%- for m in messages %}"
-    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 # A template that never closes the last assistant turn.
 NO_END = (
     "{%- for m in messages %}{{- m['role'] + ': ' + m['content'] }}"

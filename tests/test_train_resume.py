@@ -18,6 +18,7 @@ import pytest
 
 from openkd.train.integrity import checkpoint_problems
 from tests.conftest import run_cli, sigkill_once
+from tests.helpers import error_line
 from tests.train_resume_helpers import (
     assert_same_weights,
     flat,
@@ -131,10 +132,8 @@ def test_resume_path_to_a_torn_checkpoint_is_a_one_line_error(
     proc = run_cli(*train_args(tiny_model, dataset, out, "--resume", str(torn)), env=ENV)
 
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert f"--resume {torn} is not a usable checkpoint: no trainer_state.json" in lines[0]
-    assert "Traceback" not in proc.stderr
+    line = error_line(proc.stderr)
+    assert f"--resume {torn} is not a usable checkpoint: no trainer_state.json" in line
 
 
 def test_resume_no_starts_from_step_zero(
@@ -163,3 +162,17 @@ def test_rerun_of_a_finished_run_trains_no_extra_step(
     assert not (out / "checkpoint-13").exists()
     assert global_step(out) == MAX_STEPS
     assert_same_weights(out, reference)
+
+
+def test_rerun_with_more_steps_says_this_runs_total(
+    tiny_model: Path, dataset: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Raising --max-steps continues the run: the message names the new total, not 12."""
+    out = Path(shutil.copytree(reference, tmp_path / "out"))
+    args = train_args(tiny_model, dataset, out)
+    args[args.index("--max-steps") + 1] = "14"
+
+    proc = _train(*args)
+
+    assert f"resuming from {out / 'checkpoint-12'} at step 12 of 14" in flat(proc.stderr)
+    assert global_step(out) == 14

@@ -18,7 +18,6 @@ from openkd.train.runinfo import (
     identity,
     write_run,
 )
-from openkd.train.trainer import format_log
 
 
 def ident(**values):
@@ -116,6 +115,8 @@ def test_card_without_teacher_metadata_and_for_an_adapter():
 
 
 def test_log_line_is_readable_and_totals_are_skipped():
+    from openkd.train.trainer import format_log
+
     line = format_log(
         10, 60, {"loss": 3.14159, "learning_rate": 1e-2, "grad_norm": 1.5, "epoch": 1.25}
     )

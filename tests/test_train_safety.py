@@ -17,7 +17,8 @@ from openkd.errors import ConfigError, OpenkdError
 from openkd.paths import refuse_input_as_output
 from openkd.train.runinfo import RUN_FILE, clear_output_dir, write_run
 from tests.conftest import write_jsonl
-from tests.test_train import error_line, in_process, records
+from tests.helpers import error_line, invoke
+from tests.train_helpers import records
 
 
 @pytest.fixture
@@ -29,13 +30,12 @@ def listing(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
-def test_student_as_output_dir_is_refused_and_kept(tiny_model, data, tmp_path, monkeypatch, capsys):
+def test_student_as_output_dir_is_refused_and_kept(tiny_model, data, tmp_path, monkeypatch):
     student = Path(shutil.copytree(tiny_model, tmp_path / "tcopy"))
     before = listing(student)
     monkeypatch.chdir(tmp_path)
     for out in ("tcopy", "./tcopy/", str(student / ".." / "tcopy")):
-        code, stdout, err = in_process(
-            monkeypatch, capsys,
+        code, stdout, err = invoke(
             "train", "--student", "tcopy", "--dataset", data, "--output-dir", out, "--overwrite",
         )  # fmt: skip
         line = error_line(err)
@@ -54,9 +54,7 @@ def test_student_as_output_dir_is_refused_and_kept(tiny_model, data, tmp_path, m
         ("eval_in_output_logs", r"--eval-dataset \S+ lies inside --output-dir \S+, where it would"),
     ],
 )
-def test_inputs_where_training_writes_are_refused(
-    case, expected, tiny_model, data, tmp_path, monkeypatch, capsys
-):
+def test_inputs_where_training_writes_are_refused(case, expected, tiny_model, data, tmp_path):
     out = tmp_path / "out"
     args = ["--student", tiny_model, "--dataset", data, "--output-dir", out]
     if case == "dataset_dir_holds_output":
@@ -74,7 +72,7 @@ def test_inputs_where_training_writes_are_refused(
         eval_rows = write_jsonl(out / "runs" / "eval.jsonl", records(4, seed=3))
         args += ["--eval-dataset", eval_rows]
     before = listing(tmp_path)
-    code, _, err = in_process(monkeypatch, capsys, "train", *args)
+    code, _, err = invoke("train", *args)
     line = error_line(err)
     assert code == 2 and re.search(expected, line), line
     assert "pass another --output-dir" in line
@@ -102,14 +100,11 @@ def test_input_check_spares_hub_ids_and_files_the_output_never_touches(tmp_path)
 
 
 @pytest.mark.parametrize("overwrite", [True, False])
-def test_a_model_openkd_did_not_write_is_never_removed(
-    overwrite, tiny_model, data, tmp_path, monkeypatch, capsys
-):
+def test_a_model_openkd_did_not_write_is_never_removed(overwrite, tiny_model, data, tmp_path):
     out = Path(shutil.copytree(tiny_model, tmp_path / "someones-model"))
     before = listing(out)
     flags = ["--overwrite"] if overwrite else []
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", out, *flags,
     )  # fmt: skip
     line = error_line(err)
@@ -143,7 +138,7 @@ def test_overwrite_names_what_it_removes_first_and_keeps_other_files(tmp_path, c
     assert (tmp_path / "model.safetensors").exists()
 
 
-def test_zero_usable_rows_say_why_before_the_student_loads(tmp_path, monkeypatch, capsys):
+def test_zero_usable_rows_say_why_before_the_student_loads(tmp_path):
     student = tmp_path / "not-loaded"  # a config.json is all the cheap checks read
     student.mkdir()
     (student / "config.json").write_text("{}")
@@ -166,18 +161,16 @@ def test_zero_usable_rows_say_why_before_the_student_loads(tmp_path, monkeypatch
             write_jsonl(root / "t1.truncated.jsonl", records(3))
         elif case == "rejected":
             write_jsonl(root / "t2.rejected.jsonl", records(2))
-        code, _, err = in_process(
-            monkeypatch, capsys,
+        code, _, err = invoke(
             "train", "--student", student, "--dataset", path, "--output-dir", tmp_path / "out",
         )  # fmt: skip
         assert code == 1 and re.search(expected, error_line(err)), error_line(err)
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_dataset_equal_to_dataset_warns(tiny_model, data, tmp_path, monkeypatch, capsys):
+def test_eval_dataset_equal_to_dataset_warns(tiny_model, data, tmp_path):
     # --max-length 8 stops the run after the data is read and before the weights load.
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--eval-dataset", f"{data}",
         "--output-dir", tmp_path / "out", "--max-length", "8",
     )  # fmt: skip
@@ -186,11 +179,10 @@ def test_eval_dataset_equal_to_dataset_warns(tiny_model, data, tmp_path, monkeyp
     assert f"warning: --eval-dataset {data} is --dataset: the eval loss is then measured" in flat
 
 
-def test_logprobs_file_is_named_as_a_file(tiny_model, data, tmp_path, monkeypatch, capsys):
+def test_logprobs_file_is_named_as_a_file(tiny_model, data, tmp_path):
     sidecar = tmp_path / "teacher.logprobs"
     sidecar.write_text("not a directory")
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", tmp_path / "out",
         "--loss", "soft", "--logprobs", sidecar,
     )  # fmt: skip
@@ -245,14 +237,13 @@ def test_guard_stops_at_the_first_non_finite_loss_or_gradient_norm():
 
 @pytest.mark.slow
 def test_diverging_run_keeps_its_finite_checkpoints_and_saves_no_student(
-    tiny_model, data, tmp_path, monkeypatch, capsys
+    tiny_model, data, tmp_path
 ):
     import torch
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", out,
         "--learning-rate", "1e30", "--lr-scheduler-type", "constant", "--warmup-ratio", "0",
         "--max-steps", "4", "--save-steps", "1", "--batch-size", "4",

@@ -19,9 +19,8 @@ import pytest
 from openkd.data.jsonl import iter_jsonl
 from openkd.data.logprobs import SidecarReader, SidecarWriter
 from tests.conftest import run_cli, sigkill_once, write_jsonl
-from tests.soft_helpers import write_teacher_logprobs
-from tests.test_eval_kl import sharper_copy
-from tests.test_train import error_line, in_process
+from tests.helpers import error_line, invoke
+from tests.soft_helpers import sharper_copy, swap_two_tokens, write_teacher_logprobs
 from tests.train_resume_helpers import (
     assert_same_weights,
     flat,
@@ -121,13 +120,12 @@ def test_mix_sigkill_then_rerun_resumes_like_an_uninterrupted_run(
 
 
 def test_soft_with_lora_trains_the_adapter(
-    tiny_model: Path, soft_data: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_model: Path, soft_data: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
 
     out = tmp_path / "lora"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", tiny_model, "--dataset", soft_data, "--output-dir", out,
         "--loss", "soft", "--lora", "--lora-r", "4", "--max-steps", "3", "--batch-size", "8",
         "--learning-rate", "1e-2", "--save-steps", "3", "--eval-fraction", "0.1",
@@ -209,26 +207,14 @@ def test_examples_use_the_teachers_ids_and_the_collator_aligns_its_top_k(
     assert torch.isfinite(loss)
 
 
-def _swap_two_tokens(model_dir: Path, out: Path) -> Path:
-    """A copy whose tokenizer gives two ordinary tokens each other's id."""
-    shutil.copytree(model_dir, out)
-    spec = json.loads((out / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    a, b = "a", "b"
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (out / "tokenizer.json").write_text(json.dumps(spec))
-    return out
-
-
 def test_tokenizer_mismatch_is_a_one_line_error(
-    tiny_model: Path, soft_data: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_model: Path, soft_data: Path, tmp_path: Path
 ) -> None:
-    student = _swap_two_tokens(tiny_model, tmp_path / "student")
+    student = swap_two_tokens(tiny_model, tmp_path / "student")
     out = tmp_path / "out"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", student, "--dataset", soft_data, "--output-dir", out,
-        "--loss", "mix",
+        "--loss", "mix", "--cross-tokenizer", "off",  # auto would align them by text
     )  # fmt: skip
     line = error_line(err)
     assert code == 1 and stdout == ""
@@ -238,15 +224,14 @@ def test_tokenizer_mismatch_is_a_one_line_error(
 
 
 def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
-    tiny_model: Path, soft_data: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_model: Path, soft_data: Path, tmp_path: Path
 ) -> None:
     data = Path(shutil.copy(soft_data, tmp_path / "labels.jsonl"))
     shutil.copytree(soft_data.with_name("teacher.logprobs"), tmp_path / "labels.logprobs")
     meta = {"teacher": {"name": "org/teacher-72b"}}  # a Hub id: offline in tests
     (tmp_path / "labels.meta.json").write_text(json.dumps(meta))
     common = ["--loss", "soft", "--max-steps", "1", "--batch-size", "4", "--save-steps", "1"]
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", tmp_path / "a",
         *common,
     )  # fmt: skip
@@ -261,8 +246,7 @@ def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
     with SidecarWriter(tmp_path / "labels.logprobs", K) as writer:
         for row in rows:
             writer.add(row["id"], [5, 2], [[2400] + [1] * (K - 1)] * 2, [[-0.1] * K] * 2)
-    code, _, err = in_process(
-        monkeypatch, capsys,
+    code, _, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", tmp_path / "b",
         *common,
     )  # fmt: skip
@@ -283,9 +267,7 @@ def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
         ("logprobs_missing", r"--logprobs \S+: no such directory"),
     ],
 )
-def test_soft_label_errors_are_one_line(
-    case, expected, tiny_model, soft_data, tmp_path, monkeypatch, capsys
-):
+def test_soft_label_errors_are_one_line(case, expected, tiny_model, soft_data, tmp_path):
     data = Path(shutil.copy(soft_data, tmp_path / "labels.jsonl"))
     extra = ["--loss", "mix"]
     if case == "missing_rows":
@@ -304,8 +286,7 @@ def test_soft_label_errors_are_one_line(
     elif case == "logprobs_missing":
         extra += ["--logprobs", str(tmp_path / "nowhere")]
     out = tmp_path / "out"
-    code, stdout, err = in_process(
-        monkeypatch, capsys,
+    code, stdout, err = invoke(
         "train", "--student", tiny_model, "--dataset", data, "--output-dir", out, *extra,
     )  # fmt: skip
     assert code in (1, 2) and stdout == ""

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from openkd.errors import ConfigError
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
-from openkd.generate.vllm.engine import check_vllm_args, engine_options, llm_arguments
+from openkd.generate.vllm.options import check_vllm_args, engine_options, llm_arguments
 from openkd.generate.vllm.server import vllm_server_command
 from tests.conftest import run_cli, write_jsonl
+from tests.helpers import error_line
 
 TUNED = {
     "quantization": "fp8",
@@ -34,7 +36,7 @@ def test_json_flag_and_yaml_mapping_give_the_same_options() -> None:
 
     from_flag = config(vllm_args=json.dumps(TUNED))
     assert from_flag.vllm_args == TUNED
-    options = engine_options(from_flag)
+    options = engine_options(teacher_spec(from_flag))
     assert options["quantization"] == "fp8" and options["speculative_config"]["method"] == "ngram"
     assert options["tensor_parallel_size"] == 1  # openkd's own options stay
 
@@ -48,7 +50,7 @@ def test_served_command_carries_them_and_vllms_parser_accepts_it(tmp_path: Path)
         backend="openai", serve=True, vllm_args=TUNED, output=tmp_path / "t.jsonl",
         data_parallel_size=2,
     )  # fmt: skip
-    cmd = vllm_server_command(cfg, 8123)
+    cmd = vllm_server_command(teacher_spec(cfg), 8123)
     # The parser of vLLM's command line (vllm.entrypoints.cli.main) with its `serve` subcommand.
     parser = FlexibleArgumentParser()
     ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
@@ -102,7 +104,7 @@ def test_cli_unknown_key_fails_before_the_engine_starts(tiny_model: Path, tmp_pa
         "--backend", "vllm", "--vllm-args", '{"enable_prefix_cache": true}', timeout=180,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    line = error_line(result.stderr)
     assert "'enable_prefix_cache' is not a vLLM engine option" in line
     assert "did you mean 'enable_prefix_caching'" in line
     assert "loading teacher" not in result.stderr  # no engine was started
@@ -178,11 +180,13 @@ def test_a_teacher_path_with_a_tilde_reaches_vllm_expanded(
     monkeypatch.setenv("HOME", str(tmp_path))
     home_teacher = str(tmp_path / "models" / "teacher")
     cfg = config(teacher="~/models/teacher", output=tmp_path / "t.jsonl")
-    assert llm_arguments(cfg)["model"] == home_teacher
-    cmd = vllm_server_command(cfg.model_copy(update={"backend": "openai", "serve": True}), 8123)
+    assert llm_arguments(teacher_spec(cfg))["model"] == home_teacher
+    served = cfg.model_copy(update={"backend": "openai", "serve": True})
+    cmd = vllm_server_command(teacher_spec(served), 8123)
     assert cmd[3:5] == ["serve", home_teacher]
     assert cmd[cmd.index("--served-model-name") + 1] == "~/models/teacher"
-    assert llm_arguments(config(teacher="org/teacher"))["model"] == "org/teacher"  # a Hub id
+    hub = teacher_spec(config(teacher="org/teacher"))  # a Hub id
+    assert llm_arguments(hub)["model"] == "org/teacher"
 
 
 @pytest.mark.slow

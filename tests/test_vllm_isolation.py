@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from openkd.generate.backends.base import Request, Sampling, TeacherUnavailable
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.backends.vllm import VLLMBackend
 from openkd.generate.config import GenerateConfig
 
@@ -82,7 +83,7 @@ def engine_exceptions(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def backend_with(engine: StubEngine, concurrency: int = 3) -> VLLMBackend:
     cfg = GenerateConfig(teacher="t", dataset="d.jsonl", backend="vllm", concurrency=concurrency)
-    backend = VLLMBackend(cfg)
+    backend = VLLMBackend(teacher_spec(cfg))
     backend._llm = engine
     backend.sampling_params = lambda sampling: None  # type: ignore[method-assign]
     return backend

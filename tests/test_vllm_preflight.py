@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 
 from openkd.errors import ConfigError, OpenkdError
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.backends.vllm import VLLMBackend
 from openkd.generate.config import GenerateConfig
-from openkd.generate.vllm.engine import check_answer_fits, check_teacher
 from openkd.generate.vllm.gpus import (
     Devices,
     parallel_problem,
     parse_visible_devices,
     visible_gpu_count,
 )
+from openkd.generate.vllm.options import check_answer_fits, check_teacher
 from tests.conftest import run_cli, write_jsonl
+from tests.helpers import error_line
 
 
 def gpu_box(gpus: int, visible: str | None = None) -> Devices:
@@ -122,7 +124,7 @@ def test_answer_budget() -> None:
 def test_in_process_data_parallel_points_to_serve() -> None:
     cfg = GenerateConfig(teacher="t", dataset="d.jsonl", backend="vllm", data_parallel_size=2)
     with pytest.raises(ConfigError) as info:
-        VLLMBackend(cfg).start()
+        VLLMBackend(teacher_spec(cfg)).start()
     message = str(info.value)
     assert "--backend openai --serve --data-parallel-size 2" in message and "--shard" in message
 
@@ -143,7 +145,7 @@ def test_cli_tp_too_large_on_this_cpu(tiny_model: Path, prompts: Path, tmp_path:
         "--backend", "vllm", "--tensor-parallel-size", "2", timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    line = error_line(result.stderr)
     assert line.startswith("error: --tensor-parallel-size 2 needs 2 NUMA nodes on CPU vLLM")
     assert not out.exists()
     assert time.monotonic() - t0 < 60
@@ -167,7 +169,7 @@ def test_serve_checks_devices_before_starting_a_server(
     with pytest.raises(
         ConfigError, match=r"--tensor-parallel-size 4 needs 4 GPUs but 1 is visible"
     ):
-        start_vllm_server(cfg)
+        start_vllm_server(teacher_spec(cfg))
     assert not (tmp_path / "out.server.log").exists()  # nothing was started
 
 

@@ -11,8 +11,8 @@ from tests.conftest import write_jsonl
 def write_reverse_dataset(path: Path, rows: int = 64) -> Path:
     """`rows` openkd records of the reverse-words task, as `openkd generate` writes them."""
     from openkd.data.schema import make_record
-    from openkd.generate.backends.mock import reverse_words
     from openkd.tiny import make_prompts
+    from openkd.tiny.tasks import reverse_words
 
     records = [
         make_record(

@@ -52,15 +52,16 @@ client --dry-run >/dev/null
 settings=$(openkd generate --config "$CONFIG" --tensor-parallel-size "$TP" --data-parallel-size "$DP" \
   --dry-run | python -c '
 import shlex, sys, yaml
+from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
-from openkd.generate.vllm.engine import as_cli_flags, engine_options
+from openkd.generate.vllm.options import as_cli_flags, engine_options
 from openkd.generate.vllm.server import SERVE_MODULE
 from openkd.paths import model_path
 cfg = GenerateConfig.model_validate(yaml.safe_load(sys.stdin)["generate"])
 print("SERVE_MODULE=" + shlex.quote(SERVE_MODULE))
 print("TEACHER=" + shlex.quote(cfg.teacher))
 print("MODEL=" + shlex.quote(model_path(cfg.teacher)))
-print("ENGINE_ARGS=(" + shlex.join(as_cli_flags(engine_options(cfg))) + ")")
+print("ENGINE_ARGS=(" + shlex.join(as_cli_flags(engine_options(teacher_spec(cfg)))) + ")")
 print(f"CONFIG_SERVE_TIMEOUT={cfg.serve_timeout:.0f}")
 ')
 eval "$settings"

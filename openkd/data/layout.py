@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from openkd.errors import OpenkdError
 
@@ -39,7 +40,8 @@ KIND_SUFFIX = {
     "failed": ".failed.jsonl",
     "rejected": ".rejected.jsonl",
 }
-ROW_KINDS = ("train", "eval", "truncated", "rejected")
+RowKind = Literal["train", "eval", "truncated", "rejected"]
+ROW_KINDS: tuple[RowKind, ...] = ("train", "eval", "truncated", "rejected")
 SIDE_SUFFIXES = tuple(suffix for kind, suffix in KIND_SUFFIX.items() if kind != "train")
 META_IN_REPO = "openkd_meta.json"  # the metadata's name in a Hub dataset repo
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from openkd.data.jsonl import read_json_object, write_text_atomic
 from openkd.data.layout import ROW_KINDS
@@ -35,6 +35,66 @@ SOURCE_KEYS = (
     "dataset", "subset", "split", "prompt_column", "messages_column", "prompt_template",
     "system_prompt", "max_samples", "shuffle_seed", "shard", "eval_fraction", "keep_truncated",
 )  # fmt: skip
+
+
+# running: not finished (or killed); complete; incomplete: failed or invalid prompts remain;
+# stopped: Ctrl-C, SIGTERM or a dead teacher; unknown: metadata that does not say.
+RunStatus = Literal["running", "complete", "incomplete", "stopped", "unknown"]
+
+
+class TeacherInfo(TypedDict, total=False):
+    name: str
+    revision: str | None
+    backend: str
+    llm_class: str  # distilabel only
+
+
+class RunEntry(TypedDict):
+    """One invocation's line in the metadata's history."""
+
+    started_at: str
+    finished_at: str
+    status: RunStatus
+    backend: str
+    selected: int
+    already_done: int
+    duplicates: int
+    invalid: int
+    labelled: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    wall_seconds: float
+    labelling_seconds: float
+    rows_per_second: float | None
+    completion_tokens_per_second: float | None
+    shard_file: NotRequired[str]  # a merged output's: the shard it ran on
+
+
+class Throughput(TypedDict):
+    rows_per_second: float | None
+    completion_tokens_per_second: float | None
+
+
+class SoftLabels(TypedDict):
+    """--logprobs K: what the sidecar holds."""
+
+    k: int
+    dtype: str
+    bytes: NotRequired[int]  # on disk, once a run finished
+    bytes_per_token: NotRequired[float | None]  # the last run's rows'
+
+
+class HubPush(TypedDict):
+    repo_id: str
+    private: bool
+    pushed_at: str
+
+
+class MergedShard(TypedDict):
+    file: str
+    shard: str | None  # "i/n"
+    status: NotRequired[str]  # the shard's RunStatus, "missing" or "no metadata"
 
 
 def now() -> str:
@@ -117,29 +177,30 @@ class GenerateMeta:
     """The contents of `<stem>.meta.json`."""
 
     output: str
-    teacher: dict[str, Any]  # name, revision, backend (and llm_class for distilabel)
-    sampling: dict[str, Any]
-    source: dict[str, Any]
-    files: dict[str, str]
-    config: dict[str, Any]
+    teacher: TeacherInfo
+    sampling: dict[str, Any]  # `Sampling.as_dict()`
+    source: dict[str, Any]  # the SOURCE_KEYS settings
+    files: dict[str, str]  # row kind (and "card") -> file name
+    config: dict[str, Any]  # the resolved config, redacted
     counts: Counts = field(default_factory=Counts)
-    status: str = "running"  # running, complete, incomplete, stopped
+    status: RunStatus = "running"
     started_at: str = field(default_factory=now)
     finished_at: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    throughput: dict[str, Any] | None = None
-    hub: dict[str, Any] | None = None
-    merged_from: list[dict[str, Any]] | None = None
+    runs: list[RunEntry] = field(default_factory=list)
+    throughput: Throughput | None = None
+    hub: HubPush | None = None
+    merged_from: list[MergedShard] | None = None
     merged_at: str | None = None
-    logprobs: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes written
-    verification: dict[str, Any] | None = None  # --verify: method, pass rates, counts
+    logprobs: SoftLabels | None = None
+    # --verify: method, keep, answers, prompts and a "pass@k" rate per k (keys vary with k)
+    verification: dict[str, Any] | None = None
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
+    def label_settings(self) -> dict[str, Any]:
         """What must match for new rows to join this output."""
         soft = {key: self.logprobs[key] for key in ("k", "dtype")} if self.logprobs else None
-        return fingerprint(
+        return label_settings(
             self.teacher.get("name"), self.teacher.get("revision"), self.sampling, soft
         )
 
@@ -158,7 +219,7 @@ class GenerateMeta:
         """The metadata of a run about to start; `config` is the resolved config (redacted
         here), `previous` the output's metadata so far (its history is kept)."""
         config = redact(config)
-        teacher = {
+        teacher: TeacherInfo = {
             "name": config["teacher"],
             "revision": config["revision"],
             "backend": config["backend"],
@@ -181,7 +242,7 @@ class GenerateMeta:
         )
 
     def finish(
-        self, status: str, counts: Counts, run: dict[str, Any], versions: dict[str, str]
+        self, status: RunStatus, counts: Counts, run: RunEntry, versions: dict[str, str]
     ) -> None:
         """Record how this run ended: its entry in the history, totals, throughput."""
         self.status = status
@@ -208,7 +269,7 @@ class GenerateMeta:
         if not known:
             return cls(output, {}, {}, {}, files, {}, counts, status="incomplete")
         first = known[0]
-        runs = [
+        runs: list[RunEntry] = [
             {**run, "shard_file": name}
             for name, meta in shards
             for run in (meta.runs if meta else [])
@@ -249,7 +310,7 @@ class GenerateMeta:
             "finished_at": self.finished_at,
             "teacher": self.teacher,
             "sampling": self.sampling,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.label_settings,  # the key's name predates the property's
             "source": self.source,
             "files": self.files,
             "versions": self.versions,
@@ -267,13 +328,13 @@ class GenerateMeta:
     def from_json(cls, data: dict[str, Any]) -> GenerateMeta:
         return cls(
             output=str(data.get("output", "")),
-            teacher=dict(data.get("teacher") or {}),
+            teacher=cast(TeacherInfo, dict(data.get("teacher") or {})),
             sampling=dict(data.get("sampling") or {}),
             source=dict(data.get("source") or {}),
             files=dict(data.get("files") or {}),
             config=dict(data.get("config") or {}),
             counts=Counts.from_json(data.get("counts")),
-            status=str(data.get("status", "unknown")),
+            status=cast(RunStatus, str(data.get("status", "unknown"))),
             started_at=str(data.get("started_at") or now()),
             finished_at=data.get("finished_at"),
             versions=dict(data.get("versions") or {}),
@@ -296,7 +357,7 @@ class GenerateMeta:
         return cls.from_json(data) if data is not None else None
 
 
-def fingerprint(
+def label_settings(
     teacher: Any, revision: Any, sampling: dict[str, Any], logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """What must match for new rows to join an existing output (soft labels: K and dtype)."""
@@ -317,7 +378,7 @@ def check_compatible(
             "openkd cannot tell how they were made (openkd did not write it, and --overwrite "
             "never deletes what openkd did not write); pass another --output"
         )
-    found = meta.fingerprint
+    found = meta.label_settings
     diffs = []
     for key in ("teacher", "revision"):
         if found.get(key) != expected[key]:

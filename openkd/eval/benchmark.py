@@ -229,14 +229,14 @@ def _answer(
     """`--num-samples` answers to every prompt by `model`, in order; sample i of a prompt is
     drawn with seed + i (the seed scheme of `generate --num-samples`)."""
     from openkd.eval.progress import bar
-    from openkd.eval.run import _generate_config
+    from openkd.eval.run import _teacher_spec
     from openkd.generate.backends import make_backend
 
     n = cfg.num_samples
-    gen_cfg = _generate_config(cfg, role, model, sampling)
-    console.info(f"{role}: loading {model} ({gen_cfg.backend})")
+    spec = _teacher_spec(cfg, role, model, sampling)
+    console.info(f"{role}: loading {model} ({spec.backend})")
     out: list[list[Completion | None]] = [[None] * n for _ in prompts]
-    with make_backend(gen_cfg) as backend:
+    with make_backend(spec) as backend:
         t0 = time.monotonic()
         requests = (
             Request(id=f"{i}:{s}", messages=p, row=i, sample=s)

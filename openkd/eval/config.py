@@ -145,6 +145,12 @@ class EvalConfig(EngineConfig):
         "on-policy` minimises); the teacher runs here (transformers) and must share the "
         "student's tokenizer.",
     )
+    on_policy_teacher_base_url: str | None = Field(
+        None,
+        description="--on-policy-teacher: score with a running vLLM server of that teacher at "
+        "this URL (as `openkd train --teacher-base-url`); the reverse KL is then over the "
+        "sampled token plus a tail bucket (reported as on_policy_reverse_kl_top1_tail).",
+    )
     on_policy_samples: int = Field(
         4, ge=1, le=1000, description="--on-policy-teacher: answers sampled per prompt."
     )
@@ -201,6 +207,16 @@ class EvalConfig(EngineConfig):
         if self.stop and "" in self.stop:
             problems.append("--stop '' is empty and would stop nothing; drop it")
         problems += self._benchmark_problems()
+        if self.on_policy_teacher_base_url:
+            from openkd.train.onpolicy.served import url_problem
+
+            problem = url_problem(self.on_policy_teacher_base_url)
+            if not self.on_policy_teacher:
+                problem = "it needs --on-policy-teacher MODEL (the served model's name or path)"
+            if problem:
+                problems.append(
+                    f"--on-policy-teacher-base-url {self.on_policy_teacher_base_url}: {problem}"
+                )
         if self.answer_regex is not None:
             import re
 

@@ -41,8 +41,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def trailing_end_of_turn(tokenizer: Any) -> int | None:
     """The end-of-turn token id when the chat template writes text after it, else None."""
+    from openkd.chat import find_end_of_turn, template_text
     from openkd.errors import OpenkdError
-    from openkd.train.preflight import find_end_of_turn, template_text
 
     template = template_text(tokenizer)
     if not template:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openkd import console
 from openkd.data.layout import OutputFiles
@@ -36,6 +36,9 @@ from openkd.paths import (
     require_local_model,
 )
 from openkd.system import free_memory
+
+if TYPE_CHECKING:
+    from openkd.generate.backends.spec import TeacherSpec
 
 LOCAL_BACKENDS = ("vllm", "transformers")
 
@@ -266,31 +269,25 @@ def _reuse(report_path: Path, fingerprint: str) -> bool:
 # --- the work -----------------------------------------------------------------------------
 
 
-def _generate_config(cfg: EvalConfig, role: str, model: str, sampling: Sampling) -> Any:
-    """The GenerateConfig that makes `make_backend` load `model` with the eval's settings."""
-    from pydantic import ValidationError
-
-    from openkd.config import describe_validation_error
-    from openkd.generate.config import GenerateConfig
+def _teacher_spec(cfg: EvalConfig, role: str, model: str, sampling: Sampling) -> TeacherSpec:
+    """What `make_backend` needs to load `model` with the eval's engine settings."""
+    from openkd.generate.backends.spec import TeacherSpec
 
     backend = cfg.backends()[role]
     values = {
         **cfg.engine_settings(),
         "teacher": model,
-        "dataset": cfg.dataset or "benchmarks",  # backends never read it
         "backend": backend,
         "max_new_tokens": sampling.max_new_tokens,
-        "stop": list(sampling.stop) or None,
         "temperature": 0.0,
     }
     if backend == "openai":
         values.update(base_url=None if cfg.serve else cfg.base_url, serve=cfg.serve)
+        if cfg.serve:  # beside the report, not in generate's default outputs/
+            values["server_log"] = Path(cfg.output_dir) / f"{role}.server.log"
     if backend != "vllm" and not (backend == "openai" and cfg.serve):
         values["vllm_args"] = {}  # this model's engine is not vLLM
-    try:
-        return GenerateConfig.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(f"{role} backend: {describe_validation_error(exc)}") from exc
+    return TeacherSpec.model_validate(values)
 
 
 def _answer(
@@ -306,9 +303,9 @@ def _answer(
     from openkd.generate.backends import make_backend
     from openkd.generate.backends.base import answer_in_order
 
-    gen_cfg = _generate_config(cfg, role, model, sampling)
-    console.info(f"{role}: loading {model} ({gen_cfg.backend})")
-    with make_backend(gen_cfg) as backend:
+    spec = _teacher_spec(cfg, role, model, sampling)
+    console.info(f"{role}: loading {model} ({spec.backend})")
+    with make_backend(spec) as backend:
         t0 = time.monotonic()
         with bar(f"{role} answering", len(examples)) as advance:
 
@@ -358,20 +355,54 @@ def _likelihood(
         if reader is not None:
             from openkd.eval.kl import teacher_student_kl
 
+            aligner = _cross_tokenizer(cfg, tokenizer)
             found = teacher_student_kl(
                 model,
                 tokenizer,
-                ({"id": ex.id, "prompt": ex.prompt} for ex in examples),
+                (
+                    {"id": ex.id, "prompt": ex.prompt, "answer": ref.text}
+                    for ex, ref in zip(examples, refs, strict=True)
+                ),
                 reader,
                 max_length=cfg.nll_max_length,
                 batch_size=cfg.nll_batch_size,
+                aligner=aligner,
             )
             soft.update(kl_to_teacher=found.kl, top1_agreement=found.top1_agreement)
+            if found.coverage is not None:
+                soft["kl_coverage"] = found.coverage
+                console.info(
+                    f"{role}: the teacher's tokenizer differs; KL to the teacher over the "
+                    f"aligned positions, {found.coverage:.1%} of the answer tokens"
+                )
     finally:
         del model
         free_memory()
     timing.nll_seconds = time.monotonic() - t0
     return scores, soft
+
+
+def _cross_tokenizer(cfg: EvalConfig, tokenizer: Any) -> Any:
+    """An aligner when the dataset's teacher tokenizes differently from `tokenizer`, else None."""
+    from openkd.train.data import read_teacher
+    from openkd.train.soft import check_tokenizers
+
+    teacher = read_teacher(cfg.dataset) if cfg.dataset else None
+    if not teacher:
+        return None
+    _, _, teacher_tokenizer = check_tokenizers(
+        tokenizer,
+        teacher.get("name"),
+        trust_remote_code=cfg.trust_remote_code,
+        revision=teacher.get("revision"),
+        cross="gold",
+    )
+    if teacher_tokenizer is None:
+        return None
+    from openkd.distill.crosstok.aligner import Aligner
+
+    eos = tokenizer.eos_token_id
+    return Aligner(teacher_tokenizer, tokenizer, "gold", int(eos if eos is not None else 0))
 
 
 def _count_unscored(cfg: EvalConfig, role: str, scores: list[Any]) -> int:

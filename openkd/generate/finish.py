@@ -1,5 +1,5 @@
-"""The end of a run, however it ends: commit what finished, compact the failures file, finish
-the metadata and the card, and let a finished selection make the next rerun free."""
+"""What the end of a run (`GenerateRun.finish`) is made of: how it ended (`Outcome`), the
+metadata it started with, the failures file compacted, the pass rates, the sidecar's size."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from openkd import console
 from openkd.data.jsonl import write_jsonl_atomic
-from openkd.data.metadata import Counts, GenerateMeta, now
-from openkd.errors import OpenkdError
-from openkd.generate.card import write_card
+from openkd.data.metadata import GenerateMeta, RunEntry, RunStatus, SoftLabels, now
 from openkd.system import library_versions
 
 if TYPE_CHECKING:
@@ -29,19 +26,19 @@ if TYPE_CHECKING:
 class Outcome:
     """How this invocation ended, for the metadata, the summary and the exit status."""
 
-    status: str  # complete, incomplete (failed or invalid prompts), stopped
+    status: RunStatus  # complete, incomplete (failed or invalid prompts), stopped
     started_at: str
     started_wall: float
     backend_versions: dict[str, str] = field(default_factory=dict)
     failed_rows: int = 0  # failures on file after this run (earlier ones included)
     verification: dict[str, Any] | None = None  # --verify: pass rates over the output
-    soft_labels: dict[str, Any] | None = None  # --logprobs: k, dtype, bytes, bytes_per_token
+    soft_labels: SoftLabels | None = None  # --logprobs: k, dtype, bytes, bytes_per_token
 
     @property
     def wall(self) -> float:
         return time.monotonic() - self.started_wall
 
-    def run_entry(self, backend: str, seen: SourceCounts, found: LabelCounts) -> dict[str, Any]:
+    def run_entry(self, backend: str, seen: SourceCounts, found: LabelCounts) -> RunEntry:
         """This run's line in the metadata's history."""
         busy = found.seconds
         return {
@@ -75,7 +72,7 @@ def start_meta(
 ) -> GenerateMeta:
     from openkd.generate.rerun import dataset_path
 
-    counts = _counts(state, len(state.failed))
+    counts = dataclasses.replace(state.counts, failed=len(state.failed))
     meta = GenerateMeta.start(
         config=cfg.to_yaml_dict(),
         files={
@@ -93,67 +90,7 @@ def start_meta(
     return meta
 
 
-def finish_run(
-    files: OutputFiles,
-    cfg: GenerateConfig,
-    state: ResumeState,
-    seen: SourceCounts,
-    writer: OutputWriter,
-    found: LabelCounts,
-    meta: GenerateMeta,
-    outcome: Outcome,
-    selection: str | None,
-) -> None:
-    """Commit, compact the failures, finish metadata and card; on every exit.
-
-    When the run is already failing (a write error, Ctrl-C, a dead teacher), a second error
-    here is only a warning, so the first one stays the message the user sees; the summary is
-    printed here then, as the caller will not get to it.
-    """
-    failing = outcome.status != "complete"
-    try:
-        writer.commit()
-        writer.close()
-        if failing and _left_nothing(files, state):
-            return  # stopped before any answer: no output is left behind
-        if not files.output.exists():  # every answer set aside: still an (empty) dataset
-            files.output.touch()
-        outcome.failed_rows = _rewrite_failures(files, state, found, outcome.status)
-        if outcome.status == "complete" and (outcome.failed_rows or seen.invalid):
-            outcome.status = "incomplete"
-        if cfg.verify and outcome.status == "complete":
-            _verification(files, cfg, state, meta, outcome)
-        meta.finish(
-            outcome.status,
-            _counts(state, outcome.failed_rows),
-            outcome.run_entry(cfg.backend, seen, found),
-            outcome.backend_versions,
-        )
-        if meta.logprobs is not None:
-            meta.logprobs.update(_sidecar_size(files, writer))
-            outcome.soft_labels = meta.logprobs
-        meta.write(files.meta)
-        write_card(files, meta)
-        if outcome.status == "complete" and selection:
-            state.index.selection = {
-                "key": selection,
-                "selected": seen.selected,
-                "duplicates": seen.duplicates,
-            }
-            state.index.write(files.index)
-    except (OpenkdError, OSError) as err:
-        if not failing:
-            raise
-        console.warn(f"could not finish the output files: {err}")
-    finally:
-        writer.close()
-        if failing:
-            from openkd.generate.summary import summary
-
-            summary(files, cfg, seen, found, outcome)
-
-
-def _left_nothing(files: OutputFiles, state: ResumeState) -> bool:
+def left_nothing(files: OutputFiles, state: ResumeState) -> bool:
     """True (after removing this run's metadata) when the run stopped before writing a row
     into an output that had none: a failed start leaves no files behind."""
     if state.has_rows or state.failed:
@@ -170,7 +107,7 @@ def _left_nothing(files: OutputFiles, state: ResumeState) -> bool:
     return True
 
 
-def _rewrite_failures(
+def rewrite_failures(
     files: OutputFiles, state: ResumeState, found: LabelCounts, status: str
 ) -> int:
     """Rewrite the failures file in one step: this run's failures, and earlier ones still
@@ -186,13 +123,7 @@ def _rewrite_failures(
     return len(rows)
 
 
-def _verification(
-    files: OutputFiles,
-    cfg: GenerateConfig,
-    state: ResumeState,
-    meta: GenerateMeta,
-    outcome: Outcome,
-) -> None:
+def verification(files: OutputFiles, cfg: GenerateConfig, state: ResumeState) -> dict[str, Any]:
     """--keep first-verified, then the pass rates over every answer on file."""
     from openkd.generate.resume import load_state
     from openkd.generate.verification import keep_first_verified, pass_rates
@@ -200,17 +131,12 @@ def _verification(
     if cfg.keep == "first-verified" and keep_first_verified(files):
         state.index = load_state(files).index  # the files were rewritten: count them again
     rates = pass_rates(files, cfg.num_samples)
-    meta.verification = {"method": cfg.verify, "keep": cfg.keep or "all-verified", **rates}
-    outcome.verification = meta.verification
+    return {"method": cfg.verify, "keep": cfg.keep or "all-verified", **rates}
 
 
-def _sidecar_size(files: OutputFiles, writer: OutputWriter) -> dict[str, Any]:
+def sidecar_size(files: OutputFiles, writer: OutputWriter) -> tuple[int, float | None]:
     """The sidecar's size on disk, and what this run's rows cost per answer token."""
     size = sum(p.stat().st_size for p in files.logprobs.glob("part-*.arrow"))
     written = writer.sidecar.bytes_written if writer.sidecar is not None else 0
     per_token = round(written / writer.soft_tokens, 1) if writer.soft_tokens else None
-    return {"bytes": size, "bytes_per_token": per_token}
-
-
-def _counts(state: ResumeState, failed_rows: int) -> Counts:
-    return dataclasses.replace(state.counts, failed=failed_rows)
+    return size, per_token

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from openkd.data.layout import RowKind
 from openkd.data.schema import FINISH_LENGTH, is_complete, make_record
 from openkd.generate.backends.base import Completion
 from openkd.generate.pump import Pump
@@ -60,7 +61,7 @@ class Routing:
     verifier: Verifier | None = None
     keep_rejected: bool = False  # --keep all: verdicts are recorded, nothing is set aside
 
-    def kind(self, record: dict[str, Any]) -> str:
+    def kind(self, record: dict[str, Any]) -> RowKind:
         if not is_complete(record) and not self.keep_truncated:
             return "truncated"
         verdict = record.get("verification")

@@ -28,7 +28,7 @@ from openkd import console
 from openkd.data.jsonl import AtomicWriter, dumps, iter_jsonl
 from openkd.data.layout import KIND_SUFFIX, OutputFiles, is_side_file, resolve_output
 from openkd.data.logprobs import merge_beside
-from openkd.data.metadata import Counts, GenerateMeta
+from openkd.data.metadata import Counts, GenerateMeta, MergedShard
 from openkd.errors import OpenkdError
 from openkd.generate.card import write_card
 from openkd.paths import check_writable
@@ -98,7 +98,7 @@ def merge_shards(
     if gaps:
         meta.status = "incomplete"
     if soft is not None and meta.logprobs is not None:
-        meta.logprobs.update(bytes=soft.bytes, bytes_per_token=None)
+        meta.logprobs.update({"bytes": soft.bytes, "bytes_per_token": None})
     meta.write(out.meta)
     write_card(out, meta)
     _report(found, out, counts, meta.status)
@@ -206,14 +206,14 @@ def _check_one_run(found: list[Shard]) -> None:
             continue
         if first is None:
             first = shard
-        elif first.meta is not None and shard.meta.fingerprint != first.meta.fingerprint:
+        elif first.meta is not None and shard.meta.label_settings != first.meta.label_settings:
             raise OpenkdError(
                 f"{shard.files.output} and {first.files.output} were generated with different "
                 "teachers or decoding settings (see their .meta.json); merge shards of one run only"
             )
 
 
-def _gaps(found: list[Shard]) -> tuple[list[str], list[dict[str, Any]]]:
+def _gaps(found: list[Shard]) -> tuple[list[str], list[MergedShard]]:
     """What keeps the merged output from being complete, one phrase each, and the metadata
     entries of the missing shards."""
     gaps: list[str] = []
@@ -229,7 +229,7 @@ def _gaps(found: list[Shard]) -> tuple[list[str], list[dict[str, Any]]]:
             gaps.append(f"{shard.label} {state}{pending}")
         elif failed:
             gaps.append(f"{shard.label} has {failed:,} failed prompts pending")
-    missing: list[dict[str, Any]] = []
+    missing: list[MergedShard] = []
     placed = [s for s in found if s.position is not None]
     if placed:
         assert placed[0].position is not None
@@ -252,7 +252,7 @@ def _rows(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def _entry(shard: Shard) -> dict[str, Any]:
+def _entry(shard: Shard) -> MergedShard:
     position = f"{shard.position[0]}/{shard.position[1]}" if shard.position else None
     status = shard.meta.status if shard.meta else "no metadata"
     return {"file": shard.files.output.name, "shard": position, "status": status}

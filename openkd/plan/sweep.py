@@ -57,7 +57,7 @@ class PilotRun:
         """Its eval report exists, is newer than the student's weights, and both were made
         with these settings (anything else reruns the stages, which resume or refuse)."""
         from openkd.data.metadata import redact
-        from openkd.train.results import RESOLVED_CONFIG
+        from openkd.train.finish import RESOLVED_CONFIG
 
         report_path = self.eval_dir / REPORT
         weights = [self.student_dir / w for w in WEIGHTS if (self.student_dir / w).is_file()]
@@ -122,7 +122,7 @@ def recipe_sections(recipe: Path) -> dict[str, dict[str, Any]]:
     sections = {
         name: read_section(recipe, name, set(cls.model_fields), cls.removed, given_as="recipe")
         for name, cls in STAGES.items()
-        if name in data
+        if name in data and name != "on_policy"  # pilots compare students before on-policy
     }
     missing = [name for name in ("train", "eval") if name not in sections]
     if missing:

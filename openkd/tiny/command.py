@@ -137,7 +137,7 @@ def check_prompts_path(prompts: Path, out_dir: Path, *, overwrite: bool) -> None
 def _looks_like_toy_prompts(path: Path) -> bool:
     import json
 
-    from openkd.generate.backends.mock import REVERSE_PREFIX, SUM_PREFIX
+    from openkd.tiny.tasks import REVERSE_PREFIX, SUM_PREFIX
 
     try:
         with open(path, encoding="utf-8") as fh:

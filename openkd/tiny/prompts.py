@@ -1,13 +1,13 @@
-"""Toy prompts whose correct answer is a fixed function of the prompt (the mock teacher's rules,
-`openkd.generate.backends.mock`), so a student that learns the rule can be scored exactly,
-offline, in minutes on a CPU; and the text the tiny tokenizer is trained on.
+"""Toy prompts whose correct answer is a fixed function of the prompt (the toy tasks of
+`openkd.tiny.tasks`, which the mock teacher answers), so a student that learns the rule can be
+scored exactly, offline, in minutes on a CPU; and the text the tiny tokenizer is trained on.
 """
 
 from __future__ import annotations
 
 import random
 
-from openkd.generate.backends.mock import REVERSE_PREFIX, SUM_PREFIX
+from openkd.tiny.tasks import REVERSE_PREFIX, SUM_PREFIX
 
 WORDS = (
     "apple river stone cloud green quiet night tiger paper light storm music bread "

@@ -32,6 +32,7 @@ class CardInfo:
     method: str | None = None
     extra_tags: tuple[str, ...] = ()
     extra_results: tuple[str, ...] = ()
+    curves: str | None = None  # the training curves PNG beside the card, by file name
 
 
 def _is_hub_id(name: str) -> bool:
@@ -116,6 +117,8 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
     if info.eval_loss is not None:
         lines.append(f"- Final evaluation loss: {_fmt(info.eval_loss)}")
     lines += [f"- {line}" for line in info.extra_results]
+    if info.curves:
+        lines += ["", f"![Training curves: loss against step]({info.curves})"]
     lines += ["", "## Use", "", "```python", load, "```", ""]
     if info.versions:
         lines += [

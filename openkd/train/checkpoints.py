@@ -54,18 +54,23 @@ def find_resume_checkpoint(
     output_dir: Path,
     resume: str,
     *,
+    max_steps: int | None = None,
+    epochs: float | None = None,
     world_size: int | None = None,
     deepspeed: bool | None = None,
 ) -> Path | None:
     """The checkpoint to pass to `trainer.train(resume_from_checkpoint=...)`, or None to start fresh.
 
     `resume` is "auto" (newest valid checkpoint in `output_dir`), "no", or a checkpoint path
-    (must be valid). `world_size` and `deepspeed` describe the current launch; by default they
-    are read from the environment a launcher sets (WORLD_SIZE, ACCELERATE_USE_DEEPSPEED).
+    (must be valid). `max_steps` and `epochs` are this run's length, for the "resuming ... of N"
+    message (a rerun may train longer than the checkpoint's run). `world_size` and `deepspeed`
+    describe the current launch; by default they are read from the environment a launcher sets
+    (WORLD_SIZE, ACCELERATE_USE_DEEPSPEED).
     """
     output_dir = Path(output_dir)
     world_size = _env_world_size() if world_size is None else world_size
     deepspeed = _env_deepspeed() if deepspeed is None else deepspeed
+    length = _RunLength(max_steps, epochs)
     if resume == "no":
         found = list_checkpoints(output_dir)
         if found:
@@ -75,11 +80,13 @@ def find_resume_checkpoint(
             )
         return None
     if resume == "auto":
-        return _newest_valid(output_dir, world_size=world_size, deepspeed=deepspeed)
-    return _explicit(Path(resume).expanduser(), world_size=world_size, deepspeed=deepspeed)
+        return _newest_valid(output_dir, length, world_size=world_size, deepspeed=deepspeed)
+    return _explicit(Path(resume).expanduser(), length, world_size=world_size, deepspeed=deepspeed)
 
 
-def _newest_valid(output_dir: Path, *, world_size: int, deepspeed: bool) -> Path | None:
+def _newest_valid(
+    output_dir: Path, length: _RunLength, *, world_size: int, deepspeed: bool
+) -> Path | None:
     found = list_checkpoints(output_dir)
     if not found:
         if output_dir.is_dir():
@@ -95,7 +102,7 @@ def _newest_valid(output_dir: Path, *, world_size: int, deepspeed: bool) -> Path
             )
             continue
         _check_launch_matches(ckpt.path, world_size=world_size, deepspeed=deepspeed)
-        _announce(ckpt.path)
+        _announce(ckpt.path, length)
         return ckpt.path
     console.warn(
         f"[bold]--resume auto found {len(found)} checkpoint(s) in {output_dir} but none can be "
@@ -136,7 +143,7 @@ def check_resume_exists(resume: str) -> None:
         )
 
 
-def _explicit(path: Path, *, world_size: int, deepspeed: bool) -> Path:
+def _explicit(path: Path, length: _RunLength, *, world_size: int, deepspeed: bool) -> Path:
     check_resume_exists(str(path))
     if path.is_dir() and not CHECKPOINT_RE.match(path.name) and list_checkpoints(path):
         newest = list_checkpoints(path)[0].path.name
@@ -152,16 +159,39 @@ def _explicit(path: Path, *, world_size: int, deepspeed: bool) -> Path:
             "checkpoint-N directory, or --resume auto to use the newest valid one"
         )
     _check_launch_matches(path, world_size=world_size, deepspeed=deepspeed)
-    _announce(path)
+    _announce(path, length)
     return path
 
 
-def _announce(path: Path) -> None:
+@dataclass(frozen=True)
+class _RunLength:
+    """This run's --max-steps, or its --epochs when it has none (both None: not known)."""
+
+    max_steps: int | None
+    epochs: float | None
+
+
+def _announce(path: Path, length: _RunLength) -> None:
     state = _read_state(path)
     step = state.get("global_step", "?")
+    console.info(f"[bold green]resuming[/] from {path} at step {step}{_of(state, length)}")
+
+
+def _of(state: dict, length: _RunLength) -> str:
+    """The ' of N' of this run's total steps, or '' where it is not known before training.
+
+    The checkpoint's own max_steps is that of the run which wrote it: a rerun with a higher
+    --max-steps trains on past it. In epoch mode the Trainer computes the total later; the
+    checkpoint's is right only for the same --epochs (same data and batch: the run identity).
+    """
+    if length.max_steps is not None:
+        return f" of {length.max_steps}"
     total = state.get("max_steps")
-    of = f" of {total}" if isinstance(total, int) and total > 0 else ""
-    console.info(f"[bold green]resuming[/] from {path} at step {step}{of}")
+    if not isinstance(total, int) or total <= 0:
+        return ""
+    if length.epochs is not None and state.get("num_train_epochs") != length.epochs:
+        return ""
+    return f" of {total}"
 
 
 def _check_launch_matches(path: Path, *, world_size: int, deepspeed: bool) -> None:

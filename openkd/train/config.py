@@ -106,12 +106,44 @@ class TrainConfig(StageConfig):
         "axolotl-kd / DistillKit / Parquet set (`openkd export`), matched with --dataset by id "
         "[default: <dataset stem>.logprobs/ beside --dataset and --eval-dataset].",
     )
+    cross_tokenizer: Literal["auto", "gold", "uld", "off"] | None = Field(
+        None,
+        description="--loss soft|mix when the teacher's tokenizer differs from the student's: "
+        "gold aligns the two by the text they cover (exact, merged and ULD targets, "
+        "openkd.distill.crosstok), uld matches sorted probabilities only, off refuses; auto is "
+        "gold when the vocabularies differ, plain soft labels when they match; --loss "
+        "on-policy: the same choice with TRL's GOLD trainer [default: auto].",
+    )
+    cross_tokenizer_min_coverage: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="--loss soft|mix across tokenizers: refuse when fewer than this share of the "
+        "first rows' answer tokens get a teacher target (0 trains anyway) [default: 0.5].",
+    )
 
     # On-policy distillation (--loss on-policy): the student's own samples, scored by a teacher
     teacher: str | None = Field(
         None,
         description="--loss on-policy: the teacher (local path or Hub id), loaded in the training "
-        "process(es) beside the student; it must share the student's tokenizer.",
+        "process(es) beside the student; another tokenizer than the student's trains with "
+        "TRL's GOLD trainer (--cross-tokenizer).",
+    )
+    teacher_base_url: str | None = Field(
+        None,
+        description="--loss on-policy: score with a running OpenAI-compatible vLLM server of "
+        "--teacher at this URL (e.g. http://node1:8000/v1) instead of loading it here; the loss "
+        "is then over the sampled token plus a tail bucket (TRL's server distillation).",
+    )
+    teacher_serve: bool = Field(
+        False,
+        description="--loss on-policy: start `vllm serve` for --teacher as a child process, "
+        "score with it as with --teacher-base-url, and stop it at the end.",
+    )
+    teacher_serve_args: list[str] | None = Field(
+        None,
+        description="--teacher-serve: extra `vllm serve` flags, e.g. '--tensor-parallel-size 4' "
+        "(repeatable).",
     )
     kd_beta: float | None = Field(
         None,
@@ -264,11 +296,13 @@ class TrainConfig(StageConfig):
             for name, value in (
                 ("kd_temperature", None if self.on_policy else self.kd_temperature),
                 ("logprobs", self.logprobs),
+                ("cross_tokenizer", None if self.on_policy else self.cross_tokenizer),
+                ("cross_tokenizer_min_coverage", self.cross_tokenizer_min_coverage),
             ):
                 if value is not None:
                     problems.append(
                         f"--{name.replace('_', '-')} applies to --loss soft|mix"
-                        + ("|on-policy" if name == "kd_temperature" else "")
+                        + ("|on-policy" if name in ("kd_temperature", "cross_tokenizer") else "")
                         + f" only (drop it or pass another --loss than {self.loss})"
                     )
             return problems
@@ -288,6 +322,8 @@ class TrainConfig(StageConfig):
     def _on_policy_problems(self) -> list[str]:
         names = (
             "teacher",
+            "teacher_base_url",
+            "teacher_serve_args",
             "kd_beta",
             "kd_lambda",
             "max_completion_length",
@@ -299,12 +335,13 @@ class TrainConfig(StageConfig):
             return [
                 f"--{name.replace('_', '-')} applies to --loss on-policy only (drop it or pass "
                 "--loss on-policy)"
-                for name in names
-                if getattr(self, name) is not None
+                for name in (*names, "teacher_serve")
+                if getattr(self, name) not in (None, False)
             ]
         problems: list[str] = []
         if not self.teacher:
             problems.append("--loss on-policy needs --teacher MODEL (the model that scores)")
+        problems += self._served_teacher_problems()
         if self.packing:
             problems.append(
                 "--packing does not work with --loss on-policy: the student samples its own "
@@ -324,6 +361,28 @@ class TrainConfig(StageConfig):
                 "--num-samples times"
             )
         return problems
+
+    def _served_teacher_problems(self) -> list[str]:
+        from openkd.train.onpolicy.served import url_problem
+
+        problems: list[str] = []
+        if self.teacher_base_url and self.teacher_serve:
+            problems.append(
+                "pass either --teacher-base-url (a server already running) or --teacher-serve "
+                "(openkd starts one), not both"
+            )
+        if self.teacher_base_url:
+            problem = url_problem(self.teacher_base_url)
+            if problem:
+                problems.append(f"--teacher-base-url {self.teacher_base_url}: {problem}")
+        if self.teacher_serve_args and not self.teacher_serve:
+            problems.append("--teacher-serve-args configures --teacher-serve's server; add it")
+        return problems
+
+    @property
+    def served_teacher(self) -> bool:
+        """--loss on-policy with the teacher behind a vLLM server (--teacher-base-url/-serve)."""
+        return self.on_policy and bool(self.teacher_base_url or self.teacher_serve)
 
     @property
     def beta(self) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from openkd import console
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, Preempted
 from openkd.system import dies_with_us, free_port
 from openkd.train.config import TrainConfig
 
@@ -35,6 +35,14 @@ LAUNCHED_ENV = "OPENKD_LAUNCHED"
 _LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
 _FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+# The launcher's elastic agent (torch.distributed.run, whose flags read PET_* variables) passes
+# SIGTERM on to the workers and waits for them; SIGUSR1 too with this, where by default it
+# would kill the agent and leave the workers running. The workers then save a preemption
+# checkpoint (openkd.train.preempt): the agent waits up to 10 minutes for it, not 30 s.
+_PREEMPTION_ENV = {
+    "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600",
+}
 # Multi-node placement, from the first variable set (openkd's own name, then torchrun/SLURM).
 _NODE_ENV = {
     "machine_rank": ("MACHINE_RANK", "SLURM_NODEID"),
@@ -310,10 +318,39 @@ def relaunch_if_needed(cfg: TrainConfig, argv: list[str]) -> bool:
     check_trl()  # one line here rather than the same error from every worker
     cmd = launch_command(plan, argv)
     console.info(f"launching: python {shlex.join(cmd[1:])}")
-    status = run_child(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    record_before = _run_record_mtime(cfg.output_dir)
+    status = run_child(cmd, env={**_PREEMPTION_ENV, **os.environ, LAUNCHED_ENV: "1"})
     if status == 0:
         return True
-    raise _failure(status)
+    # Workers that saved a preemption checkpoint exit 75, but the launcher reports its own
+    # status (1, or 128 + the signal); their run record says what happened.
+    raise _preempted_since(cfg.output_dir, record_before) or _failure(status)
+
+
+def _run_record_mtime(output_dir: Path) -> int | None:
+    from openkd.train.runinfo import RUN_FILE
+
+    try:
+        return (output_dir / RUN_FILE).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _preempted_since(output_dir: Path, mtime_ns: int | None) -> Preempted | None:
+    """The preemption the workers recorded, if the run record was rewritten as "preempted"
+    since the launch (`mtime_ns`: its modification time before it)."""
+    from openkd.train.runinfo import read_run
+
+    if _run_record_mtime(output_dir) in (None, mtime_ns):
+        return None
+    try:
+        record = read_run(output_dir) or {}
+    except OpenkdError:
+        return None
+    found = record.get("preempted")
+    if record.get("status") != "preempted" or not isinstance(found, dict):
+        return None
+    return Preempted(int(found.get("step", 0)), str(found.get("checkpoint", "")))
 
 
 def _check_launched_world(num_processes: int | None, env: Any) -> None:

@@ -17,9 +17,10 @@ from openkd.train.config import TrainConfig
 from openkd.train.data import TrainData
 
 if TYPE_CHECKING:
+    from openkd.chat import EndOfTurn
+    from openkd.train.onpolicy.served import Endpoint
     from openkd.train.onpolicy.setup import OnPolicy
     from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer
-    from openkd.train.preflight import EndOfTurn
     from openkd.train.soft import SoftLabels
     from openkd.train.trainer import OpenkdSFTTrainer
 
@@ -48,24 +49,20 @@ def _has_cuda() -> tuple[bool, bool]:
     return cuda, bool(cuda and torch.cuda.is_bf16_supported())
 
 
-def prepare(cfg: TrainConfig, student: str) -> Prepared:
+def prepare(cfg: TrainConfig, student: str, teacher_server: Endpoint | None = None) -> Prepared:
     """Checks that need no weights: settings, data, template and EOS, lengths, output dir."""
+    from openkd.chat import template_text
     from openkd.train.arguments import check_report_to, check_sft_args, sft_fields
     from openkd.train.checkpoints import find_resume_checkpoint
     from openkd.train.data import load_train_data
-    from openkd.train.preflight import (
-        check_eos,
-        check_prompts_fit,
-        prompt_length,
-        template_text,
-    )
+    from openkd.train.preflight import check_eos, check_prompts_fit, prompt_length
     from openkd.train.runinfo import check_output_dir, clear_output_dir, identity, write_run
     from openkd.train.student import load_eos_settings, load_tokenizer
 
     if cfg.on_policy:
         from openkd.train.onpolicy.arguments import check_distillation_args
 
-        check_distillation_args(cfg.sft_args)
+        check_distillation_args(cfg.sft_args, served=cfg.served_teacher)
     else:
         check_sft_args(cfg.sft_args, sft_fields())
     check_report_to(cfg.report_to)
@@ -121,7 +118,7 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
     if cfg.on_policy:
         from openkd.train.onpolicy.setup import prepare_teacher
 
-        on_policy = prepare_teacher(cfg, tokenizer, student)
+        on_policy = prepare_teacher(cfg, tokenizer, student, teacher_server)
     prompts = (row["prompt"] for row in data.train.select_columns(["prompt"]))
     first_fit = check_prompts_fit(
         (prompt_length(tokenizer, template, p) for p in prompts), cfg.max_length
@@ -130,6 +127,8 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
     ident = identity(cfg, student=student, dataset_fingerprint=data.fingerprint, template=template)
     if soft is not None:  # other teacher data would make the checkpoints another run's
         ident["settings"]["kd_top_k"] = soft.k
+        if soft.coverage is not None:  # targets on the student's tokens, by this method
+            ident["settings"]["cross_tokenizer"] = soft.coverage.method
     if on_policy is not None:  # another teacher or sampling makes them another run's too
         from openkd.train.onpolicy.teacher import identity_settings
 
@@ -140,7 +139,13 @@ def prepare(cfg: TrainConfig, student: str) -> Prepared:
         clear_output_dir(cfg.output_dir)  # names what it removes first
     if main:
         write_run(cfg.output_dir, ident, status="running")
-    resume_from = None if cfg.overwrite else find_resume_checkpoint(cfg.output_dir, cfg.resume)
+    resume_from = (
+        None
+        if cfg.overwrite
+        else find_resume_checkpoint(
+            cfg.output_dir, cfg.resume, max_steps=cfg.max_steps, epochs=cfg.epochs
+        )
+    )
     return Prepared(
         cfg=cfg,
         student=student,
@@ -259,7 +264,11 @@ def check_prepared_example(prepared: Prepared, trainer: Any) -> None:
         from openkd.train.soft import answer_text
 
         answer = answer_text(
-            trainer.processing_class, prepared.soft.reader, row, prepared.eot.token_id
+            trainer.processing_class,
+            prepared.soft.reader,
+            row,
+            prepared.eot.token_id,
+            prepared.soft.aligner,
         )
     report = check_loss_mask(
         trainer.processing_class,
@@ -280,7 +289,13 @@ def check_prepared_example(prepared: Prepared, trainer: Any) -> None:
     console.info(
         f"  [green]✓[/] {report.trained_tokens} of {report.total_tokens} tokens carry loss: the "
         f"teacher's answer and {prepared.eot.token!r}, none of the prompt"
-        + (" (the answer is the teacher's own token ids)" if prepared.soft is not None else "")
+        + (
+            ""
+            if prepared.soft is None
+            else " (the answer is the student's tokens of the teacher's text)"
+            if prepared.soft.aligner is not None
+            else " (the answer is the teacher's own token ids)"
+        )
     )
     if report.extra_text.strip():
         console.info(

@@ -19,14 +19,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openkd import console
 from openkd.config import save_resolved
 from openkd.data.sources import require_source
 from openkd.train.checkpoints import check_resume_exists
 from openkd.train.config import TrainConfig
-from openkd.train.prepare import build_trainer, check_prepared_example, prepare
-from openkd.train.results import (
+from openkd.train.finish import (
     end_summary,
     results,
     save_student,
@@ -34,6 +34,7 @@ from openkd.train.results import (
     stop_if_diverged,
     write_cards,
 )
+from openkd.train.prepare import build_trainer, check_prepared_example, prepare
 from openkd.train.runinfo import (
     LAUNCH_CONFIG,
     check_inputs_outside,
@@ -42,6 +43,9 @@ from openkd.train.runinfo import (
 )
 from openkd.train.student import read_template_file, resolve_student
 from openkd.versions import check_trl
+
+if TYPE_CHECKING:
+    from openkd.train.onpolicy.served import Endpoint
 
 
 def run(cfg: TrainConfig) -> None:
@@ -60,43 +64,56 @@ def run(cfg: TrainConfig) -> None:
         check_resume_exists(cfg.resume)
 
     from openkd.train.launch import relaunch_if_needed
+    from openkd.train.onpolicy.served import teacher_server
 
     launching = bool(cfg.accelerate_config or cfg.deepspeed or cfg.num_processes)
-    if launching and relaunch_if_needed(cfg, _launch_argv(cfg)):
-        return
-    with _stdout_to_stderr():
-        final_dir = train(cfg, student, started)
+    # --teacher-serve: one server for the run, shared with launched workers, always stopped.
+    with teacher_server(cfg, student) as served:
+        if launching and relaunch_if_needed(cfg, _launch_argv(cfg)):
+            return
+        with _stdout_to_stderr():
+            final_dir = train(cfg, student, started, served)
     if final_dir is not None:
         console.stdout_line(str(final_dir))
 
 
-def train(cfg: TrainConfig, student: str, started: float) -> Path | None:
-    """The training run in this process; the final student's folder (None off rank 0)."""
+def train(
+    cfg: TrainConfig, student: str, started: float, served: Endpoint | None = None
+) -> Path | None:
+    """The training run in this process; the final student's folder (None off rank 0).
+    `served`: --teacher-serve's server, when this process started it."""
     check_trl()  # TRL has the APIs openkd extends (a launcher checked before starting us)
+    from openkd.train.preempt import PreemptOnSignal, stop_if_preempted
     from openkd.train.runinfo import write_run
     from openkd.train.trainer import RunMeter, StopWhenComplete, TrainingAlreadyComplete
 
-    prepared = prepare(cfg, student)
+    prepared = prepare(cfg, student, served)
     trainer = build_trainer(prepared)
     check_prepared_example(prepared, trainer)
     start_summary(prepared, trainer)
     meter = RunMeter()
     trainer.add_callback(meter)
     trainer.add_callback(StopWhenComplete())
-    try:
-        trainer.train(
-            resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None
-        )
-    except TrainingAlreadyComplete as done:
-        # Close the progress bar and let trackers finish, as a normal end of training does.
-        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
-        console.info(f"training is complete ({done}); saving the student again")
+    preempt = PreemptOnSignal(trainer)  # SIGTERM/SIGUSR1: checkpoint, stop, exit 75
+    trainer.add_callback(preempt)
+    with preempt.handling_signals():
+        try:
+            trainer.train(
+                resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None
+            )
+        except TrainingAlreadyComplete as done:
+            # Close the progress bar and let trackers finish, as a normal end of training does.
+            trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+            console.info(f"training is complete ({done}); saving the student again")
+        stop_if_preempted(cfg.output_dir, prepared.identity, trainer, preempt)
     stop_if_diverged(prepared, trainer)
     final_dir = save_student(prepared, trainer)
     if not console.is_main_process():
         return None
     outcome = results(trainer, meter)
-    write_cards(prepared, trainer, outcome)
+    from openkd.train.curves import write_curves
+
+    write_cards(prepared, trainer, outcome, write_curves(trainer.state.log_history, cfg.output_dir))
     write_run(cfg.output_dir, prepared.identity, status="complete", results=outcome)
     if cfg.push_to_hub:
         from openkd.train.hub import push_folder

@@ -68,6 +68,7 @@ ARTIFACTS = (
     "trainer_state.json",
     "README.md",
     "openkd_train.yaml",
+    "training_curves.png",
     RUN_FILE,
 )
 # Written by `openkd run` for the launched workers; openkd's, though it precedes RUN_FILE.

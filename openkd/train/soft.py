@@ -12,12 +12,16 @@ those ids do not end with the student's end-of-turn token (a teacher stopped by 
 or cut at its token limit), openkd appends it; that position has no teacher data and is
 trained on the hard label alone. Nothing follows the end-of-turn token.
 
-Soft labels only make sense when teacher and student share a tokenizer. Before any weights are
-loaded, openkd compares the teacher's vocabulary (its tokenizer is named in the dataset's
-`<stem>.meta.json`) with the student's: every teacher token must have the same id in the
-student. When the teacher's tokenizer cannot be loaded (an offline Hub id, a mock teacher),
-that check is skipped with a warning and only the ids are checked against the student's
-vocabulary size: on the first rows before training, and in every batch while training.
+Before any weights are loaded, openkd compares the teacher's vocabulary (its tokenizer is named
+in the dataset's `<stem>.meta.json`) with the student's: when every teacher token has the same
+id in the student (a padded embedding matrix does not matter), the soft labels are used as
+stored. When they differ, `--cross-tokenizer` (`openkd.distill.crosstok`) re-expresses the
+teacher's top-K on the student's tokenization of the same answer text: the example's answer is
+then the student's tokens, and its per-position targets are computed once, in dataset
+preparation (reused across epochs; a resumed run computes it again).
+When the teacher's tokenizer cannot be loaded (an offline Hub id, a mock teacher), that check
+is skipped with a warning and only the ids are checked against the student's vocabulary size:
+on the first rows before training, and in every batch while training.
 
 The top-K arrays are not copied into the prepared dataset (it would be as large as the
 sidecar): the dataset keeps each row's id and where its completion starts, and the collator
@@ -41,6 +45,8 @@ from openkd.train.preflight import IGNORE
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from openkd.distill.crosstok.aligner import Aligner
+    from openkd.distill.crosstok.preflight import Coverage
     from openkd.train.config import TrainConfig
     from openkd.train.data import TrainData
 
@@ -59,6 +65,8 @@ class SoftLabels:
     vocab_size: int  # the student's logits size: every teacher id must be below it
     lines: list[str] = field(default_factory=list)  # pre-flight results to print
     warnings: list[str] = field(default_factory=list)
+    aligner: Aligner | None = None  # the tokenizers differ: targets on the student's tokens
+    coverage: Coverage | None = None
 
     @property
     def k(self) -> int:
@@ -67,6 +75,12 @@ class SoftLabels:
     def describe(self) -> str:
         dirs = ", ".join(str(d) for d in self.directories)
         return f"top-{self.k} {self.reader.dtype} in {dirs}"
+
+    def describe_cross(self) -> str | None:
+        """The cross-tokenizer method and its coverage, for the summary and the card."""
+        if self.coverage is None:
+            return None
+        return f"{self.coverage.method}: {self.coverage.describe()}"
 
 
 def _sidecars_beside(spec: str) -> list[Path]:
@@ -149,26 +163,43 @@ def vocab_mismatch(
 
 
 def check_tokenizers(
-    student_tokenizer: Any, teacher: str | None, *, trust_remote_code: bool
-) -> tuple[str | None, str | None]:
-    """(a ✓ line, a warning): the teacher's tokenizer maps every token as the student's does.
+    student_tokenizer: Any,
+    teacher: str | None,
+    *,
+    trust_remote_code: bool,
+    revision: str | None = None,
+    cross: str = "off",
+) -> tuple[str | None, str | None, Any]:
+    """(a ✓ line, a warning, the teacher's tokenizer when it differs from the student's).
 
-    Raises on a mismatch. Returns a warning instead when the teacher's tokenizer cannot be
-    loaded (no teacher named, an offline Hub id, a mock teacher).
+    The teacher's tokenizer maps every token as the student's does, or (`cross` not "off") the
+    tokenizer is returned for alignment. Raises on a mismatch with `cross` "off". Returns a
+    warning instead when the teacher's tokenizer cannot be loaded (no teacher named, an
+    offline Hub id, a mock teacher).
     """
     if not teacher:
-        return None, "the dataset's metadata names no teacher, so its tokenizer is not compared"
+        return (
+            None,
+            "the dataset's metadata names no teacher, so its tokenizer is not compared",
+            None,
+        )
     try:
         from transformers import AutoTokenizer
 
         teacher_tokenizer = AutoTokenizer.from_pretrained(
-            teacher, trust_remote_code=trust_remote_code
+            teacher, trust_remote_code=trust_remote_code, revision=revision
         )
     except Exception as exc:  # offline, gated, not a model (mock teachers)...
         text = " ".join(str(exc).split())[:160] or type(exc).__name__
-        return None, f"could not load the teacher's tokenizer {teacher} ({text})"
+        return None, f"could not load the teacher's tokenizer {teacher} ({text})", None
     teacher_vocab = teacher_tokenizer.get_vocab()
     wrong = vocab_mismatch(teacher_vocab, student_tokenizer.get_vocab())
+    if wrong and cross != "off":
+        line = (
+            f"the teacher's tokenizer ({teacher}) differs from the student's: {len(wrong):,} of "
+            f"its {len(teacher_vocab):,} tokens have another id or none"
+        )
+        return line, None, teacher_tokenizer
     if wrong:
         token, t_id, s_id = wrong[0]
         theirs = "is missing" if s_id is None else f"is id {s_id}"
@@ -176,11 +207,13 @@ def check_tokenizers(
             f"the teacher {teacher} and the student tokenize differently: {len(wrong):,} of the "
             f"teacher's {len(teacher_vocab):,} tokens have another id in the student (e.g. "
             f"{token!r} is id {t_id} in the teacher and {theirs} in the student), so the "
-            f"teacher's top-k log-probabilities would name the wrong tokens; {FIX}"
+            f"teacher's top-k log-probabilities would name the wrong tokens; drop "
+            f"--cross-tokenizer off to align them by text, or {FIX}"
         )
     return (
         f"the teacher's tokenizer ({teacher}) maps all its {len(teacher_vocab):,} tokens to the "
         "student's ids",
+        None,
         None,
     )
 
@@ -231,8 +264,19 @@ def prepare_soft_labels(
     eval_what = f"--eval-dataset {cfg.eval_dataset}" if cfg.eval_dataset else "the held-out rows"
     check_coverage(reader, data.eval, eval_what)
     vocab = student_vocab_size(student, trust_remote_code=cfg.trust_remote_code)
-    sample = data.train.select(range(min(PREFLIGHT_ROWS, len(data.train))))["id"]
-    check_ids_fit(reader, sample, vocab)
+    first = data.train.select(range(min(PREFLIGHT_ROWS, len(data.train))))
+    sample = first["id"]
+    teacher_info = data.teacher or {}
+    teacher = teacher_info.get("name")
+    same, warning, teacher_tokenizer = check_tokenizers(
+        tokenizer,
+        teacher,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=teacher_info.get("revision"),
+        cross=cfg.cross_tokenizer or "auto",
+    )
+    if teacher_tokenizer is None:  # one vocabulary: the stored ids are the student's
+        check_ids_fit(reader, sample, vocab)
     soft = SoftLabels(reader=reader, directories=directories, vocab_size=vocab)
     soft.lines += imported
     soft.warnings += import_warnings
@@ -242,14 +286,15 @@ def prepare_soft_labels(
         f"{bytes_per_token(soft.k, reader.dtype or 'float16')} bytes per token), for all "
         f"{len(data.train) + (len(data.eval) if data.eval is not None else 0):,} rows"
     )
-    teacher = (data.teacher or {}).get("name")
-    same, warning = check_tokenizers(tokenizer, teacher, trust_remote_code=cfg.trust_remote_code)
     if same:
         soft.lines.append(same)
-    soft.lines.append(
-        f"the teacher's ids of the first {len(sample)} rows are below the student's vocabulary "
-        f"size {vocab:,} (every batch is checked too)"
-    )
+    if teacher_tokenizer is not None:
+        _cross_tokenizer(cfg, soft, teacher_tokenizer, tokenizer, first, str(teacher))
+    else:
+        soft.lines.append(
+            f"the teacher's ids of the first {len(sample)} rows are below the student's "
+            f"vocabulary size {vocab:,} (every batch is checked too)"
+        )
     if warning:
         soft.warnings.append(
             f"{warning}; only the teacher's token ids are checked against the student's "
@@ -261,6 +306,44 @@ def prepare_soft_labels(
             f"{reader.torn[0]}"
         )
     return soft
+
+
+def completion_text(row: dict[str, Any]) -> str | None:
+    """The dataset's answer text (the messages of `completion` joined), if the row has one."""
+    completion = row.get("completion")
+    if not completion:
+        return None
+    return "".join(m.get("content") or "" for m in completion)
+
+
+def _cross_tokenizer(
+    cfg: TrainConfig,
+    soft: SoftLabels,
+    teacher_tokenizer: Any,
+    tokenizer: Any,
+    first: Dataset,
+    teacher: str,
+) -> None:
+    """Set up the alignment, measure its coverage on the first rows, refuse when too low."""
+    from openkd.distill.crosstok import preflight
+    from openkd.distill.crosstok.aligner import Aligner
+
+    method = "uld" if cfg.cross_tokenizer == "uld" else "gold"
+    eos = tokenizer.eos_token_id
+    soft.aligner = Aligner(teacher_tokenizer, tokenizer, method, int(eos if eos is not None else 0))
+    pairs = ((soft.reader[row["id"]], completion_text(row)) for row in first)
+    soft.coverage = preflight.measure(soft.aligner, pairs, method)
+    minimum = (
+        preflight.MIN_COVERAGE
+        if cfg.cross_tokenizer_min_coverage is None
+        else cfg.cross_tokenizer_min_coverage
+    )
+    preflight.check(soft.coverage, minimum, teacher)
+    soft.lines.append(
+        f"cross-tokenizer ({method}, --cross-tokenizer {cfg.cross_tokenizer or 'auto'}): "
+        f"{soft.aligner.shared_vocabulary():.0%} of the teacher's tokens are a student token; "
+        f"{soft.coverage.describe()} (at least {minimum:.0%} needed)"
+    )
 
 
 def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
@@ -292,18 +375,47 @@ def build_example(
 
 
 def tokenize_rows(
-    batch: dict[str, list], tokenizer: Any, reader: SidecarReader, eos_id: int, max_length: int
+    batch: dict[str, list],
+    tokenizer: Any,
+    reader: SidecarReader,
+    eos_id: int,
+    max_length: int,
+    aligner: Aligner | None = None,
 ) -> dict[str, list]:
-    """`datasets.map` function (batched): rows with id/prompt -> examples on the teacher's ids."""
+    """`datasets.map` function (batched): rows with id/prompt -> examples on the teacher's ids.
+
+    With `aligner` (the tokenizers differ) the answer is the student's tokens of the teacher's
+    text, and `CROSS_KEYS` hold each answer position's target, flattened ([n * K] ids and
+    log-probabilities, [n] kinds): computed here once per run, reused by every epoch.
+    """
     out: dict[str, list] = {"input_ids": [], "labels": [], "kd_start": []}
-    for row_id, prompt in zip(batch["id"], batch["prompt"], strict=True):
-        tokens = reader.token_ids(row_id)
-        if tokens is None:
-            raise OpenkdError(f"row {row_id} has no teacher log-probabilities; {FIX}")
-        example = build_example(prompt_ids(tokenizer, prompt), tokens.tolist(), eos_id, max_length)
-        for key in out:
+    if aligner is not None:
+        out.update({key: [] for key in CROSS_KEYS})
+    answers = batch.get("completion") or [None] * len(batch["id"])
+    for row_id, prompt, completion in zip(batch["id"], batch["prompt"], answers, strict=True):
+        if aligner is None:
+            tokens = reader.token_ids(row_id)
+            if tokens is None:
+                raise OpenkdError(f"row {row_id} has no teacher log-probabilities; {FIX}")
+            answer = tokens.tolist()
+        else:
+            stored = reader.get(row_id)
+            if stored is None:
+                raise OpenkdError(f"row {row_id} has no teacher log-probabilities; {FIX}")
+            text = completion_text({"completion": completion})
+            aligned = aligner.align(stored.token_ids, stored.top_ids, stored.top_logprobs, text)
+            answer = aligned.student_ids
+            targets = aligned.targets
+            out["xt_ids"].append(targets.ids.astype(np.int32).reshape(-1))
+            out["xt_logprobs"].append(targets.logprobs.astype(np.float32).reshape(-1))
+            out["xt_kind"].append(targets.kind)
+        example = build_example(prompt_ids(tokenizer, prompt), answer, eos_id, max_length)
+        for key in ("input_ids", "labels", "kd_start"):
             out[key].append(example[key])
     return out
+
+
+CROSS_KEYS = ("xt_ids", "xt_logprobs", "xt_kind")
 
 
 def has_answer(batch: dict[str, list]) -> list[bool]:
@@ -313,8 +425,20 @@ def has_answer(batch: dict[str, list]) -> list[bool]:
     ]
 
 
-def answer_text(tokenizer: Any, reader: SidecarReader, row: dict[str, Any], eos_id: int) -> str:
+def answer_text(
+    tokenizer: Any,
+    reader: SidecarReader,
+    row: dict[str, Any],
+    eos_id: int,
+    aligner: Aligner | None = None,
+) -> str:
     """The teacher's answer as its ids decode (what soft-label training trains on)."""
+    if aligner is not None:
+        stored = reader[row["id"]]
+        aligned = aligner.align(
+            stored.token_ids, stored.top_ids, stored.top_logprobs, completion_text(row)
+        )
+        return tokenizer.decode(aligned.student_ids, skip_special_tokens=False)
     tokens = [int(t) for t in reader[row["id"]].token_ids]
     if tokens and tokens[-1] == eos_id:
         tokens = tokens[:-1]
@@ -342,6 +466,8 @@ class TeacherCollator:
         ids = np.zeros((rows, length, k), dtype=np.int64)
         logprobs = np.zeros((rows, length, k), dtype=np.float32)
         mask = np.zeros((rows, length), dtype=bool)
+        if "xt_kind" in examples[0]:
+            return self._cross(batch, examples, k)
         for b, example in enumerate(examples):
             row = self.reader.get(example["id"])
             if row is None:
@@ -366,4 +492,40 @@ class TeacherCollator:
         batch["teacher_ids"] = torch.from_numpy(ids)
         batch["teacher_logprobs"] = torch.from_numpy(logprobs)
         batch["teacher_mask"] = torch.from_numpy(mask)
+        return batch
+
+    def _cross(self, batch: dict[str, Any], examples: list[dict[str, Any]], k: int) -> dict:
+        """Targets computed across tokenizers (`tokenize_rows`), placed and padded as above.
+
+        Adds `teacher_valid` [B, L, K] (slots holding a target; a padding slot repeats the
+        row's first id) and `teacher_uld` [B, L] (positions matched by ULD).
+        """
+        import torch
+
+        from openkd.distill.crosstok.targets import EXACT, MERGED, ULD
+
+        rows, length = batch["input_ids"].shape
+        ids = np.zeros((rows, length, k), dtype=np.int64)
+        logprobs = np.full((rows, length, k), -np.inf, dtype=np.float32)
+        kinds = np.zeros((rows, length), dtype=np.int8)
+        for b, example in enumerate(examples):
+            start = int(example["kd_start"])
+            kind = np.asarray(example["xt_kind"], dtype=np.int8)
+            n = min(len(kind), len(example["input_ids"]) - start)
+            if n <= 0:
+                continue
+            ids[b, start : start + n] = np.asarray(example["xt_ids"]).reshape(-1, k)[:n]
+            logprobs[b, start : start + n] = np.asarray(example["xt_logprobs"]).reshape(-1, k)[:n]
+            kinds[b, start : start + n] = kind[:n]
+        valid = np.isfinite(logprobs) & np.isin(kinds, (EXACT, MERGED))[..., None]
+        ids = np.where(valid, ids, ids[..., :1])
+        uld = kinds == ULD
+        mask = valid.any(-1) | uld
+        if valid.any() and int(ids[valid].max()) >= self.vocab_size:
+            raise OpenkdError(id_error(int(ids[valid].max()), self.vocab_size))
+        batch["teacher_ids"] = torch.from_numpy(ids)
+        batch["teacher_logprobs"] = torch.from_numpy(logprobs)
+        batch["teacher_mask"] = torch.from_numpy(mask)
+        batch["teacher_valid"] = torch.from_numpy(valid)
+        batch["teacher_uld"] = torch.from_numpy(uld)
         return batch

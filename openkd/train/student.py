@@ -69,7 +69,7 @@ def load_tokenizer(student: str, *, trust_remote_code: bool, chat_template: str 
         ) from exc
     if chat_template is not None:
         tokenizer.chat_template = read_template_file(chat_template)
-    from openkd.train.preflight import template_text
+    from openkd.chat import template_text
 
     if template_text(tokenizer) is None:
         raise OpenkdError(

@@ -152,7 +152,7 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
 
     Dataset preparation builds each example on the teacher's own completion ids (see
     `openkd.train.soft`), the collator adds the teacher's arrays, and `compute_loss` asks the
-    model (patched by `openkd.train.kd.add_kd_head`) for the loss of `openkd.train.kd`. TRL's
+    model (patched by `openkd.distill.kd.add_kd_head`) for the loss of `openkd.distill.kd`. TRL's
     labels (-100 on the prompt) decide which positions carry loss; checkpointing, resume,
     LoRA and DeepSpeed are the Trainer's, unchanged.
     """
@@ -160,7 +160,7 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
     def __init__(
         self, *args: Any, soft: Any, alpha: float, temperature: float, **kwargs: Any
     ) -> None:
-        from openkd.train.kd import add_kd_head
+        from openkd.distill.kd import add_kd_head
         from openkd.train.soft import TeacherCollator
 
         self.soft = soft
@@ -191,6 +191,7 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
                     "reader": self.soft.reader,
                     "eos_id": self.eos_id,
                     "max_length": args.max_length,
+                    "aligner": self.soft.aligner,
                 },
                 remove_columns=[c for c in dataset.column_names if c != "id"],
                 num_proc=args.dataset_num_proc,
@@ -211,7 +212,9 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("id", "kd_start"):
+        from openkd.train.soft import CROSS_KEYS
+
+        for column in ("id", "kd_start", *(CROSS_KEYS if self.soft.aligner else ())):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 

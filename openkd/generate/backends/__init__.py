@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from openkd.generate.backends.base import Backend
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
-# backend name -> "module:class"; each class takes the GenerateConfig in its constructor.
+# backend name -> "module:class"; each class takes a TeacherSpec (`spec.py`) in its constructor.
 REGISTRY = {
     "mock": "openkd.generate.backends.mock:MockBackend",
     "vllm": "openkd.generate.backends.vllm:VLLMBackend",
@@ -19,6 +19,6 @@ REGISTRY = {
 }
 
 
-def make_backend(cfg: GenerateConfig) -> Backend:
-    module, cls = REGISTRY[cfg.backend].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+def make_backend(spec: TeacherSpec) -> Backend:
+    module, cls = REGISTRY[spec.backend].split(":")
+    return getattr(importlib.import_module(module), cls)(spec)

@@ -94,7 +94,7 @@ Answer = tuple[Request, Completion]
 
 
 class Backend(Protocol):
-    """A teacher. Use as a context manager: `with make_backend(cfg) as teacher: ...`."""
+    """A teacher. Use as a context manager: `with make_backend(spec) as teacher: ...`."""
 
     name: str
 

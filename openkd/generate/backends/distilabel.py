@@ -33,7 +33,7 @@ from openkd.generate.backends.window import RequestWindow
 from openkd.system import package_version
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
 # Our setting -> the argument names distilabel classes use for it, in order of preference.
 ARGUMENT_NAMES = {
@@ -89,7 +89,7 @@ class DistilabelBackend(BatchedBackend):
 
     name = "distilabel"
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: TeacherSpec) -> None:
         super().__init__()
         assert cfg.llm_class is not None
         self.class_path = cfg.llm_class
@@ -218,7 +218,7 @@ def _accepted_arguments(llm: Any) -> set[str]:
     return set(inspect.signature(method).parameters) - {"input", "inputs", "num_generations"}
 
 
-def _constructor_kwargs(cls: type, cfg: GenerateConfig) -> dict[str, Any]:
+def _constructor_kwargs(cls: type, cfg: TeacherSpec) -> dict[str, Any]:
     """llm_kwargs, plus openkd's flags for the fields the class has and llm_kwargs leaves out."""
     fields = getattr(cls, "model_fields", {})
     kwargs = dict(cfg.llm_kwargs)

@@ -1,9 +1,9 @@
 """A deterministic offline teacher: answers by a learnable rule, fails or truncates on request.
 
 It exercises everything around a real teacher (streaming, resume, failures, truncation
-filtering, token accounting) in seconds and without a model. Its rules answer the last user
-message (`openkd make-tiny --prompts` writes prompts for them), so a student trained on the
-answers can be scored exactly.
+filtering, token accounting) in seconds and without a model. Its rules (the toy tasks of
+`openkd.tiny.tasks`, for which `openkd make-tiny --prompts` writes prompts) answer the last
+user message, so a student trained on the answers can be scored exactly.
 
 With `--mock-latency S` it behaves like a continuous-batching engine: at most `--concurrency`
 answers decode at once, each takes S seconds per answer token, and a freed slot takes the next
@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,34 +32,13 @@ from openkd.generate.backends.base import (
     Sampling,
     TokenLogprobs,
 )
+from openkd.tiny.tasks import RULES, wrong_answer
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
-
-NUMBER_RE = re.compile(r"-?\d+")
-REVERSE_PREFIX = "Reverse the words: "
-SUM_PREFIX = "Add the numbers: "
-
-
-def reverse_words(prompt: str) -> str:
-    """The words after the task prefix, in reverse order."""
-    body = prompt.removeprefix(REVERSE_PREFIX)
-    return " ".join(reversed(body.split()))
-
-
-def sum_numbers(prompt: str) -> str:
-    """The sum of every integer in the prompt."""
-    return str(sum(int(n) for n in NUMBER_RE.findall(prompt)))
-
+    from openkd.generate.backends.spec import TeacherSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DEFAULT_SLOTS = 256
-
-RULES: dict[str, Callable[[str], str]] = {
-    "reverse": reverse_words,
-    "sum": sum_numbers,
-    "echo": lambda prompt: prompt,
-}
 
 
 def _regex(flag: str, pattern: str | None) -> re.Pattern[str] | None:
@@ -69,14 +48,6 @@ def _regex(flag: str, pattern: str | None) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as exc:
         raise OpenkdError(f"{flag} '{pattern}' is not a valid regex ({exc}); fix it") from exc
-
-
-def wrong_answer(answer: str) -> str:
-    """A plausible wrong answer: a number off by one, or words in another order."""
-    words = answer.split()
-    if len(words) == 1 and words[0].lstrip("-").isdigit():
-        return str(int(words[0]) + 1)
-    return " ".join(words[1:] + words[:1]) if len(words) > 1 else answer + " indeed"
 
 
 def last_user_message(messages: list[Message]) -> str:
@@ -97,7 +68,7 @@ class MockBackend(BackendBase):
 
     name = "mock"
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: TeacherSpec) -> None:
         super().__init__()
         self.rule = RULES[cfg.mock_rule]
         self.latency = cfg.mock_latency

@@ -36,7 +36,7 @@ from openkd.generate.backends.base import (
     TokenLogprobs,
 )
 from openkd.generate.backends.window import RequestWindow
-from openkd.generate.vllm.engine import check_answer_fits, server_logprobs
+from openkd.generate.vllm.options import check_answer_fits, server_logprobs
 from openkd.system import (
     open_descriptors,
     out_of_files,
@@ -45,7 +45,7 @@ from openkd.system import (
 )
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
     from openkd.generate.vllm.server import ServedTeacher
 
 # Why a request's last attempt got no answer from the server at all (None: it did): such a
@@ -198,7 +198,7 @@ class OpenAIBackend(BackendBase):
     retry_max_delay = 60.0
     connect_timeout = 10.0
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: TeacherSpec) -> None:
         super().__init__()
         self.cfg = cfg
         self.base_url = cfg.base_url

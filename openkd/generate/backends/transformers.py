@@ -18,7 +18,7 @@ from openkd.paths import model_path
 from openkd.system import free_memory
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
 # Prompts per forward pass: big enough to keep a CPU busy, small enough that left padding
 # and the KV cache stay cheap. Prompts are sorted by length first, so padding is small.
@@ -136,7 +136,7 @@ class TransformersBackend(BatchedBackend):
 
     name = "transformers"
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: TeacherSpec) -> None:
         super().__init__()
         self.group = cfg.concurrency or DEFAULT_IN_FLIGHT
         self.model_name = cfg.teacher

@@ -32,7 +32,7 @@ from openkd.generate.backends.base import (
     TeacherUnavailable,
     TokenLogprobs,
 )
-from openkd.generate.vllm.engine import (
+from openkd.generate.vllm.options import (
     GENERATION_CONFIG_KEYS,
     check_answer_fits,
     engine_failed,
@@ -41,7 +41,7 @@ from openkd.generate.vllm.engine import (
 )
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
 MIN_IN_FLIGHT = 64
 WATCH_SECONDS = 1.0  # how often a dead engine is looked for while a step waits
@@ -52,7 +52,7 @@ class VLLMBackend(BackendBase):
 
     name = "vllm"
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: TeacherSpec) -> None:
         super().__init__()
         self.cfg = cfg
         self._llm: Any = None

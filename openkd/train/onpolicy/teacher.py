@@ -1,9 +1,12 @@
 """The on-policy teacher before its weights load: where it is, whether it shares the student's
 vocabulary, and what identifies it for the run record.
 
-The loss compares the two models' next-token distributions id by id, so every token must have
-the same id in both tokenizers and both heads must be the same size. Checked from the
-tokenizer and config files alone, in seconds, before any weights load.
+TRL's DistillationTrainer compares the two models' next-token distributions id by id: that
+needs every token to have the same id in both tokenizers ("same"). Heads of different sizes
+over one tokenizer (the embedding padding differs, e.g. Qwen2.5 7B and 0.5B) are fine: the
+teacher's head is resized to the student's, which only touches rows no token uses. Teachers
+with another vocabulary train with TRL's GOLD trainer (`openkd.train.onpolicy.gold`) unless
+--cross-tokenizer off. Checked from the tokenizer and config files alone, before any weights load.
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ from openkd.train.soft import vocab_mismatch
 from openkd.train.student import is_local
 
 CROSS_TOKENIZER = (
-    "on-policy distillation compares the two models' next-token distributions id by id, so "
-    "they must share one vocabulary: pick a teacher of the student's family (distilling across "
-    "tokenizers is the planned --cross-tokenizer option, not available yet)"
+    "on-policy distillation with --cross-tokenizer off compares the two models' next-token "
+    "distributions id by id, so they must share one vocabulary: pick a teacher of the student's "
+    "family, or drop --cross-tokenizer off to align the two by text (TRL's GOLD trainer)"
+)
+ONE_VOCABULARY = (
+    "the reverse KL compares the two models' next-token distributions id by id, so they must "
+    "share one vocabulary and head size: pick a teacher of the student's family (training "
+    "across tokenizers: `openkd train --loss on-policy`, --cross-tokenizer)"
+)
+SERVED_CROSS = (
+    "a served teacher (--teacher-base-url, --teacher-serve) scores the student's own token ids, "
+    "so it must share the student's vocabulary: load --teacher in the training process instead "
+    "(drop the served-teacher flag) to distill across tokenizers with GOLD"
 )
 # Bytes hashed from the start of each weight file: enough to tell two checkpoints apart (the
 # header names every tensor and its offsets) without reading a 100 GB teacher.
@@ -34,8 +47,13 @@ class Teacher:
 
     name: str  # as the user gave it
     path: str  # absolute for a local directory, the id for a Hub model
-    vocab_size: int  # both models' logits size
+    vocab_size: int  # the student's logits size
     identity: dict[str, Any] = field(default_factory=dict)
+    # "same": one vocabulary (TRL DistillationTrainer); "gold" or "uld": another vocabulary,
+    # aligned by text (TRL's GOLD trainer, `openkd.train.onpolicy.gold`)
+    method: str = "same"
+    teacher_vocab_size: int = 0  # the teacher's logits size (differs when padded differently)
+    tokenizer_size: int = 0  # tokens in the teacher's tokenizer
     lines: list[str] = field(default_factory=list)
 
 
@@ -78,52 +96,114 @@ def _vocab_size(model: str, flag: str, *, trust_remote_code: bool) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-def check_teacher(
-    teacher: str, student: str, student_tokenizer: Any, *, trust_remote_code: bool
-) -> Teacher:
-    """Raise unless the teacher maps every token as the student does and has its head size."""
+def _load_tokenizer(path: str, teacher: str, *, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    path = resolve_teacher(teacher)
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise OpenkdError(
             f"--teacher {teacher}: could not load its tokenizer ({brief(exc)}); check the path "
             "or id (remote-code models need --trust-remote-code)"
         ) from exc
+
+
+def check_teacher(
+    teacher: str,
+    student: str,
+    student_tokenizer: Any,
+    *,
+    trust_remote_code: bool,
+    cross: str | None = None,
+    served: bool = False,
+) -> Teacher:
+    """The method that fits this pair: one vocabulary ("same", heads of any padding), or
+    another vocabulary aligned by text ("gold"/"uld", --cross-tokenizer `cross`); raise when
+    none does. `cross` None (eval's reverse KL): one vocabulary and one head size only."""
+    path = resolve_teacher(teacher)
+    teacher_tokenizer = _load_tokenizer(path, teacher, trust_remote_code=trust_remote_code)
     teacher_vocab = teacher_tokenizer.get_vocab()
     student_vocab = student_tokenizer.get_vocab()
     wrong = vocab_mismatch(teacher_vocab, student_vocab)
     extra = len(set(student_vocab) - set(teacher_vocab))
+    t_size = _vocab_size(path, "--teacher", trust_remote_code=trust_remote_code)
+    s_size = _vocab_size(student, "--student", trust_remote_code=trust_remote_code)
+    common: dict[str, Any] = dict(
+        name=teacher,
+        path=path,
+        vocab_size=s_size,
+        identity=weights_identity(path),
+        teacher_vocab_size=t_size,
+        tokenizer_size=len(teacher_tokenizer),
+    )
     if wrong or extra:
         example = ""
         if wrong:
             token, t_id, s_id = wrong[0]
             theirs = "is missing" if s_id is None else f"is id {s_id}"
             example = f" (e.g. {token!r} is id {t_id} in the teacher and {theirs} in the student)"
-        raise OpenkdError(
+        differ = (
             f"--teacher {teacher} and the student tokenize differently: {len(wrong) + extra:,} "
-            f"tokens differ{example}; {CROSS_TOKENIZER}"
+            f"tokens differ{example}"
         )
-    t_size = _vocab_size(path, "--teacher", trust_remote_code=trust_remote_code)
-    s_size = _vocab_size(student, "--student", trust_remote_code=trust_remote_code)
-    if t_size != s_size:
+        if served:
+            raise OpenkdError(f"{differ}; {SERVED_CROSS}")
+        if cross is None:
+            raise OpenkdError(f"{differ}; {ONE_VOCABULARY}")
+        if cross == "off":
+            raise OpenkdError(f"{differ}; {CROSS_TOKENIZER}")
+        from openkd.train.onpolicy.gold import cross_lines
+
+        method = "uld" if cross == "uld" else "gold"
+        return Teacher(
+            **common,
+            method=method,
+            lines=cross_lines(teacher_tokenizer, student_tokenizer, method, cross, teacher),
+        )
+    shared = len(student_tokenizer)
+    if t_size < shared:  # the tokenizer has ids the teacher's head cannot score
+        raise OpenkdError(
+            f"--teacher {teacher} has {t_size:,} logits per position but its tokenizer "
+            f"{shared:,} tokens: its config does not fit its tokenizer; check the teacher"
+        )
+    line = (
+        f"the teacher's tokenizer ({teacher}) maps all its {len(teacher_vocab):,} tokens to "
+        f"the student's ids; both heads have {s_size:,} logits"
+    )
+    if t_size != s_size and cross is None:
         raise OpenkdError(
             f"--teacher {teacher} has {t_size:,} logits per position and the student "
             f"{s_size:,}, though their tokenizers agree (the embeddings are padded "
-            f"differently); TRL's DistillationTrainer needs equal sizes: {CROSS_TOKENIZER}"
+            f"differently); {ONE_VOCABULARY}"
         )
-    return Teacher(
-        name=teacher,
-        path=path,
-        vocab_size=s_size,
-        identity=weights_identity(path),
-        lines=[
+    if t_size != s_size:
+        line = (
             f"the teacher's tokenizer ({teacher}) maps all its {len(teacher_vocab):,} tokens to "
-            f"the student's ids; both heads have {s_size:,} logits",
-        ],
-    )
+            f"the student's ids; its head has {t_size:,} rows and the student's {s_size:,} "
+            f"(padding beyond the {shared:,} tokens): the teacher's head is resized to "
+            f"{s_size:,} rows, touching only rows no token uses"
+        )
+    return Teacher(**common, lines=[line])
+
+
+def load_resized_teacher(path: str, args: Any, rows: int) -> Any:
+    """The teacher loaded as TRL would load it from `args`, its embeddings resized to `rows`
+    (the student's head size; the rows past the shared tokenizer are padding)."""
+    import torch
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(args.teacher_model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    kwargs["dtype"] = dtype if dtype in ("auto", None) else getattr(torch, dtype)
+    if args.teacher_model_revision is not None:
+        kwargs.setdefault("revision", args.teacher_model_revision)
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    model = create_model_from_path(path, **kwargs)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    args.teacher_model_init_kwargs = None  # TRL refuses init kwargs with a loaded model
+    return model
 
 
 def identity_settings(cfg: Any, teacher: Teacher) -> dict[str, Any]:
@@ -138,4 +218,9 @@ def identity_settings(cfg: Any, teacher: Teacher) -> dict[str, Any]:
         "num_samples": cfg.samples_per_prompt,
         "sampling_temperature": cfg.sampling_temperature or 1.0,
         "sampling_top_p": cfg.sampling_top_p or 1.0,
+        # A served teacher's loss is over another support: not the same run (no key when local,
+        # so local runs' records stay as they were).
+        **({"teacher_placement": "served"} if cfg.served_teacher else {}),
+        # Across tokenizers the loss is GOLD's: another run (no key for one vocabulary).
+        **({"cross_tokenizer": teacher.method} if teacher.method != "same" else {}),
     }

@@ -68,6 +68,8 @@ def _sync(tensor: torch.Tensor) -> None:
 class OpenkdOnPolicyTrainer(DistillationTrainer):
     """On-policy distillation for `openkd train --loss on-policy` (see the module docstring)."""
 
+    reverse_kl_kind = "exact"  # over the whole vocabulary (`openkd.train.onpolicy.served`)
+
     def __init__(
         self,
         *args: Any,
@@ -240,7 +242,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         return result
 
     def _record_reverse_kl(self, inputs: dict[str, Any]) -> None:
-        from openkd.train.onpolicy.divergence import reverse_kl_sum
+        from openkd.distill.divergence import reverse_kl_sum
 
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
@@ -252,6 +254,10 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
             self.accelerator.unwrap_model(self.teacher_model),
             mask,
         )
+        self._append_reverse_kl(total, count)
+
+    def _append_reverse_kl(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Add this micro-batch's mean reverse KL over all processes to the logged metrics."""
         sums = torch.stack([total.float(), count.float().to(total.device)])[None]
         total_v, count_v = self.accelerator.gather(sums).sum(0).tolist()
         if count_v:
@@ -283,6 +289,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         kls = [(e["step"], e["reverse_kl"]) for e in history if e.get("reverse_kl") is not None]
         shares = self.times.shares(self.times.total)
         return {
+            "reverse_kl_kind": self.reverse_kl_kind,
             "reverse_kl_start": kls[0][1] if kls else None,
             "reverse_kl_start_step": kls[0][0] if kls else None,
             "reverse_kl_end": kls[-1][1] if kls else None,

@@ -15,7 +15,7 @@ from openkd.errors import ConfigError, OpenkdError, brief
 from openkd.paths import looks_like_path, model_path, require_local_model
 
 if TYPE_CHECKING:
-    from openkd.generate.config import GenerateConfig
+    from openkd.generate.backends.spec import TeacherSpec
 
 # Sampling defaults a model's generation_config.json may set that vLLM applies on top of a
 # request's explicit fields (temperature, top_p, max_tokens, seed and stop are always sent).
@@ -79,7 +79,7 @@ def check_vllm_args(vllm_args: dict[str, Any]) -> None:
             )
 
 
-def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
+def engine_options(cfg: TeacherSpec) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (and, as flags, for the vLLM server)."""
     options: dict[str, Any] = {
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -102,7 +102,7 @@ def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
     return options
 
 
-def llm_arguments(cfg: GenerateConfig) -> dict[str, Any]:
+def llm_arguments(cfg: TeacherSpec) -> dict[str, Any]:
     """`vllm.LLM(**llm_arguments(cfg))`: the teacher, its `~` expanded, and the engine options."""
     return {"model": model_path(cfg.teacher), **engine_options(cfg)}
 
@@ -169,7 +169,7 @@ def check_answer_fits(max_new_tokens: int, max_model_len: int | None, where: str
         )
 
 
-def preflight(cfg: GenerateConfig) -> None:
+def preflight(cfg: TeacherSpec) -> None:
     """Everything that can be checked about a vLLM engine before starting one."""
     from openkd.generate.vllm.gpus import check_parallel_fits
     from openkd.versions import check_vllm

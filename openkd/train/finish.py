@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -104,15 +105,17 @@ def start_summary(prepared: Prepared, trainer: Trainer) -> None:
     if prepared.soft is not None:
         rows.insert(-1, ("loss", loss_description(cfg, prepared.soft.k)))
         rows.insert(-1, ("teacher log-probs", prepared.soft.describe()))
+        if prepared.soft.coverage is not None:
+            rows.insert(-1, ("cross-tokenizer", prepared.soft.describe_cross() or ""))
     console.summary_table("openkd train", rows)
 
 
-def loss_description(cfg: TrainConfig, k: int | None) -> str:
+def loss_description(cfg: TrainConfig, k: int | None, method: str | None = None) -> str:
     """The training loss in words, for the summary and the model card."""
     if cfg.on_policy:
         from openkd.train.onpolicy.setup import loss_description as on_policy_loss
 
-        return on_policy_loss(cfg)
+        return on_policy_loss(cfg, method)
     if not cfg.soft_labels:
         return "answer tokens only (completion_only_loss)"
     kl = f"T²·KL(teacher top-{k} + rest ‖ student), T={cfg.temperature:g}"
@@ -214,7 +217,14 @@ def results(trainer: Trainer, meter: RunMeter) -> dict[str, Any]:
         "tokens_per_second": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
         # --loss on-policy: the reverse KL at start and end, where the step time went
         **(trainer.run_results() if hasattr(trainer, "run_results") else {}),
+        **_cross_tokenizer(trainer),
     }
+
+
+def _cross_tokenizer(trainer: Trainer) -> dict[str, Any]:
+    """--loss soft|mix across tokenizers: the method and the pre-flight's coverage."""
+    coverage = getattr(getattr(trainer, "soft", None), "coverage", None)
+    return {"cross_tokenizer": coverage.record()} if coverage is not None else {}
 
 
 def _card_settings(cfg: TrainConfig, trainer: Trainer) -> dict[str, Any]:
@@ -229,8 +239,19 @@ def _card_settings(cfg: TrainConfig, trainer: Trainer) -> dict[str, Any]:
         "packing": cfg.packing,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "seed": cfg.seed,
-        "loss": loss_description(cfg, getattr(getattr(trainer, "soft", None), "k", None)),
+        "loss": loss_description(
+            cfg,
+            getattr(getattr(trainer, "soft", None), "k", None),
+            getattr(trainer, "method", None),  # --loss on-policy across tokenizers: gold/uld
+        ),
     }
+    cross = _cross_tokenizer(trainer).get("cross_tokenizer")
+    if cross:
+        settings["cross-tokenizer"] = (
+            f"{cross['method']}, coverage {cross['coverage']:.1%} (exact {cross['exact']:.1%}, "
+            f"merged {cross['merged']:.1%}, ULD {cross['uld']:.1%}) of {cross['positions']:,} "
+            f"answer tokens of the first {cross['rows']} rows"
+        )
     if cfg.lora:
         targets = ", ".join(cfg.lora_target_modules or ["all-linear"])
         settings["LoRA"] = (
@@ -239,7 +260,10 @@ def _card_settings(cfg: TrainConfig, trainer: Trainer) -> dict[str, Any]:
     return settings
 
 
-def write_cards(prepared: Prepared, trainer: Trainer, results: dict[str, Any]) -> None:
+def write_cards(
+    prepared: Prepared, trainer: Trainer, results: dict[str, Any], curves: Path | None = None
+) -> None:
+    """The student's card; `curves`, the training curves PNG in --output-dir, is linked."""
     from openkd.data.jsonl import write_text_atomic
     from openkd.train.card import CardInfo, render_card
 
@@ -266,11 +290,18 @@ def write_cards(prepared: Prepared, trainer: Trainer, results: dict[str, Any]) -
         merged=False,
         repo_id=cfg.push_to_hub,
         versions=library_versions("trl", "transformers", "torch", "peft", "datasets", "accelerate"),
+        curves=curves.name if curves is not None else None,
         **extra,
     )
     write_text_atomic(cfg.output_dir / "README.md", render_card(info))
     if cfg.lora and cfg.merge_lora:
         merged = dataclasses.replace(info, merged=True)
+        if curves is not None:  # the merged folder is what gets shared: its card's picture too
+            try:
+                shutil.copyfile(curves, cfg.output_dir / MERGED_DIR / curves.name)
+            except OSError as exc:
+                console.warn(f"{curves.name} not copied to {MERGED_DIR}/: {exc}")
+                merged = dataclasses.replace(merged, curves=None)
         write_text_atomic(cfg.output_dir / MERGED_DIR / "README.md", render_card(merged))
 
 

@@ -79,14 +79,21 @@ def teacher_log_buckets(top_logprobs: torch.Tensor, temperature: float = 1.0) ->
 
 
 def student_log_buckets(
-    logits: torch.Tensor, top_ids: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log Q over the K + 1 buckets [N, K + 1] from the student's logits [N, V].
 
     The rest bucket's logit is the logsumexp over the V - K other tokens, computed with those
     K masked out (exact and stable, unlike log(1 - top mass) when the top mass is near 1).
+    `valid` [N, K] (cross-tokenizer targets, fewer than K ids): a padding slot repeats a valid
+    id of its row and is an empty bucket (logit LOGPROB_FLOOR, as the teacher's padding).
     """
     top = logits.gather(-1, top_ids)
+    if valid is not None:
+        top = torch.where(valid, top, torch.full_like(top, LOGPROB_FLOOR))
     masked = logits.scatter(-1, top_ids, float("-inf"))
     rest = torch.logsumexp(masked, dim=-1, keepdim=True)
     return F.log_softmax(torch.cat([top, rest], -1) / temperature, dim=-1)
@@ -98,6 +105,7 @@ class Terms:
 
     ce: torch.Tensor  # [N] hard-label cross-entropy at T = 1
     kl: torch.Tensor  # [N] KL(teacher || student) over the K + 1 buckets at temperature T
+    # (ULD's sorted-probability L1 where the position's target is ULD: cross-tokenizer)
     student_top1: torch.Tensor  # [N] the student's most likely token
 
 
@@ -107,15 +115,37 @@ def kd_terms(
     top_ids: torch.Tensor,
     top_logprobs: torch.Tensor,
     temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+    uld: torch.Tensor | None = None,
 ) -> Terms:
-    """Cross-entropy and bucket KL for every position of `logits` [N, V] (float32 inside)."""
+    """Cross-entropy and bucket KL for every position of `logits` [N, V] (float32 inside).
+
+    `valid` [N, K]: which of the K slots hold a target (cross-tokenizer); `uld` [N]: positions
+    whose target is ULD's (`uld_distance`) instead of the KL.
+    """
     logits = _upcast(logits)
     ce = torch.logsumexp(logits, -1) - logits.gather(-1, labels[:, None]).squeeze(-1)
     log_p = teacher_log_buckets(top_logprobs, temperature)
-    log_q = student_log_buckets(logits, top_ids, temperature)
+    log_q = student_log_buckets(logits, top_ids, temperature, valid)
     log_p = log_p.to(torch.promote_types(log_p.dtype, log_q.dtype))
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if uld is not None and bool(uld.any()):
+        kl = torch.where(uld, uld_distance(logits, log_p, temperature), kl)
     return Terms(ce=ce, kl=kl, student_top1=logits.argmax(-1))
+
+
+def uld_distance(logits: torch.Tensor, log_p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): L1 between sorted probability vectors, no shared ids needed.
+
+    The teacher's K + 1 buckets (`log_p`) against the student's own top K + rest, each sorted
+    descending: a bound on the Wasserstein-1 distance between the two distributions.
+    """
+    k = log_p.shape[-1] - 1
+    top = logits.topk(k, dim=-1)
+    rest = torch.logsumexp(logits.scatter(-1, top.indices, float("-inf")), -1, keepdim=True)
+    q = F.softmax(torch.cat([top.values, rest], -1) / temperature, dim=-1)
+    p = log_p.exp()
+    return (q.sort(-1, descending=True).values - p.sort(-1, descending=True).values).abs().sum(-1)
 
 
 def position_loss(
@@ -186,9 +216,11 @@ def _chunk_terms(
     alpha: float,
     temperature: float,
     transform: LogitTransform,
+    valid: torch.Tensor | None = None,
+    uld: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Terms]:
     logits = transform(F.linear(hidden, weight, bias))
-    terms = kd_terms(logits, labels, top_ids, top_logprobs, temperature)
+    terms = kd_terms(logits, labels, top_ids, top_logprobs, temperature, valid, uld)
     return position_loss(terms, has_teacher, alpha, temperature).sum(), terms
 
 
@@ -214,6 +246,8 @@ class _ChunkedKD(torch.autograd.Function):
         chunk: int,
         transform: LogitTransform,
         needs: tuple[bool, bool, bool],
+        valid: torch.Tensor | None,
+        uld: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         need_h, need_w, need_b = needs
         device = hidden.device
@@ -236,6 +270,8 @@ class _ChunkedKD(torch.autograd.Function):
                 loss, terms = _chunk_terms(
                     h, w, b, labels[start:end], top_ids[start:end], top_logprobs[start:end],
                     has_teacher[start:end], alpha, temperature, transform,
+                    None if valid is None else valid[start:end],
+                    None if uld is None else uld[start:end],
                 )  # fmt: skip
                 wanted: list[Any] = [
                     t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need
@@ -248,6 +284,8 @@ class _ChunkedKD(torch.autograd.Function):
             if need_b and grad_b is not None:
                 grad_b += grads.pop(0)
             has = has_teacher[start:end]
+            if uld is not None:  # KL and agreement: positions whose target names ids
+                has = has & ~uld[start:end]
             sums += torch.stack(
                 [
                     loss.detach().double(),
@@ -278,7 +316,7 @@ class _ChunkedKD(torch.autograd.Function):
             (grad_h * scale).to(dtype_h) if need_h else None,
             (grad_w * scale).to(dtype_w) if need_w else None,
             (grad_b * scale).to(dtype_b) if need_b else None,
-            *([None] * 9),
+            *([None] * 11),
         )
 
 
@@ -295,8 +333,13 @@ def chunked_kd_loss(
     temperature: float = 1.0,
     chunk: int | None = None,
     transform: LogitTransform | None = None,
+    valid: torch.Tensor | None = None,
+    uld: torch.Tensor | None = None,
 ) -> KDSums:
-    """The summed loss of positions `hidden` [N, H] (labels [N], teacher [N, K], has [N])."""
+    """The summed loss of positions `hidden` [N, H] (labels [N], teacher [N, K], has [N]).
+
+    `valid` [N, K] and `uld` [N]: cross-tokenizer targets (`kd_terms`).
+    """
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
@@ -306,7 +349,7 @@ def chunked_kd_loss(
     loss, stats = _ChunkedKD.apply(
         hidden, weight, bias, labels, top_ids.long(), top_logprobs, has_teacher.bool(), alpha,
         temperature, chunk or chunk_positions(weight.shape[0]), transform or LogitTransform(),
-        needs,
+        needs, None if valid is None else valid.bool(), None if uld is None else uld.bool(),
     )  # fmt: skip
     return KDSums(
         loss=loss,
@@ -350,6 +393,8 @@ def add_kd_head(model: Any, *, alpha: float, temperature: float, chunk: int | No
         teacher_ids: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
+        teacher_valid: torch.Tensor | None = None,
+        teacher_uld: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: Any = None,
         **kwargs: Any,
@@ -383,6 +428,10 @@ def add_kd_head(model: Any, *, alpha: float, temperature: float, chunk: int | No
                 temperature=temperature,
                 chunk=chunk,
                 transform=transform,
+                valid=None
+                if teacher_valid is None
+                else teacher_valid[:, 1:].to(shifted.device)[mask],
+                uld=None if teacher_uld is None else teacher_uld[:, 1:].to(shifted.device)[mask],
             )
         positions = mask.sum()
         denominator = positions.clamp(min=1) if num_items_in_batch is None else num_items_in_batch

@@ -70,3 +70,29 @@ def reverse_kl_sum(
             getattr(t_cfg, "final_logit_softcapping", None),
         )
         return divergence.sum(), count
+
+
+def top1_tail_reverse_kl_sum(
+    student_log_probs: torch.Tensor, teacher_actual: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over scored positions of the reverse KL on {sampled token, the rest}, positions).
+
+    What a served teacher allows (it returns the sampled token's log-probability, not the whole
+    distribution) and what TRL's server loss minimises with beta 1: KL(student || teacher)
+    between the two-bucket distributions (p(x), 1 - p(x)) of the sampled token x. A lower bound
+    of the exact reverse KL (the data-processing inequality), equal where both put their mass
+    on x. `student_log_probs` `[batch, positions, vocabulary]`; `teacher_actual` `[batch,
+    positions]` the teacher's log p(x); `labels` `[batch, positions]` x, -100 where unscored.
+    """
+    with torch.no_grad():
+        scored = labels != -100
+        count = scored.sum()
+        if not int(count):
+            return torch.zeros((), device=student_log_probs.device), count
+        tokens = labels.clamp_min(0).unsqueeze(-1)
+        s = student_log_probs.detach().float().gather(-1, tokens).squeeze(-1)[scored]
+        t = teacher_actual.to(s.device).float()[scored]
+        s, t = s.clamp(max=-1e-7), t.clamp(max=-1e-7)  # keep the tail bucket's mass positive
+        s_rest, t_rest = torch.log(-torch.expm1(s)), torch.log(-torch.expm1(t))
+        kl = s.exp() * (s - t) + s_rest.exp() * (s_rest - t_rest)
+        return kl.sum(), count
