@@ -32,7 +32,7 @@ demo: setup
 # fixtures such as engines and trained tiny models are built once), longest files first (the
 # order tests/conftest.py sets; xdist's own would start the minutes-long proofs last).
 test *args: setup
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not long" {{args}}
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 {{bin}}/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not long" --durations=30 {{args}}
 
 # The tests too long for CI: the planner's real pilot sweep (minutes of CPU training).
 test-long *args: setup
