@@ -4,7 +4,7 @@ A learning rate far too high (or an overflow in bf16) makes the loss or the grad
 NaN; from that optimizer step on the weights are garbage, and the Trainer would go on to save
 them as checkpoints and as the final student, with exit 0. The guard looks at every optimizer
 step (not only at logging steps): the trainer hands it each micro-batch's loss and the step's
-gradient norm (`OpenkdSFTTrainer.training_step` / `_get_grad_norm`), and at the step's end it
+gradient norm (the `GuardedTrainer` mixin of every openkd trainer), and at the step's end it
 stops the run, cancels that step's checkpoint and evaluation, and flags the run, so
 `openkd train` saves nothing and exits with one line (`results.stop_if_diverged`).
 """
@@ -124,3 +124,28 @@ class NonFiniteGuard(TrainerCallback):
         control.should_training_stop = True
         control.should_save = False
         control.should_evaluate = False
+
+
+class GuardedTrainer:
+    """Mixin for a transformers `Trainer`: a `NonFiniteGuard` sees every micro-batch's loss and
+    every optimizer step's gradient norm. Put it before the Trainer class in the bases and call
+    `attach_guard()` after the Trainer's `__init__`."""
+
+    guard: NonFiniteGuard
+
+    def attach_guard(self) -> None:
+        self.guard = NonFiniteGuard(self)
+        # After the Trainer's own callbacks: the guard may cancel the step's save they ask for.
+        self.add_callback(self.guard)  # type: ignore[attr-defined]
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        self.guard.add_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None):
+        # transformers' hook that turns the step's (pre-clip) gradient norm into the value it
+        # logs; called once per optimizer step, before the optimizer applies the gradients.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+        self.guard.set_grad_norm(grad_norm)
+        return grad_norm

@@ -17,7 +17,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 from trl import SFTTrainer
 
 from openkd import console
-from openkd.train.guard import NonFiniteGuard
+from openkd.train.guard import GuardedTrainer
 from openkd.train.preflight import IGNORE, drop_after_last_eos
 
 
@@ -62,7 +62,7 @@ def token_stats(dataset: Any, eos_id: int) -> tuple[int, int, int]:
     return tokens, trained, cut
 
 
-class OpenkdSFTTrainer(SFTTrainer):
+class OpenkdSFTTrainer(GuardedTrainer, SFTTrainer):
     """SFTTrainer whose examples end at EOS, with token counts for openkd's summaries."""
 
     def __init__(self, *args: Any, eos_id: int, trim_after_eos: bool, **kwargs: Any) -> None:
@@ -71,20 +71,7 @@ class OpenkdSFTTrainer(SFTTrainer):
         self.trim_after_eos = trim_after_eos
         self.prepared: dict[str, PreparedStats] = {}
         super().__init__(*args, **kwargs)
-        self.guard = NonFiniteGuard(self)
-        self.add_callback(self.guard)  # after the Trainer's own: it may cancel their save
-
-    def training_step(self, *args: Any, **kwargs: Any):
-        loss = super().training_step(*args, **kwargs)
-        self.guard.add_loss(loss)
-        return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # transformers' hook that turns the step's (pre-clip) gradient norm into the value it
-        # logs; called once per optimizer step, before the optimizer applies the gradients.
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.guard.set_grad_norm(grad_norm)
-        return grad_norm
+        self.attach_guard()
 
     def _prepare_dataset(
         self, dataset, processing_class, args, packing, formatting_func, dataset_name

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from openkd.train.config import TrainConfig
+    from openkd.train.trainer import PreparedStats
 
 NEEDS = "a `prompt` column of text or of chat messages (an `openkd generate` output has one)"
 
@@ -107,3 +108,38 @@ def load_prompt_data(cfg: TrainConfig) -> TrainData:
 
 def answer_text(row: dict[str, Any]) -> str:
     return "".join(m["content"] for m in row.get("completion") or [])
+
+
+def fit_prompts(
+    dataset: Any, tokenizer: Any, budget: int, name: str, max_length: int
+) -> tuple[Any, PreparedStats]:
+    """Drop prompts longer than `budget` tokens (rendered with the generation prompt): TRL does
+    not cut prompts, and one that leaves no room for `--max-completion-length` cannot train."""
+    from openkd.train.trainer import PreparedStats
+
+    def lengths(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer.apply_chat_template(
+            batch["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return {"_prompt_tokens": [len(ids) for ids in encoded["input_ids"]]}
+
+    rows_in = len(dataset)
+    measured = dataset.map(lengths, batched=True, desc=f"Measuring {name} prompts")
+    fits = [i for i, n in enumerate(measured["_prompt_tokens"]) if n <= budget]
+    if not fits:
+        raise OpenkdError(
+            f"every {name} prompt is longer than --max-length {max_length} minus "
+            f"--max-completion-length {max_length - budget} ({budget} tokens; shortest "
+            f"prompt {min(measured['_prompt_tokens'])}); raise --max-length or lower "
+            "--max-completion-length"
+        )
+    kept = measured.select(fits) if len(fits) < rows_in else measured
+    stats = PreparedStats(
+        rows_in=rows_in,
+        examples=len(kept),
+        tokens=int(sum(kept["_prompt_tokens"])),
+        trained_tokens=0,
+        cut=0,
+        trimmed=0,
+    )
+    return kept.remove_columns("_prompt_tokens"), stats

@@ -24,8 +24,9 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from openkd.errors import ConfigError
-from openkd.train.guard import NonFiniteGuard
-from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer, StepTimes
+from openkd.train.guard import GuardedTrainer
+from openkd.train.onpolicy.data import fit_prompts
+from openkd.train.onpolicy.trainer import StepTimes
 
 if TYPE_CHECKING:
     from openkd.train.config import TrainConfig
@@ -167,7 +168,7 @@ def with_answers(dataset: Any) -> Any:
 # Trainer ----------------------------------------------------------------------------------
 
 
-class OpenkdGoldTrainer(_gold()[1]):  # type: ignore[misc]
+class OpenkdGoldTrainer(GuardedTrainer, _gold()[1]):  # type: ignore[misc]
     """GOLD on-policy distillation with openkd's prompt checks, guard and summaries."""
 
     reverse_kl_kind = "none"
@@ -193,18 +194,12 @@ class OpenkdGoldTrainer(_gold()[1]):  # type: ignore[misc]
         tokenizer = kwargs["processing_class"]
         for key, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
             if kwargs.get(key) is not None:
-                fitted = OpenkdOnPolicyTrainer._fit(
-                    self,
-                    kwargs[key],
-                    tokenizer,
-                    budget,
-                    name,
-                    max_length,
+                fitted, self.prepared[name] = fit_prompts(
+                    kwargs[key], tokenizer, budget, name, max_length
                 )
                 kwargs[key] = with_answers(fitted)
         super().__init__(*args, **kwargs)
-        self.guard = NonFiniteGuard(self)
-        self.add_callback(self.guard)
+        self.attach_guard()
 
     def _generate_on_policy_for_slices(self, slices: Any, on_policy_indices: Any) -> Any:
         started = time.perf_counter()
@@ -226,13 +221,7 @@ class OpenkdGoldTrainer(_gold()[1]):  # type: ignore[misc]
         started = time.perf_counter()
         loss = super().training_step(*args, **kwargs)
         self.times.add("step", time.perf_counter() - started)
-        self.guard.add_loss(loss)
         return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.guard.set_grad_norm(grad_norm)
-        return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.model.training:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from openkd.errors import OpenkdError
-from openkd.train.guard import NonFiniteGuard
+from openkd.train.guard import GuardedTrainer
+from openkd.train.onpolicy.data import fit_prompts
 from openkd.train.trainer import PreparedStats
 
 # TRL warns on import that it was tested with vLLM <= 0.31; openkd pins the pair it tests
@@ -65,7 +65,7 @@ def _sync(tensor: torch.Tensor) -> None:
         torch.cuda.synchronize(tensor.device)
 
 
-class OpenkdOnPolicyTrainer(DistillationTrainer):
+class OpenkdOnPolicyTrainer(GuardedTrainer, DistillationTrainer):
     """On-policy distillation for `openkd train --loss on-policy` (see the module docstring)."""
 
     reverse_kl_kind = "exact"  # over the whole vocabulary (`openkd.train.onpolicy.served`)
@@ -93,46 +93,17 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         tokenizer = kwargs["processing_class"]
         for key, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
             if kwargs.get(key) is not None:
-                kwargs[key] = self._fit(kwargs[key], tokenizer, budget, name, max_length)
+                kwargs[key], self.prepared[name] = fit_prompts(
+                    kwargs[key], tokenizer, budget, name, max_length
+                )
         super().__init__(*args, **kwargs)
-        self.guard = NonFiniteGuard(self)
-        self.add_callback(self.guard)  # after the Trainer's own: it may cancel their save
+        self.attach_guard()
 
     @property
     def _training(self) -> bool:
         return bool(getattr(self.model, "training", False))
 
     # Data -------------------------------------------------------------------------------
-
-    def _fit(self, dataset: Any, tokenizer: Any, budget: int, name: str, max_length: int) -> Any:
-        """Drop prompts longer than `budget` tokens (rendered with the generation prompt)."""
-
-        def lengths(batch: dict[str, list]) -> dict[str, list]:
-            encoded = tokenizer.apply_chat_template(
-                batch["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-            return {"_prompt_tokens": [len(ids) for ids in encoded["input_ids"]]}
-
-        rows_in = len(dataset)
-        measured = dataset.map(lengths, batched=True, desc=f"Measuring {name} prompts")
-        fits = [i for i, n in enumerate(measured["_prompt_tokens"]) if n <= budget]
-        if not fits:
-            raise OpenkdError(
-                f"every {name} prompt is longer than --max-length {max_length} minus "
-                f"--max-completion-length {max_length - budget} ({budget} tokens; shortest "
-                f"prompt {min(measured['_prompt_tokens'])}); raise --max-length or lower "
-                "--max-completion-length"
-            )
-        kept = measured.select(fits) if len(fits) < rows_in else measured
-        self.prepared[name] = PreparedStats(
-            rows_in=rows_in,
-            examples=len(kept),
-            tokens=int(sum(kept["_prompt_tokens"])),
-            trained_tokens=0,
-            cut=0,
-            trimmed=0,
-        )
-        return kept.remove_columns("_prompt_tokens")
 
     def _get_train_sampler(self, dataset: Any = None) -> Any:
         if self.samples_per_prompt == 1:
@@ -270,13 +241,7 @@ class OpenkdOnPolicyTrainer(DistillationTrainer):
         started = time.perf_counter()
         loss = super().training_step(*args, **kwargs)
         self.times.add("step", time.perf_counter() - started)
-        self.guard.add_loss(loss)
         return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.guard.set_grad_norm(grad_norm)
-        return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._training:
