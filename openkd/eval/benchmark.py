@@ -228,9 +228,9 @@ def _answer(
 ) -> list[list[Completion]]:
     """`--num-samples` answers to every prompt by `model`, in order; sample i of a prompt is
     drawn with seed + i (the seed scheme of `generate --num-samples`)."""
-    from openkd.eval.progress import bar
     from openkd.eval.run import _teacher_spec
     from openkd.generate.backends import make_backend
+    from openkd.generate.progress import rows_and_tokens as bar
 
     n = cfg.num_samples
     spec = _teacher_spec(cfg, role, model, sampling)

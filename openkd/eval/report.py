@@ -312,6 +312,17 @@ class Timing:
     nll_seconds: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
+    def record(self) -> dict[str, Any]:
+        """For report.json's `timing`."""
+        return {
+            "generate_seconds": round(self.seconds, 3),
+            "completion_tokens": self.tokens,
+            "completion_tokens_per_second": round(self.tokens / self.seconds, 3)
+            if self.seconds > 0
+            else None,
+            "nll_seconds": None if self.nll_seconds is None else round(self.nll_seconds, 3),
+        }
+
 
 def build_report(
     cfg: EvalConfig,
@@ -340,17 +351,7 @@ def build_report(
         },
         "length_unit": length_unit,
         "models": summaries,
-        "timing": {
-            role: {
-                "generate_seconds": round(t.seconds, 3),
-                "completion_tokens": t.tokens,
-                "completion_tokens_per_second": round(t.tokens / t.seconds, 3)
-                if t.seconds > 0
-                else None,
-                "nll_seconds": None if t.nll_seconds is None else round(t.nll_seconds, 3),
-            }
-            for role, t in timings.items()
-        },
+        "timing": {role: t.record() for role, t in timings.items()},
         "wall_seconds": round(time.monotonic() - started, 3),
         "versions": {**library_versions("transformers", "torch"), **versions},
         "config": redact(cfg.to_yaml_dict()),

@@ -299,9 +299,9 @@ def _answer(
     timing: rp.Timing,
 ) -> list[Completion]:
     """Every example answered by `model`, in order, through the configured backend."""
-    from openkd.eval.progress import bar
     from openkd.generate.backends import make_backend
     from openkd.generate.backends.base import answer_in_order
+    from openkd.generate.progress import rows_and_tokens as bar
 
     spec = _teacher_spec(cfg, role, model, sampling)
     console.info(f"{role}: loading {model} ({spec.backend})")
@@ -331,8 +331,8 @@ def _likelihood(
     the teacher's top-K log-probabilities are stored beside the dataset, the model's KL to them
     and top-1 agreement."""
     from openkd.eval.nll import score_answers
-    from openkd.eval.progress import bar
     from openkd.generate.backends.transformers import load_causal_lm
+    from openkd.generate.progress import rows_and_tokens as bar
 
     console.info(f"{role}: likelihood of the teacher's answers ({model_name}, transformers)")
     model, tokenizer = load_causal_lm(

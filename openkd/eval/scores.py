@@ -126,16 +126,7 @@ def build_report(
             "source": decoding.source,
         },
         "length_unit": length_unit,
-        "timing": {
-            role: {
-                "generate_seconds": round(t.seconds, 3),
-                "completion_tokens": t.tokens,
-                "completion_tokens_per_second": round(t.tokens / t.seconds, 3)
-                if t.seconds > 0
-                else None,
-            }
-            for role, t in timings.items()
-        },
+        "timing": {role: t.record() for role, t in timings.items()},
         "wall_seconds": round(time.monotonic() - started, 3),
         "versions": {**library_versions("transformers", "torch"), **versions},
         "config": redact(cfg.to_yaml_dict()),

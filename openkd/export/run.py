@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from openkd import console
@@ -19,6 +17,7 @@ from openkd.export.sink import Staging
 from openkd.export.source import Source
 from openkd.export.tokens import Tokens, load_tokens
 from openkd.export.writer import FormatWriter, Options
+from openkd.generate.progress import rows_and_tokens
 
 WRITERS: dict[str, type[FormatWriter]] = {
     "axolotl-kd": AxolotlWriter,
@@ -72,10 +71,10 @@ def run(cfg: ExportConfig) -> None:
     try:
         writer = writer_cls(staging.path, provenance, tokens, options)
         streaming = time.monotonic()
-        with _progress(total) as advance:
+        with rows_and_tokens("exporting", total, transient=True, remaining=True) as advance:
             for row in source.rows():
                 writer.add(row)
-                advance(len(row.token_ids))
+                advance(1, len(row.token_ids))
         writer.finish()
         manifest = _manifest(cfg, writer, time.monotonic() - started)
         manifest["stream_seconds"] = round(time.monotonic() - streaming, 3)
@@ -130,36 +129,3 @@ def _report(
             f"{n:,} row(s) left out: {reason} (first: {counts.first_skipped[reason]}); pass "
             "--tokenizer with the chat template the trainer will use"
         )
-
-
-@contextlib.contextmanager
-def _progress(total: int) -> Iterator[Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from openkd.generate.progress import RateColumn
-
-    columns = (
-        TextColumn("exporting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(None, "rows"),
-        RateColumn("tokens", "tok"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console.console, transient=True) as progress:
-        task = progress.add_task("export", total=total, tokens=0)
-        seen = {"tokens": 0}
-
-        def advance(tokens: int) -> None:
-            seen["tokens"] += tokens
-            progress.update(task, advance=1, tokens=seen["tokens"])
-
-        yield advance

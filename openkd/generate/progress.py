@@ -75,3 +75,29 @@ def reading(total: int, description: str = "reading prompts") -> Iterator[Callab
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def rows_and_tokens(
+    description: str, total: int, *, transient: bool = False, remaining: bool = False
+) -> Iterator[Callable[[int, int], None]]:
+    """Yields `advance(rows, tokens)` of a bar with rows/s and tokens/s (eval, export)."""
+    columns: list[ProgressColumn] = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(None, "rows"),
+        RateColumn("tokens", "tok"),
+        TimeElapsedColumn(),
+    ]
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=transient) as progress:
+        task = progress.add_task(description, total=total, tokens=0)
+        seen = {"tokens": 0}
+
+        def advance(rows: int, tokens: int) -> None:
+            seen["tokens"] += tokens
+            progress.update(task, advance=rows, tokens=seen["tokens"])
+
+        yield advance

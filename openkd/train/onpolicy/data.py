@@ -143,3 +143,19 @@ def fit_prompts(
         trimmed=0,
     )
     return kept.remove_columns("_prompt_tokens"), stats
+
+
+def fit_datasets(
+    kwargs: dict[str, Any], max_length: int, wrap: Any = None
+) -> dict[str, PreparedStats]:
+    """`fit_prompts` on a trainer's train and eval datasets, in its keyword arguments (then
+    `wrap`ped); the budget is `max_length` less the config's `max_completion_length`."""
+    budget = max_length - kwargs["args"].max_completion_length
+    prepared = {}
+    for key, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
+        if kwargs.get(key) is not None:
+            fitted, prepared[name] = fit_prompts(
+                kwargs[key], kwargs["processing_class"], budget, name, max_length
+            )
+            kwargs[key] = wrap(fitted) if wrap else fitted
+    return prepared

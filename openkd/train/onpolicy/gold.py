@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from openkd.errors import ConfigError
 from openkd.train.guard import GuardedTrainer
-from openkd.train.onpolicy.data import fit_prompts
+from openkd.train.onpolicy.data import fit_datasets
 from openkd.train.onpolicy.trainer import StepTimes
 
 if TYPE_CHECKING:
@@ -187,17 +187,8 @@ class OpenkdGoldTrainer(GuardedTrainer, _gold()[1]):  # type: ignore[misc]
         self.eos_id = eos_id
         self.samples_per_prompt = samples_per_prompt
         self.method = method
-        self.prepared: dict[str, PreparedStats] = {}
+        self.prepared: dict[str, PreparedStats] = fit_datasets(kwargs, max_length, with_answers)
         self.times = StepTimes()
-        args_ = kwargs["args"]
-        budget = max_length - args_.max_completion_length
-        tokenizer = kwargs["processing_class"]
-        for key, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
-            if kwargs.get(key) is not None:
-                fitted, self.prepared[name] = fit_prompts(
-                    kwargs[key], tokenizer, budget, name, max_length
-                )
-                kwargs[key] = with_answers(fitted)
         super().__init__(*args, **kwargs)
         self.attach_guard()
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from openkd.train.guard import GuardedTrainer
-from openkd.train.onpolicy.data import fit_prompts
+from openkd.train.onpolicy.data import fit_datasets
 from openkd.train.trainer import PreparedStats
 
 # TRL warns on import that it was tested with vLLM <= 0.31; openkd pins the pair it tests
@@ -82,20 +82,12 @@ class OpenkdOnPolicyTrainer(GuardedTrainer, DistillationTrainer):
         self.eos_id = eos_id
         self.samples_per_prompt = samples_per_prompt
         self.lmbda = lmbda
-        self.prepared: dict[str, PreparedStats] = {}
+        self.prepared: dict[str, PreparedStats] = fit_datasets(kwargs, max_length)
         self.times = StepTimes()
         self._offline: list[tuple[list, list]] | None = None
         self._batch_offline = False
         self._measuring = False
         self._hidden: dict[str, torch.Tensor] = {}
-        args_ = kwargs["args"]
-        budget = max_length - args_.max_completion_length
-        tokenizer = kwargs["processing_class"]
-        for key, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
-            if kwargs.get(key) is not None:
-                kwargs[key], self.prepared[name] = fit_prompts(
-                    kwargs[key], tokenizer, budget, name, max_length
-                )
         super().__init__(*args, **kwargs)
         self.attach_guard()
 
