@@ -1,3 +1,3 @@
-"""openkd: two-stage hard-label distillation of large language models."""
+"""openkd: two-stage distillation of large language models (hard labels, soft labels, on-policy)."""
 
 __version__ = "0.1.0"

@@ -66,6 +66,9 @@ def test_every_row_has_its_tokens_and_top_k(tiny_model, tmp_path):
     meta = json.loads((tmp_path / "t.meta.json").read_text())
     assert meta["logprobs"]["k"] == 4 and meta["logprobs"]["dtype"] == "float16"
     assert meta["logprobs"]["bytes"] > 0 and meta["logprobs"]["bytes_per_token"] > 4 * 6
+    card = (tmp_path / "t.README.md").read_text()
+    assert "top-4 log-probabilities for every answer token (float16, in `t.logprobs/`" in card
+    assert "--loss mix" in card
 
     other_k = invoke(
         "generate", "--backend", "mock", "--teacher", tiny_model, "--dataset", dataset,

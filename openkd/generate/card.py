@@ -22,6 +22,19 @@ def _fmt(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
+def _soft_labels(meta: GenerateMeta, name: str) -> list[str]:
+    """With --logprobs K: what the sidecar holds and how a student learns from it."""
+    soft = meta.logprobs
+    if not soft:
+        return []
+    return [
+        f"With the teacher's top-{soft['k']} log-probabilities for every answer token "
+        f"({soft['dtype']}, in `{name}.logprobs/`, keyed by row `id`): soft labels for "
+        "`openkd train --loss mix` (or `--loss soft`), or `openkd export` for other trainers.",
+        "",
+    ]
+
+
 def write_card(files: OutputFiles, meta: GenerateMeta) -> None:
     write_text_atomic(files.card, render_card(meta, name=files.stem.name))
 
@@ -53,9 +66,10 @@ def render_card(meta: GenerateMeta, *, name: str, repo_id: str | None = None) ->
         "",
         f"Teacher answers from **{teacher.get('name')}**{revision}, {decoding}, written by "
         f"openkd {versions.get('openkd', '')} with the "
-        f"`{teacher.get('backend')}` backend, for hard-label distillation: fine-tune a student "
+        f"`{teacher.get('backend')}` backend, for distillation: fine-tune a student "
         "on the `completion` given the `prompt` (`openkd train --dataset ...`).",
         "",
+        *_soft_labels(meta, name),
         "## Contents",
         "",
         "| split | rows | prompt tokens | completion tokens |",
