@@ -80,3 +80,11 @@ def as_id_list(value: int | Sequence[int] | None) -> list[int] | None:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]
+
+
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
+    """The prompt as the student sees it at inference: its chat template + generation prompt."""
+    encoded = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])

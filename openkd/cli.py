@@ -210,8 +210,12 @@ def main() -> None:
     except Preempted as err:  # a clean stop with a checkpoint (rank 0 says so): not an error
         from openkd.train.launch import LAUNCHED_ENV
 
-        if LAUNCHED_ENV not in os.environ:  # else the parent that launched this worker says it
-            console.info(str(err))
+        if LAUNCHED_ENV in os.environ:
+            # A worker of `openkd train`'s own launch: the parent reads the run record and says
+            # it. Exit 0: accelerate's launcher reports any other status as a failure, with a
+            # traceback, and stops the other ranks.
+            sys.exit(0)
+        console.info(str(err))
         sys.exit(err.exit_code)
     except OpenkdError as err:
         if show_tracebacks():

@@ -43,6 +43,18 @@ class Preempted(OpenkdError):
         self.checkpoint = checkpoint
 
 
+class PreemptedBeforeStart(Preempted):
+    """SIGTERM/SIGUSR1 before the first optimizer step: nothing to save, the rerun starts over
+    (or resumes from an earlier run's checkpoint). Exit code 75, like any preemption."""
+
+    def __init__(self) -> None:
+        OpenkdError.__init__(
+            self, "preempted before the first step: nothing to save; rerun the same command"
+        )
+        self.step = 0
+        self.checkpoint = ""
+
+
 def brief(err: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line, clipped: library messages can be pages long."""
     text = " ".join(str(err).split())

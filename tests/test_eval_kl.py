@@ -8,7 +8,7 @@ from openkd.data.jsonl import iter_jsonl
 from openkd.data.logprobs import SidecarReader
 from openkd.eval.kl import teacher_student_kl
 from tests.soft_helpers import sharper_copy, write_teacher_logprobs
-from tests.train_resume_helpers import write_reverse_dataset
+from tests.train_helpers import write_reverse_dataset
 
 
 @pytest.fixture(scope="module")

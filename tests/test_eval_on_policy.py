@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import error_line, invoke
 from tests.soft_helpers import sharper_copy, swap_two_tokens
-from tests.train_resume_helpers import write_reverse_dataset
+from tests.train_helpers import write_reverse_dataset
 
 
 @pytest.fixture(scope="module")

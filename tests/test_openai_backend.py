@@ -10,7 +10,7 @@ import pytest
 
 from openkd.errors import ConfigError, OpenkdError
 from openkd.generate.backends.base import FINISH_ERROR, Request, Sampling, answer_in_order
-from openkd.generate.backends.openai import OpenAIBackend
+from openkd.generate.backends.openai import OpenAIBackend, pool_sizes
 from openkd.generate.backends.spec import teacher_spec
 from openkd.generate.config import GenerateConfig
 from tests.standin_openai import StandIn, completion
@@ -151,6 +151,69 @@ def test_window_refills_as_answers_land_and_stops_on_a_failing_prompt_reader(
     # The prompts read before the failure were answered (the rest of the window may be cut).
     assert answered and all(text == f"prompt {rid[3:]}" for rid, text in answered)
     assert again.text == CONV[0]["content"]
+
+
+@pytest.mark.parametrize("logprobs", [None, 3])
+def test_requests_are_what_the_sdk_sends(standin: StandIn, logprobs: int | None) -> None:
+    """The body and headers openkd posts equal those of `chat.completions.create` with the same
+    arguments (the sample's seed, the stop list, the log-probability fields)."""
+    from openai import AsyncOpenAI
+
+    sampled = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=16, stop=("###",), seed=3)
+    request = Request("id-0", CONV, sample=2, prompt_id="p")
+    with make_backend(standin.base_url, logprobs=logprobs, temperature=0.7) as backend:
+        list(backend.stream([request], sampled))
+        timeout = backend.cfg.request_timeout
+    extra: dict = {}
+    if logprobs:
+        extra = {
+            "logprobs": True,
+            "top_logprobs": logprobs + 1,  # sampling: one more (`server_logprobs`)
+            "extra_body": {"return_tokens_as_token_ids": True},
+        }
+
+    async def with_the_sdk() -> None:
+        client = AsyncOpenAI(
+            base_url=standin.base_url, api_key="EMPTY", max_retries=0, timeout=timeout
+        )
+        await client.chat.completions.create(
+            model="teacher",
+            messages=CONV,
+            temperature=0.7,
+            top_p=0.9,
+            max_tokens=16,
+            seed=5,
+            stop=["###"],
+            n=1,
+            **extra,
+        )
+        await client.close()
+
+    asyncio.run(with_the_sdk())
+    ours, theirs = standin.requests[-2:]
+    assert ours == theirs and ours["seed"] == 5 and ours["stop"] == ["###"]
+    if logprobs:
+        assert ours["return_tokens_as_token_ids"] is True
+    assert standin.headers[-2] == standin.headers[-1]
+
+
+def test_requests_spread_over_small_pools() -> None:
+    """Many requests in flight use several connection pools, none holding more requests than
+    connections; every request is answered once."""
+    assert pool_sizes(1) == (1, 1) and pool_sizes(32) == (1, 32)
+    assert pool_sizes(33) == (2, 17) and pool_sizes(256) == (8, 32)
+    assert pool_sizes(1000) == (32, 32)
+    server = StandIn(backlog=128, echo=True, latency=0.3).start()
+    try:
+        prompts = [[{"role": "user", "content": f"prompt {i}"}] for i in range(80)]
+        with make_backend(server.base_url, concurrency=40) as backend:
+            assert len(backend._clients) == 2
+            answers = answer_in_order(backend, prompts, GREEDY)
+            assert sorted(backend._free) == [0] * 20 + [1] * 20  # every slot handed back
+    finally:
+        server.stop()
+    assert [a.text for a in answers] == [f"prompt {i}" for i in range(80)]
+    assert server.max_in_flight == 40 and len(server.requests) == 80
 
 
 def test_teacher_not_served_names_the_served_models(standin: StandIn) -> None:

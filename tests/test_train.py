@@ -13,7 +13,7 @@ import yaml
 from openkd.tiny import make_prompts
 from tests.conftest import run_cli, write_jsonl
 from tests.helpers import error_line, invoke
-from tests.train_helpers import QWEN_STYLE, records
+from tests.train_helpers import QWEN_STYLE, records, train_argv
 
 TEACHER = "org/teacher-72b"
 EOS = "<|im_end|>"
@@ -45,10 +45,8 @@ def e2e(tiny_model, dataset, tmp_path_factory):
     """One real `openkd train` in a fresh process, as a user runs it."""
     out = tmp_path_factory.mktemp("e2e") / "student"
     proc = run_cli(
-        "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out, *E2E_FLAGS,
-        timeout=600,
-        env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        *train_argv(tiny_model, dataset, out, *E2E_FLAGS), timeout=600, env={"OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
@@ -156,19 +154,18 @@ def test_template_newline_after_eos_is_not_trained(tiny_model, dataset, tmp_path
 @pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(tiny_model, dataset, tmp_path):
     out = tmp_path / "out"
-    args = ["train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out]
-    short = ["--max-steps", "1", "--batch-size", "2", "--save-steps", "1"]
-    code, _, err = invoke(*args, *short)
+    args = train_argv(tiny_model, dataset, out, max_steps=1, batch_size=2, save_steps=1)
+    code, _, err = invoke(*args)
     assert code == 0, err[-3000:]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, _, err = invoke(*args, *short, "--learning-rate", "5e-3")
+    code, _, err = invoke(*args, "--learning-rate", "5e-3")
     line = error_line(err)
     assert code == 1
     assert "holds a different run" in line and "learning_rate 2e-05 (now 0.005)" in line
     assert "--overwrite" in line
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
     # --overwrite replaces the earlier run instead of resuming its checkpoint.
-    code, _, err = invoke(*args, *short, "--learning-rate", "5e-3", "--overwrite")
+    code, _, err = invoke(*args, "--learning-rate", "5e-3", "--overwrite")
     assert code == 0, err[-3000:]
     assert "--overwrite: removing" in err and "resuming from" not in err
     record = json.loads((out / "openkd_run.json").read_text())
@@ -200,9 +197,8 @@ def test_eos_token_flag_fixes_a_student_whose_eos_is_not_the_end_of_turn(
         (student / name).write_text(json.dumps(settings))
     out = tmp_path / "out"
     code, _, err = invoke(
-        "train", "--student", student, "--dataset", dataset, "--output-dir", out,
-        "--eos-token", EOS, "--max-steps", "1", "--batch-size", "2", "--save-steps", "1",
-    )  # fmt: skip
+        *train_argv(student, dataset, out, eos_token=EOS, max_steps=1, batch_size=2, save_steps=1)
+    )
     assert code == 0, err[-3000:]
     assert AutoTokenizer.from_pretrained(out).eos_token == EOS
     assert 2 in GenerationConfig.from_pretrained(out).eos_token_id
@@ -212,8 +208,7 @@ def test_eos_token_flag_fixes_a_student_whose_eos_is_not_the_end_of_turn(
 def test_eos_mismatch_is_an_error_with_the_fix(tiny_model, dataset, tmp_path):
     student = broken_student(tiny_model, tmp_path, eos="<|endoftext|>")
     out = tmp_path / "out"
-    args = ["train", "--student", student, "--dataset", dataset, "--output-dir", out]
-    code, _, err = invoke(*args)
+    code, _, err = invoke(*train_argv(student, dataset, out))
     line = error_line(err)
     assert code == 1
     assert f"the chat template ends assistant turns with '{EOS}' (id 2)" in line
@@ -257,9 +252,7 @@ def test_errors_are_one_line_and_leave_nothing_behind(
     elif case == "template_missing":
         extra = ["--chat-template", tmp_path / "missing.jinja"]
     out = tmp_path / "out"
-    code, stdout, err = invoke(
-        "train", "--student", student, "--dataset", data, "--output-dir", out, *extra,
-    )  # fmt: skip
+    code, stdout, err = invoke(*train_argv(student, data, out, *extra))
     import re
 
     assert code == 1
@@ -271,10 +264,7 @@ def test_errors_are_one_line_and_leave_nothing_behind(
 def test_unknown_sft_arg_is_a_config_error(tiny_model, dataset, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("train:\n  sft_args:\n    max_grad_nrom: 0.5\n")
-    code, _, err = invoke(
-        "train", "--config", config, "--student", tiny_model, "--dataset", dataset,
-        "--output-dir", tmp_path / "out",
-    )  # fmt: skip
+    code, _, err = invoke(*train_argv(tiny_model, dataset, tmp_path / "out", config=config))
     assert code == 2
     assert "sft_args.max_grad_nrom is not a trl.SFTConfig field" in error_line(err)
     assert "did you mean 'max_grad_norm'" in error_line(err)
@@ -288,9 +278,10 @@ def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path):
 
     out = tmp_path / "lora"
     code, stdout, err = invoke(
-        "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
-        "--lora", "--merge-lora", "--lora-r", "4", "--max-steps", "3", "--batch-size", "4",
-        "--learning-rate", "1e-2", "--save-steps", "3",
+        *train_argv(
+            tiny_model, dataset, out, lora=True, merge_lora=True, lora_r=4, max_steps=3,
+            batch_size=4, learning_rate="1e-2", save_steps=3,
+        )
     )  # fmt: skip
     assert code == 0, err[-3000:]
     assert stdout.strip() == str(out / "merged")
@@ -313,11 +304,10 @@ def test_lora_adapter_and_merged_model_load(tiny_model, dataset, tmp_path):
 @pytest.mark.slow
 def test_push_failure_keeps_the_model_and_a_rerun_retries(tiny_model, dataset, tmp_path):
     out = tmp_path / "pushed"
-    args = [
-        "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
-        "--max-steps", "2", "--batch-size", "4", "--save-steps", "2",
-        "--push-to-hub", "org/student", "--private",
-    ]  # fmt: skip
+    args = train_argv(
+        tiny_model, dataset, out,
+        max_steps=2, batch_size=4, save_steps=2, push_to_hub="org/student", private=True,
+    )  # fmt: skip
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.upload_folder.side_effect = RuntimeError("503 Server Error (token hf_secretsecret123)")
@@ -367,9 +357,10 @@ def test_packed_sequences_do_not_attend_across_examples(tiny_model):
 def test_packing_with_eval_split_trains(tiny_model, dataset, tmp_path):
     out = tmp_path / "packed"
     code, _, err = invoke(
-        "train", "--student", tiny_model, "--dataset", dataset, "--output-dir", out,
-        "--packing", "--max-length", "96", "--batch-size", "2", "--max-steps", "3",
-        "--save-steps", "3", "--eval-fraction", "0.1", "--gradient-checkpointing",
+        *train_argv(
+            tiny_model, dataset, out, packing=True, max_length=96, batch_size=2, max_steps=3,
+            save_steps=3, eval_fraction="0.1", gradient_checkpointing=True,
+        )
     )  # fmt: skip
     assert code == 0, err[-3000:]
     assert (

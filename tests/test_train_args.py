@@ -18,7 +18,7 @@ from openkd.train.arguments import (
 from openkd.train.config import TrainConfig
 from tests.conftest import write_jsonl
 from tests.helpers import error_line, invoke, watch_model_loads
-from tests.train_helpers import records
+from tests.train_helpers import records, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +115,7 @@ def test_report_to_is_checked_before_the_model_loads(tiny_model, tmp_path, monke
     loads = watch_model_loads(monkeypatch, weights=True)
     data = write_jsonl(tmp_path / "t.jsonl", records(8))
     out = tmp_path / "student"
-    proc = invoke(
-        "train", "--student", tiny_model, "--dataset", data, "--output-dir", out,
-        "--report-to", "nosuch",
-    )  # fmt: skip
+    proc = invoke(*train_argv(tiny_model, data, out, report_to="nosuch"))
     assert proc.returncode == 2
     assert "--report-to nosuch: not a tracker" in error_line(proc.stderr)
     assert loads == [], "the student was loaded before --report-to was checked"

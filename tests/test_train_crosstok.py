@@ -15,7 +15,7 @@ from openkd.data.jsonl import iter_jsonl
 from tests.conftest import write_jsonl
 from tests.helpers import error_line, invoke
 from tests.soft_helpers import write_teacher_logprobs
-from tests.train_resume_helpers import write_reverse_dataset
+from tests.train_helpers import train_argv, write_reverse_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +37,10 @@ def labels(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train(student: Path, dataset: Path, out: Path, *extra: str, loss: str = "mix"):
     return invoke(
-        "train", "--student", student, "--dataset", dataset, "--output-dir", out,
-        "--loss", loss, "--max-steps", "2", "--batch-size", "8", "--max-length", "96", *extra,
-    )  # fmt: skip
+        *train_argv(
+            student, dataset, out, *extra, loss=loss, max_steps=2, batch_size=8, max_length=96
+        )
+    )
 
 
 def test_mix_across_tokenizers_trains_and_reports_coverage(

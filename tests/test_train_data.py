@@ -7,13 +7,13 @@ from unittest import mock
 
 import pytest
 
+from openkd.data.teacher import read_teacher
 from openkd.errors import OpenkdError
 from openkd.train.data import (
     check_schema,
     fingerprint,
     load_rows,
     load_train_data,
-    read_teacher,
 )
 from tests.conftest import write_jsonl
 

@@ -25,12 +25,8 @@ from openkd.errors import OpenkdError
 from openkd.train.checkpoints import find_resume_checkpoint
 from openkd.train.integrity import checkpoint_problems, deepspeed_world_size
 from tests.conftest import run_cli
-from tests.train_resume_helpers import (
-    assert_same_weights,
-    flat,
-    global_step,
-    write_reverse_dataset,
-)
+from tests.train_helpers import TINY_RUN, train_argv, write_reverse_dataset
+from tests.train_resume_helpers import assert_same_weights, flat, global_step
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +36,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
 
 def zero3_args(tiny_model: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student", str(tiny_model),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--deepspeed", "zero3",
-        "--num-processes", "2",
-        "--max-steps", str(MAX_STEPS),
-        "--save-steps", "2",
-        "--save-total-limit", "3",
-        "--batch-size", "4",
-        "--learning-rate", "1e-3",
-        "--logging-steps", "1",
-        "--max-length", "128",
-        "--seed", "7",
-        *extra,
-    ]  # fmt: skip
+    return train_argv(
+        tiny_model, dataset, out, *extra,
+        base=TINY_RUN, deepspeed="zero3", num_processes=2, max_steps=MAX_STEPS, save_steps=2,
+        save_total_limit=3, batch_size=4,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -231,18 +215,10 @@ def test_ddp_on_cpu_with_the_shipped_config(
 ) -> None:
     """--num-processes alone uses ddp.yaml (MULTI_GPU): two real processes, one student."""
     out = tmp_path / "out"
-    args = [
-        "train",
-        "--student", str(tiny_model),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--num-processes", "2",
-        "--max-steps", "2",
-        "--save-steps", "2",
-        "--batch-size", "4",
-        "--logging-steps", "1",
-        "--max-length", "128",
-    ]  # fmt: skip
+    args = train_argv(
+        tiny_model, dataset, out,
+        num_processes=2, max_steps=2, save_steps=2, batch_size=4, logging_steps=1, max_length=128,
+    )  # fmt: skip
     proc = run_cli(*args, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     err = flat(proc.stderr)

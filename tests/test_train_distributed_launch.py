@@ -301,7 +301,7 @@ def test_child_is_stopped_when_the_parent_is_killed(tmp_path: Path) -> None:
 def test_cli_missing_accelerate_config(tiny_model: Path, tmp_path: Path) -> None:
     """Refused before any process is launched or any weight is loaded."""
     from tests.conftest import run_cli
-    from tests.train_resume_helpers import write_reverse_dataset
+    from tests.train_helpers import write_reverse_dataset
 
     data = write_reverse_dataset(tmp_path / "train.jsonl", rows=4)
     proc = run_cli(

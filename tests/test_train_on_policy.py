@@ -19,12 +19,8 @@ import pytest
 from tests.conftest import run_cli, sigkill_once, write_jsonl
 from tests.helpers import error_line, invoke
 from tests.soft_helpers import sharper_copy, swap_two_tokens
-from tests.train_resume_helpers import (
-    assert_same_weights,
-    flat,
-    global_step,
-    write_reverse_dataset,
-)
+from tests.train_helpers import train_argv, write_reverse_dataset
+from tests.train_resume_helpers import assert_same_weights, flat, global_step
 
 ENV = {"OMP_NUM_THREADS": "1"}
 MAX_STEPS = 6
@@ -41,24 +37,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def op_args(student: Path, teacher: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student", str(student),
-        "--teacher", str(teacher),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--loss", "on-policy",
-        "--max-steps", str(MAX_STEPS),
-        "--save-steps", "2",
-        "--save-total-limit", "3",
-        "--batch-size", "4",
-        "--max-completion-length", "12",
-        "--max-length", "64",
-        "--learning-rate", "5e-3",
-        "--logging-steps", "2",
-        "--seed", "7",
-        *extra,
-    ]  # fmt: skip
+    return train_argv(
+        student, dataset, out, *extra,
+        teacher=teacher, loss="on-policy", max_steps=MAX_STEPS, save_steps=2, save_total_limit=3,
+        batch_size=4, max_completion_length=12, max_length=64, learning_rate="5e-3",
+        logging_steps=2, seed=7,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -253,9 +237,7 @@ def test_on_policy_errors_are_one_line(case, expected, tiny_model, teacher, data
         (tmp_path / "c.yaml").write_text(json.dumps(config))
         extra += ["--config", str(tmp_path / "c.yaml")]
     out = tmp_path / "out"
-    code, stdout, err = invoke(
-        "train", "--student", student, "--dataset", dataset, "--output-dir", out, *extra,
-    )  # fmt: skip
+    code, stdout, err = invoke(*train_argv(student, dataset, out, *extra))
     assert code in (1, 2) and stdout == ""
     assert re.search(expected, error_line(err)), error_line(err)
     assert not (out / "model.safetensors").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import error_line, invoke
-from tests.train_resume_helpers import write_reverse_dataset
+from tests.train_helpers import train_argv, write_reverse_dataset
 
 STEPS = 2
 
@@ -49,11 +49,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def on_policy(student: Path, teacher: Path, dataset: Path, out: Path, *extra: str):
     return invoke(
-        "train", "--student", student, "--teacher", teacher, "--dataset", dataset,
-        "--output-dir", out, "--loss", "on-policy", "--max-steps", str(STEPS),
-        "--batch-size", "4", "--max-completion-length", "8", "--max-length", "64",
-        "--learning-rate", "1e-3", "--logging-steps", "1", "--save-steps", "2",
-        "--eval-fraction", "0", "--seed", "3", *extra,
+        *train_argv(
+            student, dataset, out, *extra,
+            teacher=teacher, loss="on-policy", max_steps=STEPS, batch_size=4,
+            max_completion_length=8, max_length=64, learning_rate="1e-3", logging_steps=1,
+            save_steps=2, eval_fraction=0, seed=3,
+        )
     )  # fmt: skip
 
 

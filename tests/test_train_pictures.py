@@ -9,7 +9,7 @@ import pytest
 
 from openkd.train.curves import CURVES_FILE, write_curves
 from tests.helpers import invoke
-from tests.train_resume_helpers import write_reverse_dataset
+from tests.train_helpers import write_reverse_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HARD = [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3} for s in (1, 2, 3)] + [

@@ -14,7 +14,9 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,8 @@ from openkd.train.checkpoints import find_resume_checkpoint
 from openkd.train.integrity import checkpoint_problems
 from tests.conftest import run_cli
 from tests.helpers import sharper_copy
-from tests.train_resume_helpers import (
-    assert_same_weights,
-    flat,
-    global_step,
-    write_reverse_dataset,
-)
+from tests.train_helpers import TINY_RUN, train_argv, write_reverse_dataset
+from tests.train_resume_helpers import assert_same_weights, flat, global_step
 
 ENV = {"OMP_NUM_THREADS": "1"}
 MAX_STEPS = 16
@@ -44,33 +42,35 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(tiny_model: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student", str(tiny_model),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--max-steps", str(MAX_STEPS),
-        "--save-steps", "100",  # no regular checkpoint: only the preemption's
-        "--batch-size", "10",
-        "--learning-rate", "1e-3",
-        "--logging-steps", "1",
-        "--max-length", "128",
-        "--seed", "7",
-        *extra,
-    ]  # fmt: skip
+    # --save-steps 100: no regular checkpoint, only the preemption's
+    return train_argv(
+        tiny_model, dataset, out, *extra, base=TINY_RUN, max_steps=MAX_STEPS, save_steps=100
+    )
+
+
+STEP_LOGGED = r"\bstep [1-9]\d*/\d+"
+SLOW_SITE = Path(__file__).resolve().parent / "slow_site"  # test-only slow-downs, by env var
 
 
 def signal_during_training(
-    args: list[str], sig: int, *, pick=None, timeout: float = 600
+    args: list[str],
+    sig: int,
+    *,
+    pick=None,
+    timeout: float = 600,
+    when: str = STEP_LOGGED,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
-    """Run `openkd ARGS`, send `sig` once step 1 is logged (to `pick(parent)`'s pid, default
-    the parent), and return the exit code and stderr."""
+    """Run `openkd ARGS`, send `sig` once a stderr line matches `when` (default: step 1 is
+    logged) to `pick(parent)`'s pid (default the parent), and return the exit code and stderr.
+    `env`: more environment; tests/slow_site's slow-downs are on the path."""
+    path = os.pathsep.join(p for p in (str(SLOW_SITE), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "openkd", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, "PYTHONPATH": path, **(env or {})},
         start_new_session=True,
     )
     lines: list[str] = []
@@ -80,7 +80,7 @@ def signal_during_training(
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
-            if not sent.is_set() and re.search(r"\bstep [1-9]\d*/\d+", line):
+            if not sent.is_set() and re.search(when, line):
                 target = pick(proc) if pick else proc.pid
                 os.kill(target, sig)
                 sent.set()
@@ -95,7 +95,7 @@ def signal_during_training(
             proc.wait()
     reader.join(timeout=30)
     err = "".join(lines)
-    assert sent.is_set(), f"no training step was logged:\n{err[-3000:]}"
+    assert sent.is_set(), f"nothing matched {when!r} on stderr:\n{err[-3000:]}"
     return code, err
 
 
@@ -153,11 +153,13 @@ def test_signal_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank1", "openkd"])
 def test_two_processes_save_together_when_one_rank_is_signalled(
-    tiny_model: Path, dataset: Path, tmp_path: Path
+    target: str, tiny_model: Path, dataset: Path, tmp_path: Path
 ) -> None:
-    """Under `accelerate launch` (DDP, 2 CPU processes) SIGTERM reaches rank 1 only: both
-    ranks save the step's checkpoint, and `openkd train` exits 75 with the one line."""
+    """Under `accelerate launch` (DDP, 2 CPU processes) SIGTERM reaches rank 1 only, or
+    `openkd train` (which passes it to its workers): both ranks save the step's checkpoint, and
+    `openkd train` exits 75 with the one line and no launcher traceback."""
     import psutil
 
     def rank_one(parent: subprocess.Popen) -> int:
@@ -171,14 +173,18 @@ def test_two_processes_save_together_when_one_rank_is_signalled(
 
     out = tmp_path / "out"
     args = train_args(tiny_model, dataset, out, "--num-processes", "2", "--batch-size", "4")
-    code, err = signal_during_training(args, signal.SIGTERM, pick=rank_one, timeout=900)
+    pick = rank_one if target == "rank1" else None
+    code, err = signal_during_training(args, signal.SIGTERM, pick=pick, timeout=900)
     step = assert_preempted(code, err, out)
+    assert "Traceback" not in err, err[-3000:]
     ckpt = out / f"checkpoint-{step}"
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
     run = json.loads((out / "openkd_run.json").read_text())
-    assert "signal" not in run["preempted"]  # rank 0 was not signalled itself
-
-    rerun_resumes(args, out, step)
+    if target == "rank1":
+        assert "signal" not in run["preempted"]  # rank 0 was not signalled itself
+        rerun_resumes(args, out, step)
+    else:
+        assert run["preempted"]["signal"] == "SIGTERM"
 
 
 @pytest.mark.slow
@@ -215,6 +221,57 @@ def test_on_policy_sigterm_saves_and_the_rerun_ends_like_an_uninterrupted_run(
     step = assert_preempted(code, err, out, max_steps)
     rerun_resumes(op_args(out), out, step, max_steps)
     assert_same_weights(out, reference)
+
+
+@pytest.mark.slow
+def test_one_process_behind_the_plain_launcher_gets_the_time_a_slow_step_needs(
+    tiny_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """accelerate's plain launcher (one process, distributed_type NO) kills its worker 5 s
+    after a SIGTERM; `openkd train` signals the worker alone, so a step that ends 8 s after the
+    signal still saves its checkpoint and the run exits 75."""
+    config = tmp_path / "single.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\n"
+        "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n"
+    )
+    out = tmp_path / "out"
+    args = train_args(tiny_model, dataset, out, "--accelerate-config", str(config))
+    code, err = signal_during_training(
+        args, signal.SIGTERM, env={"OPENKD_TEST_SLOW_STEP": "8"}, timeout=900
+    )
+    assert "launching: python -m accelerate.commands.launch" in flat(err)
+    assert "test: this step takes 8 s more" in err  # the hook ran in the worker
+    assert_preempted(code, err, out)
+    assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2], ids=["plain", "launched"])
+def test_a_signal_while_loading_exits_75_at_once_with_nothing_saved(
+    processes: int, tiny_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while the student loads (made 600 s long here: exiting at once is what lets the
+    test end) stops with the one line and 75; the run record claims no checkpoint."""
+    out = tmp_path / "out"
+    extra = ["--num-processes", "2", "--batch-size", "4"] if processes == 2 else []
+    code, err = signal_during_training(
+        train_args(tiny_model, dataset, out, *extra),
+        signal.SIGTERM,
+        when="test: loading takes .* on rank 0",  # rank 0 has written the run record
+        env={"OPENKD_TEST_SLOW_LOAD": "600"},
+        timeout=300,
+    )
+    assert code == PREEMPTED, err[-3000:]
+    lines = [line for line in err.splitlines() if "preempted" in line]
+    assert lines == ["preempted before the first step: nothing to save; rerun the same command"], (
+        err[-3000:]
+    )
+    assert "Traceback" not in err and not re.search(r"\bstep [1-9]", err), err[-3000:]
+    assert not list(out.glob("checkpoint-*"))
+    run = json.loads((out / "openkd_run.json").read_text())
+    assert run["status"] == "preempted"
+    assert run["preempted"]["checkpoint"] is None and run["preempted"]["signal"] == "SIGTERM"
 
 
 # --- fast: the pieces without training ---------------------------------------------------
@@ -306,7 +363,7 @@ def test_launcher_reports_the_preemption_its_workers_recorded(
     )
 
     # The same record left by an earlier run, unchanged since: a failure is not a preemption.
-    assert launch._preempted_since(out, launch._run_record_mtime(out)) is None
+    assert launch._record_since(out, launch._run_record_mtime(out)) is None
 
 
 def test_cli_prints_the_preemption_as_one_line_and_exits_75(
@@ -347,3 +404,93 @@ def test_openkd_run_passes_a_preempted_train_stage_on(
         f"train was preempted (its checkpoint is saved); eval did not run; rerun `openkd run "
         f"{recipe}` to resume"
     )
+
+
+def test_a_signal_before_training_raises_at_once_and_records_no_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from openkd.errors import PreemptedBeforeStart
+    from openkd.train.preempt import PreemptOnSignal
+
+    preempt = PreemptOnSignal()  # no trainer yet: loading
+    preempt.run = (tmp_path, {"student": "s"})
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(PreemptedBeforeStart) as info, preempt.handling_signals():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        raise AssertionError("the signal did not stop the loading")
+    assert info.value.exit_code == PREEMPTED
+    assert str(info.value) == (
+        "preempted before the first step: nothing to save; rerun the same command"
+    )
+    assert signal.getsignal(signal.SIGUSR1) is before
+    run = json.loads((tmp_path / "openkd_run.json").read_text())
+    assert run["status"] == "preempted"
+    assert run["preempted"] == {"step": None, "checkpoint": None, "signal": "SIGUSR1"}
+
+
+# A stand-in for accelerate's launcher: starts a worker whose command line reads like
+# `python -m openkd train`, notes any SIGTERM it gets itself, and exits with the worker's status.
+FAKE_LAUNCHER = textwrap.dedent(
+    """
+    import signal, subprocess, sys
+    signal.signal(signal.SIGTERM, lambda *_: open("launcher.got", "w").write("SIGTERM"))
+    worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], "-m", "openkd", "train"])
+    sys.exit(worker.wait())
+    """
+)
+FAKE_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    def on_signal(signum, frame):
+        open("worker.got", "w").write(signal.Signals(signum).name)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_signal)
+    worker = os.getpid()
+    if os.fork() == 0:  # a data loader's worker: same command line, not to be signalled
+        signal.signal(signal.SIGTERM, lambda *_: open("fork.got", "w").write("SIGTERM"))
+        while os.getppid() == worker:
+            time.sleep(0.05)
+        os._exit(0)
+    open("ready", "w").close()
+    time.sleep(60)
+    """
+)
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from openkd.train.launch import _WorkerSignals, run_child
+    signals = _WorkerSignals()
+    status = run_child([sys.executable, "-c", *sys.argv[1:]], forward=signals.forward)
+    print("status", status, "preempting", signals.preempting, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+def test_openkd_passes_a_preemption_signal_to_its_workers_not_to_the_launcher(
+    sig: int, tmp_path: Path
+) -> None:
+    """accelerate's plain launcher kills its worker 5 s after a SIGTERM, its elastic agent may
+    print a traceback: `openkd train` signals the workers alone, and the launcher ends with them."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, FAKE_LAUNCHER, FAKE_WORKER],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline, "the fake worker did not start"
+            time.sleep(0.05)
+        parent.send_signal(sig)
+        out, _ = parent.communicate(timeout=30)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert out.split() == ["status", "0", "preempting", "True"]
+    assert (tmp_path / "worker.got").read_text() == signal.Signals(sig).name
+    assert not (tmp_path / "launcher.got").exists()
+    assert not (tmp_path / "fork.got").exists()

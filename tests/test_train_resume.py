@@ -19,12 +19,8 @@ import pytest
 from openkd.train.integrity import checkpoint_problems
 from tests.conftest import run_cli, sigkill_once
 from tests.helpers import error_line
-from tests.train_resume_helpers import (
-    assert_same_weights,
-    flat,
-    global_step,
-    write_reverse_dataset,
-)
+from tests.train_helpers import TINY_RUN, train_argv, write_reverse_dataset
+from tests.train_resume_helpers import assert_same_weights, flat, global_step
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +37,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(tiny_model: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student", str(tiny_model),
-        "--dataset", str(dataset),
-        "--output-dir", str(output_dir),
-        "--max-steps", str(MAX_STEPS),
-        "--save-steps", str(SAVE_STEPS),
-        "--save-total-limit", "3",
-        "--batch-size", "10",
-        "--learning-rate", "1e-3",
-        "--logging-steps", "1",
-        "--max-length", "128",
-        "--seed", "7",
-        *extra,
-    ]  # fmt: skip
+    return train_argv(
+        tiny_model, dataset, output_dir, *extra,
+        base=TINY_RUN, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=3,
+    )  # fmt: skip
 
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -21,12 +21,8 @@ from openkd.data.logprobs import SidecarReader, SidecarWriter
 from tests.conftest import run_cli, sigkill_once, write_jsonl
 from tests.helpers import error_line, invoke
 from tests.soft_helpers import sharper_copy, swap_two_tokens, write_teacher_logprobs
-from tests.train_resume_helpers import (
-    assert_same_weights,
-    flat,
-    global_step,
-    write_reverse_dataset,
-)
+from tests.train_helpers import TINY_RUN, train_argv, write_reverse_dataset
+from tests.train_resume_helpers import assert_same_weights, flat, global_step
 
 ENV = {"OMP_NUM_THREADS": "1"}
 MAX_STEPS = 12
@@ -47,24 +43,11 @@ def soft_data(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def mix_args(student: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student", str(student),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--loss", "mix",
-        "--kd-alpha", "0.3",
-        "--kd-temperature", "2",
-        "--max-steps", str(MAX_STEPS),
-        "--save-steps", "4",
-        "--save-total-limit", "3",
-        "--batch-size", "10",
-        "--learning-rate", "5e-3",
-        "--logging-steps", "1",
-        "--max-length", "128",
-        "--seed", "7",
-        *extra,
-    ]  # fmt: skip
+    return train_argv(
+        student, dataset, out, *extra,
+        base=TINY_RUN, loss="mix", kd_alpha="0.3", kd_temperature="2", max_steps=MAX_STEPS,
+        save_steps=4, save_total_limit=3, learning_rate="5e-3",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +109,10 @@ def test_soft_with_lora_trains_the_adapter(
 
     out = tmp_path / "lora"
     code, stdout, err = invoke(
-        "train", "--student", tiny_model, "--dataset", soft_data, "--output-dir", out,
-        "--loss", "soft", "--lora", "--lora-r", "4", "--max-steps", "3", "--batch-size", "8",
-        "--learning-rate", "1e-2", "--save-steps", "3", "--eval-fraction", "0.1",
-        "--eval-steps", "3",
+        *train_argv(
+            tiny_model, soft_data, out, loss="soft", lora=True, lora_r=4, max_steps=3,
+            batch_size=8, learning_rate="1e-2", save_steps=3, eval_fraction="0.1", eval_steps=3,
+        )
     )  # fmt: skip
     assert code == 0, err[-3000:]
     assert stdout.strip() == str(out)
@@ -212,10 +195,10 @@ def test_tokenizer_mismatch_is_a_one_line_error(
 ) -> None:
     student = swap_two_tokens(tiny_model, tmp_path / "student")
     out = tmp_path / "out"
+    # --cross-tokenizer auto would align them by text
     code, stdout, err = invoke(
-        "train", "--student", student, "--dataset", soft_data, "--output-dir", out,
-        "--loss", "mix", "--cross-tokenizer", "off",  # auto would align them by text
-    )  # fmt: skip
+        *train_argv(student, soft_data, out, loss="mix", cross_tokenizer="off")
+    )
     line = error_line(err)
     assert code == 1 and stdout == ""
     assert "and the student tokenize differently: 2 of the teacher's 2,000 tokens" in line
@@ -231,10 +214,7 @@ def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
     meta = {"teacher": {"name": "org/teacher-72b"}}  # a Hub id: offline in tests
     (tmp_path / "labels.meta.json").write_text(json.dumps(meta))
     common = ["--loss", "soft", "--max-steps", "1", "--batch-size", "4", "--save-steps", "1"]
-    code, _, err = invoke(
-        "train", "--student", tiny_model, "--dataset", data, "--output-dir", tmp_path / "a",
-        *common,
-    )  # fmt: skip
+    code, _, err = invoke(*train_argv(tiny_model, data, tmp_path / "a", *common))
     assert code == 0, err[-3000:]
     text = flat(err)
     assert "could not load the teacher's tokenizer org/teacher-72b" in text
@@ -246,10 +226,7 @@ def test_unloadable_teacher_tokenizer_warns_and_ids_are_still_checked(
     with SidecarWriter(tmp_path / "labels.logprobs", K) as writer:
         for row in rows:
             writer.add(row["id"], [5, 2], [[2400] + [1] * (K - 1)] * 2, [[-0.1] * K] * 2)
-    code, _, err = invoke(
-        "train", "--student", tiny_model, "--dataset", data, "--output-dir", tmp_path / "b",
-        *common,
-    )  # fmt: skip
+    code, _, err = invoke(*train_argv(tiny_model, data, tmp_path / "b", *common))
     line = error_line(err)
     assert code == 1
     assert "name token id 2400, but the student's vocabulary has 2,000 tokens" in line
@@ -286,9 +263,7 @@ def test_soft_label_errors_are_one_line(case, expected, tiny_model, soft_data, t
     elif case == "logprobs_missing":
         extra += ["--logprobs", str(tmp_path / "nowhere")]
     out = tmp_path / "out"
-    code, stdout, err = invoke(
-        "train", "--student", tiny_model, "--dataset", data, "--output-dir", out, *extra,
-    )  # fmt: skip
+    code, stdout, err = invoke(*train_argv(tiny_model, data, out, *extra))
     assert code in (1, 2) and stdout == ""
     assert re.search(expected, error_line(err)), error_line(err)
     assert not (out / "model.safetensors").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def dumps(row: dict[str, Any]) -> str:
+def dumps(row: Mapping[str, Any]) -> str:
     """One JSONL line (without the newline): compact, UTF-8 text kept as is."""
     return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
 
@@ -142,7 +142,7 @@ class AtomicWriter:
                 self._tmp.unlink()
 
 
-def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Replace `path` with `rows` in one step; return the number of rows written."""
     n = 0
     with AtomicWriter(path) as fh:

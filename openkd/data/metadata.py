@@ -18,6 +18,7 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from openkd.data.jsonl import read_json_object, write_text_atomic
 from openkd.data.layout import ROW_KINDS
+from openkd.data.schema import LabelledRow
 from openkd.errors import OpenkdError
 
 FORMAT = "openkd.generate/1"
@@ -117,7 +118,7 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: LabelledRow) -> None:
         self.rows += 1
         self.prompt_tokens += int(row.get("prompt_tokens") or 0)
         self.completion_tokens += int(row.get("completion_tokens") or 0)

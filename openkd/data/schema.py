@@ -5,13 +5,16 @@ A row is TRL's conversational prompt/completion format plus provenance:
     {"id": "…", "prompt": [{"role": "user", "content": "…"}],
      "completion": [{"role": "assistant", "content": "…"}],
      "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "source_index": 7}
+
+`LabelledRow` types it (with the keys some runs add), `FailureRow` a prompt the teacher failed
+on (`<stem>.failed.jsonl`). TypedDicts: checked by mypy, plain dicts at run time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "finish_reason")
 FINISH_STOP = "stop"
@@ -21,6 +24,41 @@ FINISH_LENGTH = "length"
 class Message(TypedDict):
     role: str
     content: str
+
+
+class Verification(TypedDict):
+    """--verify's verdict on a row (`openkd.verify.verdict.Verdict`)."""
+
+    correct: bool
+    answer: str | None  # what was extracted from the answer and compared
+    gold: str | None
+    method: str  # "math" or "exact"
+    reason: str | None  # why it was not accepted; None when correct
+
+
+class LabelledRow(TypedDict):
+    """A row of the train, eval, truncated or rejected file."""
+
+    id: str
+    prompt: list[Message]
+    completion: list[Message]  # one assistant message
+    finish_reason: str  # FINISH_LENGTH: cut at --max-new-tokens
+    prompt_tokens: int
+    completion_tokens: int
+    source_index: int  # the prompt's row in the source dataset
+    sample: NotRequired[int]  # --num-samples: which answer to the prompt
+    prompt_id: NotRequired[str]  # --num-samples: shared by a prompt's answers
+    answer: NotRequired[str | None]  # --verify: the gold answer
+    verification: NotRequired[Verification]  # --verify, on complete answers
+
+
+class FailureRow(TypedDict):
+    """A prompt the teacher failed on (retried by the next run)."""
+
+    id: str
+    prompt: list[Message]
+    source_index: int
+    error: str
 
 
 def record_id(
@@ -47,7 +85,7 @@ def make_record(
     prompt_tokens: int,
     completion_tokens: int,
     source_index: int,
-) -> dict[str, Any]:
+) -> LabelledRow:
     """A row in the format above (the keys in that order)."""
     return {
         "id": id,
@@ -60,7 +98,7 @@ def make_record(
     }
 
 
-def is_complete(record: dict[str, Any]) -> bool:
+def is_complete(record: LabelledRow) -> bool:
     """True when the teacher finished its answer: not cut at the token limit and not empty."""
     text = record["completion"][0]["content"] if record.get("completion") else ""
     return record.get("finish_reason") != FINISH_LENGTH and bool(text.strip())

@@ -95,4 +95,6 @@ def top1_tail_reverse_kl_sum(
         s, t = s.clamp(max=-1e-7), t.clamp(max=-1e-7)  # keep the tail bucket's mass positive
         s_rest, t_rest = torch.log(-torch.expm1(s)), torch.log(-torch.expm1(t))
         kl = s.exp() * (s - t) + s_rest.exp() * (s_rest - t_rest)
-        return kl.sum(), count
+        # Each position's KL is >= 0; where student and teacher agree to float precision the
+        # two terms cancel to a rounding error of either sign, which must not sum below zero.
+        return kl.clamp_min(0).sum(), count

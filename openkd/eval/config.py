@@ -208,7 +208,7 @@ class EvalConfig(EngineConfig):
             problems.append("--stop '' is empty and would stop nothing; drop it")
         problems += self._benchmark_problems()
         if self.on_policy_teacher_base_url:
-            from openkd.train.onpolicy.served import url_problem
+            from openkd.teacher.served import url_problem
 
             problem = url_problem(self.on_policy_teacher_base_url)
             if not self.on_policy_teacher:

@@ -92,8 +92,8 @@ def teacher_student_kl(
     """
     import torch
 
+    from openkd.chat import prompt_ids
     from openkd.distill.kd import chunked_kd_loss, logit_transform
-    from openkd.train.soft import prompt_ids
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     transform = logit_transform(base.config)

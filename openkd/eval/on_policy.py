@@ -145,7 +145,7 @@ def _served_kl(
     import torch
 
     from openkd.distill.divergence import top1_tail_reverse_kl_sum
-    from openkd.train.onpolicy.client import actual_logprobs
+    from openkd.teacher.client import actual_logprobs
 
     keep = completion.size(1)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def score(
     from openkd.chat import as_id_list
     from openkd.generate.backends.transformers import load_causal_lm
     from openkd.system import free_memory
-    from openkd.train.onpolicy.teacher import check_teacher
+    from openkd.teacher.check import check_teacher
 
     teacher_name = cfg.on_policy_teacher
     served = cfg.on_policy_teacher_base_url
@@ -227,8 +227,8 @@ def _client(cfg: Any) -> Any:
     """The served teacher's client, checked as `openkd train` checks it (reachable, serving
     --on-policy-teacher)."""
     from openkd import console
-    from openkd.train.onpolicy.client import TeacherClient
-    from openkd.train.onpolicy.served import Endpoint, api_root, probe
+    from openkd.teacher.client import TeacherClient
+    from openkd.teacher.served import Endpoint, api_root, probe
 
     point = Endpoint(
         url=api_root(cfg.on_policy_teacher_base_url), label="--on-policy-teacher-base-url"

@@ -384,8 +384,8 @@ def _likelihood(
 
 def _cross_tokenizer(cfg: EvalConfig, tokenizer: Any) -> Any:
     """An aligner when the dataset's teacher tokenizes differently from `tokenizer`, else None."""
-    from openkd.train.data import read_teacher
-    from openkd.train.soft import check_tokenizers
+    from openkd.data.teacher import read_teacher
+    from openkd.teacher.tokenizer import check_tokenizers
 
     teacher = read_teacher(cfg.dataset) if cfg.dataset else None
     if not teacher:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from openkd.data.layout import RowKind
-from openkd.data.schema import FINISH_LENGTH, is_complete, make_record
+from openkd.data.schema import FINISH_LENGTH, FailureRow, LabelledRow, is_complete, make_record
 from openkd.generate.backends.base import Completion
 from openkd.generate.pump import Pump
 from openkd.generate.source import in_eval_split
@@ -41,7 +41,7 @@ class LabelCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
-    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # this run's, by id
+    failures: dict[str, FailureRow] = field(default_factory=dict)  # this run's, by id
     recovered: set[str] = field(default_factory=set)  # earlier failures answered now
 
     @property
@@ -61,7 +61,7 @@ class Routing:
     verifier: Verifier | None = None
     keep_rejected: bool = False  # --keep all: verdicts are recorded, nothing is set aside
 
-    def kind(self, record: dict[str, Any]) -> RowKind:
+    def kind(self, record: LabelledRow) -> RowKind:
         if not is_complete(record) and not self.keep_truncated:
             return "truncated"
         verdict = record.get("verification")
@@ -118,7 +118,7 @@ def _sort(
         completion = Completion.failure("the teacher returned no log-probabilities")
     if completion.failed:
         counts.failed += 1
-        row = {
+        row: FailureRow = {
             "id": request.id,
             "prompt": request.messages,
             "source_index": request.row,
@@ -139,7 +139,8 @@ def _sort(
         source_index=request.row,
     )
     if request.prompt_id is not None:
-        record.update(sample=request.sample, prompt_id=request.prompt_id)
+        record["sample"] = request.sample
+        record["prompt_id"] = request.prompt_id
     if routing.verifier is not None:
         record["answer"] = request.gold  # the gold answer travels with the row (eval reads it)
     if routing.verifier is not None and is_complete(record):

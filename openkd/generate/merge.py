@@ -22,13 +22,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from openkd import console
 from openkd.data.jsonl import AtomicWriter, dumps, iter_jsonl
 from openkd.data.layout import KIND_SUFFIX, OutputFiles, is_side_file, resolve_output
 from openkd.data.logprobs import merge_beside
 from openkd.data.metadata import Counts, GenerateMeta, MergedShard
+from openkd.data.schema import LabelledRow
 from openkd.errors import OpenkdError
 from openkd.generate.card import write_card
 from openkd.paths import check_writable
@@ -294,7 +295,7 @@ def _write_rows(inputs: list[OutputFiles], out: OutputFiles) -> tuple[Counts, li
                                 "merge each shard once (shards of one run never share ids)"
                             )
                         owner[rid] = source
-                        counts.of(kind).add(row)
+                        counts.of(kind).add(cast(LabelledRow, row))
                     fh.write(dumps(row) + "\n")
         # Last, so that a shard without the others' sidecar leaves every row file as it was.
         soft = merge_beside([f.output for f in inputs], out.output)

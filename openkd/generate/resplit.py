@@ -13,9 +13,10 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from openkd.data.jsonl import dumps, fsync_dir, iter_jsonl, repair_torn_tail, write_jsonl_atomic
+from openkd.data.schema import LabelledRow
 
 if TYPE_CHECKING:
     from openkd.data.layout import OutputFiles
@@ -49,11 +50,11 @@ def resplit(files: OutputFiles, routing: Routing) -> Counter[tuple[str, str]]:
     return moves
 
 
-def _rows(files: OutputFiles, kind: str) -> Iterator[dict[str, Any]]:
+def _rows(files: OutputFiles, kind: str) -> Iterator[LabelledRow]:
     path = files.kind_path(kind)
     if path.is_file():
         for _, row in iter_jsonl(path):
-            yield row
+            yield cast(LabelledRow, row)
 
 
 def _append_missing(
@@ -104,7 +105,7 @@ def _keep_only(files: OutputFiles, kind: str, target: dict[str, str]) -> None:
         return
     seen.clear()
 
-    def kept() -> Iterator[dict[str, Any]]:
+    def kept() -> Iterator[LabelledRow]:
         for row in _rows(files, kind):
             if target[row["id"]] == kind and row["id"] not in seen:
                 seen.add(row["id"])

@@ -20,11 +20,12 @@ import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from openkd.data.jsonl import fsync_dir, iter_jsonl, repair_torn_tail, write_text_atomic
 from openkd.data.layout import ROW_KINDS, OutputFiles
 from openkd.data.metadata import Counts
+from openkd.data.schema import FailureRow, LabelledRow
 from openkd.errors import OpenkdError
 from openkd.generate.ids import KEY_BYTES, KEY_DTYPE, IdSet, to_keys
 
@@ -118,7 +119,7 @@ class Index:
 class ResumeState:
     done: IdSet  # every labelled row's id
     index: Index  # up to date with the row files on disk
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier, not yet answered
+    failed: dict[str, FailureRow] = field(default_factory=dict)  # earlier, not yet answered
     repaired: list[tuple[Path, int]] = field(default_factory=list)
     rebuilt: bool = False  # the index was missing or stale and was rebuilt from the files
 
@@ -158,7 +159,7 @@ def load_state(files: OutputFiles) -> ResumeState:
         first_line = index.counts.of(kind).rows + 1  # exact unless the file has blank lines
         for lineno, row in iter_jsonl(path, start=index.marks[kind].size, first_line=first_line):
             new_ids.append(_row_id(row, path, lineno))
-            index.counts.of(kind).add(row)
+            index.counts.of(kind).add(cast(LabelledRow, row))
         index.marks[kind] = FileMark.of(path)
     if new_ids or rebuilt:
         index.selection = None
@@ -235,15 +236,15 @@ def append_ids(path: Path, keys: bytes, *, at: int) -> None:
         fsync_dir(path.parent)
 
 
-def _read_failed(path: Path, done: IdSet) -> dict[str, dict[str, Any]]:
+def _read_failed(path: Path, done: IdSet) -> dict[str, FailureRow]:
     """Failures of earlier runs that no later run answered (the last report of each wins)."""
     if not path.is_file():
         return {}
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, FailureRow] = {}
     for _, row in iter_jsonl(path):
         rid = row.get("id")
         if isinstance(rid, str) and _is_key(rid):
-            rows[rid] = row
+            rows[rid] = cast(FailureRow, row)
     if not rows or not len(done):
         return rows
     ids = list(rows)

@@ -24,12 +24,13 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from openkd.data.jsonl import dumps, fsync_dir
 from openkd.data.layout import ROW_KINDS, OutputFiles
 from openkd.data.logprobs import SidecarWriter
 from openkd.data.metadata import Tally
+from openkd.data.schema import FailureRow, LabelledRow
 from openkd.errors import OpenkdError
 from openkd.generate.backends.base import TokenLogprobs
 from openkd.generate.ids import KEY_BYTES, to_keys
@@ -93,7 +94,7 @@ class OutputWriter:
 
     # -- buffering ---------------------------------------------------------------------------
 
-    def add(self, kind: str, record: dict[str, Any], logprobs: TokenLogprobs | None = None) -> None:
+    def add(self, kind: str, record: LabelledRow, logprobs: TokenLogprobs | None = None) -> None:
         """A labelled row for the train, eval or truncated file (and its log-probabilities)."""
         if self.sidecar is not None and logprobs is not None:
             self.sidecar.add(
@@ -105,7 +106,7 @@ class OutputWriter:
         self._tallies[kind].add(record)
         self._count_buffered()
 
-    def add_failure(self, row: dict[str, Any]) -> None:
+    def add_failure(self, row: FailureRow) -> None:
         self._lines["failed"].append(dumps(row))
         self._count_buffered()
 

@@ -23,7 +23,7 @@ import yaml
 
 from openkd import console
 from openkd.config import read_config_file, read_section, save_resolved
-from openkd.errors import ConfigError, OpenkdError
+from openkd.errors import PREEMPTED, ConfigError, OpenkdError
 from openkd.plan.config import FitConfig, PilotConfig
 
 REPORT = "report.json"
@@ -156,7 +156,7 @@ def _stage(name: str, config: Any, recipe: Path, what: str) -> None:
         status = run_child(
             [sys.executable, "-m", "openkd", name, "--config", str(config_file)], env=env
         )
-    if status in (130, 128 + 15, -2, -15):
+    if status in (130, 128 + 15, -2, -15, PREEMPTED):  # PREEMPTED: a checkpoint is kept
         raise Stopped(
             f"stopped during {what}; rerun `openkd plan pilot {recipe}` to continue where it stopped"
         )

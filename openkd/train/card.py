@@ -6,16 +6,19 @@ Built only from the resolved config and run results, which hold no secrets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from openkd.data.teacher import DatasetTeacher
 
 
 @dataclass(frozen=True)
 class CardInfo:
     student: str  # what was fine-tuned: path or Hub id
     dataset: str
-    teacher: dict[str, Any] | None
+    teacher: DatasetTeacher | None
     settings: dict[str, Any]
     train_rows: int
     eval_rows: int
@@ -50,7 +53,7 @@ def _fmt(value: Any) -> str:
 def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
     """Markdown with YAML metadata. `adapter`: this card sits beside LoRA adapter weights."""
     adapter = info.lora and not info.merged if adapter is None else adapter
-    teacher = (info.teacher or {}).get("name") or "unknown"
+    teacher = info.teacher["name"] if info.teacher else "unknown"
     header: dict[str, Any] = {
         "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": "text-generation",
@@ -63,7 +66,7 @@ def render_card(info: CardInfo, *, adapter: bool | None = None) -> str:
     if _is_hub_id(info.dataset):
         header["datasets"] = [info.dataset]
     name = info.repo_id or "Distilled student"
-    revision = (info.teacher or {}).get("revision")
+    revision = info.teacher.get("revision") if info.teacher else None
     what = "a LoRA adapter for" if adapter else "a fine-tune of"
     load = (
         "from peft import AutoPeftModelForCausalLM\n"

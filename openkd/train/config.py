@@ -363,7 +363,7 @@ class TrainConfig(StageConfig):
         return problems
 
     def _served_teacher_problems(self) -> list[str]:
-        from openkd.train.onpolicy.served import url_problem
+        from openkd.teacher.served import url_problem
 
         problems: list[str] = []
         if self.teacher_base_url and self.teacher_serve:

@@ -10,7 +10,7 @@ skipped unless `--keep-truncated`. `--max-samples` keeps the first N rows that r
 the `--eval-fraction` hold-out is split off (seeded by `--seed`). Only `prompt` and
 `completion` reach the trainer (and `id`, for soft labels). The teacher named on the model
 card comes from the `<stem>.meta.json` beside a local dataset, or the `openkd_meta.json`
-uploaded with a Hub one.
+uploaded with a Hub one (`openkd.data.teacher`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openkd import console
-from openkd.data.layout import META_IN_REPO, OutputFiles, is_side_file
+from openkd.data.layout import OutputFiles, is_side_file
 from openkd.data.schema import FINISH_LENGTH
 from openkd.data.sources import BUILDERS, count_json_lines, load_source, local_files
+from openkd.data.teacher import DatasetTeacher, read_teacher
 from openkd.errors import OpenkdError
 from openkd.paths import looks_like_path
 
@@ -59,7 +60,7 @@ class TrainData:
     eval: Dataset | None
     filtered: Filtered
     fingerprint: str  # identifies the rows trained on (and held out), not where they live
-    teacher: dict[str, Any] | None  # from the dataset's `<stem>.meta.json`, if there is one
+    teacher: DatasetTeacher | None  # from the dataset's `<stem>.meta.json`, if there is one
 
 
 def load_rows(spec: str, flag: str = "--dataset") -> Dataset:
@@ -161,53 +162,6 @@ def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
         )
     parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
-
-
-def meta_files(spec: str) -> list[Path]:
-    """`<stem>.meta.json` files `openkd generate` wrote beside a local dataset."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        candidate = OutputFiles.of_file(path).meta
-        return [candidate] if candidate.is_file() else []
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.meta.json") if p.is_file())
-    return []
-
-
-def hub_meta_file(spec: str) -> list[Path]:
-    """The metadata `openkd generate --push-to-hub` uploads with a Hub dataset, if reachable."""
-    if looks_like_path(spec):
-        return []
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return [Path(hf_hub_download(spec, META_IN_REPO, repo_type="dataset"))]
-    except Exception:  # not an openkd dataset, offline, private...: the teacher stays unknown
-        return []
-
-
-def read_teacher(spec: str) -> dict[str, Any] | None:
-    """Teacher name and revision from the dataset's metadata, or None when there is none."""
-    names: dict[str, dict[str, Any]] = {}
-    for meta_path in meta_files(spec) or hub_meta_file(spec):
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        teacher = meta.get("teacher") if isinstance(meta, dict) else None
-        if isinstance(teacher, str):
-            teacher = {"name": teacher}
-        if isinstance(teacher, dict) and teacher.get("name"):
-            info = {k: teacher.get(k) for k in ("name", "revision", "backend") if teacher.get(k)}
-            sampling = meta.get("sampling")
-            if isinstance(sampling, dict) and "temperature" in sampling:
-                info["temperature"] = sampling["temperature"]
-            names[str(info["name"])] = info
-    if not names:
-        return None
-    if len(names) == 1:
-        return next(iter(names.values()))
-    return {"name": ", ".join(sorted(names))}
 
 
 def _set_aside(data_files: list[Path]) -> list[str]:

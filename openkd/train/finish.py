@@ -43,7 +43,7 @@ def start_summary(prepared: Prepared, trainer: Trainer) -> None:
     fmt = console.fmt_int
     rows: list[tuple[str, str]] = [
         ("student", cfg.student),
-        ("teacher", cfg.teacher or (data.teacher or {}).get("name", "unknown")),
+        ("teacher", cfg.teacher or (data.teacher["name"] if data.teacher else "unknown")),
         ("dataset", cfg.dataset),
     ]
     if prepared.on_policy is not None:
@@ -265,6 +265,7 @@ def write_cards(
 ) -> None:
     """The student's card; `curves`, the training curves PNG in --output-dir, is linked."""
     from openkd.data.jsonl import write_text_atomic
+    from openkd.data.teacher import DatasetTeacher
     from openkd.train.card import CardInfo, render_card
 
     cfg, data = prepared.cfg, prepared.data
@@ -277,7 +278,7 @@ def write_cards(
     info = CardInfo(
         student=cfg.student,
         dataset=cfg.dataset,
-        teacher={"name": cfg.teacher} if cfg.on_policy else data.teacher,
+        teacher=DatasetTeacher(name=cfg.teacher or "unknown") if cfg.on_policy else data.teacher,
         settings=_card_settings(cfg, trainer),
         train_rows=results["train_examples"],
         eval_rows=eval_stats.examples if eval_stats else 0,

@@ -2,7 +2,8 @@
 
 When a launch setting is given and this process is not already one of a launcher's workers,
 openkd runs `python -m accelerate.commands.launch --config_file CFG ... -m openkd train ARGS`
-as a child, forwards signals to it and exits with its status. Running
+as a child, forwards signals to it (SIGTERM/SIGUSR1 to its workers alone) and exits with its
+status, or 75 when the workers recorded a preemption. Running
 `accelerate launch -m openkd train ...` yourself works too: the workers see the launcher's
 environment and train in place. Under Slurm a multi-node config takes the node count, the
 process count (nodes x GPUs per node) and the node's rank from the job; flags still win.
@@ -16,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from openkd import console
-from openkd.errors import OpenkdError, Preempted
+from openkd.errors import PREEMPTED, OpenkdError, Preempted, PreemptedBeforeStart
 from openkd.system import dies_with_us, free_port
 from openkd.train.config import TrainConfig
 
@@ -35,10 +37,13 @@ LAUNCHED_ENV = "OPENKD_LAUNCHED"
 _LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
 _FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-# The launcher's elastic agent (torch.distributed.run, whose flags read PET_* variables) passes
-# SIGTERM on to the workers and waits for them; SIGUSR1 too with this, where by default it
-# would kill the agent and leave the workers running. The workers then save a preemption
-# checkpoint (openkd.train.preempt): the agent waits up to 10 minutes for it, not 30 s.
+_PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+# SIGTERM/SIGUSR1 reaching `openkd train` go to its workers only, never to accelerate's launcher:
+# its plain launcher kills a worker 5 s after a SIGTERM (too soon to finish a step and save),
+# and its elastic agent may print a traceback. Should the launcher be signalled directly (a
+# scheduler signalling every process), its elastic agent (torch.distributed.run, whose flags
+# read PET_* variables) passes SIGTERM and, with this, SIGUSR1 on to the workers and waits up to
+# 10 minutes for their checkpoint, not 30 s.
 _PREEMPTION_ENV = {
     "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600",
@@ -319,12 +324,20 @@ def relaunch_if_needed(cfg: TrainConfig, argv: list[str]) -> bool:
     cmd = launch_command(plan, argv)
     console.info(f"launching: python {shlex.join(cmd[1:])}")
     record_before = _run_record_mtime(cfg.output_dir)
-    status = run_child(cmd, env={**_PREEMPTION_ENV, **os.environ, LAUNCHED_ENV: "1"})
+    signals = _WorkerSignals()
+    env = {**_PREEMPTION_ENV, **os.environ, LAUNCHED_ENV: "1"}
+    status = run_child(cmd, env=env, forward=signals.forward)
+    # Preempted workers exit 0 (openkd.cli): their run record says what happened.
+    record = _record_since(cfg.output_dir, record_before)
+    preempted = _preempted(record)
+    if preempted is not None:
+        raise preempted
+    completed = (record or {}).get("status") == "complete"  # it ended at its last step
+    if signals.preempting and not completed and (status == 0 or signals.before_workers):
+        raise PreemptedBeforeStart()  # no worker had reached the training loop
     if status == 0:
         return True
-    # Workers that saved a preemption checkpoint exit 75, but the launcher reports its own
-    # status (1, or 128 + the signal); their run record says what happened.
-    raise _preempted_since(cfg.output_dir, record_before) or _failure(status)
+    raise _failure(status)
 
 
 def _run_record_mtime(output_dir: Path) -> int | None:
@@ -336,21 +349,72 @@ def _run_record_mtime(output_dir: Path) -> int | None:
         return None
 
 
-def _preempted_since(output_dir: Path, mtime_ns: int | None) -> Preempted | None:
-    """The preemption the workers recorded, if the run record was rewritten as "preempted"
-    since the launch (`mtime_ns`: its modification time before it)."""
+def _record_since(output_dir: Path, mtime_ns: int | None) -> dict[str, Any] | None:
+    """The run record, if the workers rewrote it since the launch (`mtime_ns`: its
+    modification time before it)."""
     from openkd.train.runinfo import read_run
 
     if _run_record_mtime(output_dir) in (None, mtime_ns):
         return None
     try:
-        record = read_run(output_dir) or {}
+        return read_run(output_dir)
     except OpenkdError:
         return None
-    found = record.get("preempted")
-    if record.get("status") != "preempted" or not isinstance(found, dict):
+
+
+def _preempted(record: dict[str, Any] | None) -> Preempted | None:
+    """The preemption a run record tells of: with a checkpoint, or before the first step."""
+    found = (record or {}).get("preempted")
+    if (record or {}).get("status") != "preempted" or not isinstance(found, dict):
         return None
-    return Preempted(int(found.get("step", 0)), str(found.get("checkpoint", "")))
+    if not found.get("checkpoint"):
+        return PreemptedBeforeStart()
+    return Preempted(int(found.get("step") or 0), str(found["checkpoint"]))
+
+
+class _WorkerSignals:
+    """Sends SIGTERM/SIGUSR1 to the launcher's workers, and any other signal to the launcher's
+    process group; remembers whether a preemption signal came, and whether it came before any
+    worker had started (the launcher's group was then stopped: nothing to save)."""
+
+    def __init__(self) -> None:
+        self.preempting = False
+        self.before_workers = False
+
+    def forward(self, launcher: int, signum: int) -> None:
+        workers = _workers(launcher) if signum in _PREEMPTION_SIGNALS else []
+        if signum in _PREEMPTION_SIGNALS:
+            self.preempting = True
+            self.before_workers = self.before_workers or not workers
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+
+
+def _workers(launcher: int) -> list[int]:
+    """The pids of the `python -m openkd` processes the launcher started (not their own
+    children: a data loader's forked workers run the same command line)."""
+    import psutil
+
+    found: list[int] = []
+    try:
+        todo = psutil.Process(launcher).children()
+    except psutil.Error:
+        return found
+    while todo:
+        process = todo.pop()
+        try:
+            args = process.cmdline()
+            if "-m" in args and args[args.index("-m") + 1 :][:1] == ["openkd"]:
+                found.append(process.pid)
+            else:
+                todo.extend(process.children())
+        except psutil.Error:
+            continue
+    return found
 
 
 def _check_launched_world(num_processes: int | None, env: Any) -> None:
@@ -388,34 +452,44 @@ def _failure(status: int) -> BaseException:
     )
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
+def run_child(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    forward: Callable[[int, int], None] | None = None,
+) -> int:
     """Run `cmd` in its own process group, forwarding signals to it; return its exit status.
 
     The child gets each signal exactly once: a terminal's Ctrl-C reaches only this process,
-    which passes it on. If this process is killed outright, Linux sends the child SIGTERM.
-    A child that fails after a forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT reads as killed by it
-    (-signal), whatever status the launcher exited with.
+    which passes it on (`forward(child_pid, signum)` does it instead, when given). If this
+    process is killed outright, Linux sends the child SIGTERM. A child that fails after a
+    forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT reads as killed by it (-signal), whatever status
+    the launcher exited with; a preempted one's 75 is kept.
     """
     child = subprocess.Popen(dies_with_us(cmd), env=env, start_new_session=True)
     received: list[int] = []
 
-    def forward(signum: int, _frame: Any) -> None:
+    def to_group(pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+
+    deliver = forward or to_group
+
+    def on_signal(signum: int, _frame: Any) -> None:
         if signum in _STOP_SIGNALS:
             received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
+        deliver(child.pid, signum)
 
     previous = {}
     for name in _FORWARDED_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is not None:
-            previous[sig] = signal.signal(sig, forward)
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         status = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if status != 0 and received:
+    if status not in (0, PREEMPTED) and received:
         # Report the signal the user sent, not how the launcher chose to exit on it.
         return -received[-1]
     return status

@@ -7,6 +7,8 @@ launch` the signal may reach only some ranks), and the Trainer saves a regular c
 same files in the same order as a `--save-steps` save, so `--resume auto` takes it, and stops.
 `openkd train` then records the run as preempted, saves no student, and exits with
 `openkd.errors.PREEMPTED` (75): rerunning the same command resumes from that checkpoint.
+Before training starts (loading the student, preparing the data) there is nothing to save: the
+signal unwinds the loading at once and the run exits 75 too (`PreemptedBeforeStart`).
 """
 
 from __future__ import annotations
@@ -21,36 +23,66 @@ from typing import Any
 from transformers import TrainerCallback
 
 from openkd import console
-from openkd.errors import OpenkdError, Preempted
+from openkd.errors import OpenkdError, Preempted, PreemptedBeforeStart
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class PreemptOnSignal(TrainerCallback):
-    """Turns SIGTERM/SIGUSR1 into a checkpoint and a stop at the next optimizer step."""
+class _SignalBeforeTraining(BaseException):
+    """Unwinds the loading: a BaseException, so no library's `except Exception` swallows it."""
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
+
+class PreemptOnSignal(TrainerCallback):
+    """Turns SIGTERM/SIGUSR1 into a checkpoint and a stop at the next optimizer step, or, before
+    a trainer is attached, into `PreemptedBeforeStart` at once."""
+
+    def __init__(self, trainer: Any = None) -> None:
+        self.trainer = trainer  # None while loading: a signal then stops at once
+        self.run: tuple[Path, dict[str, Any]] | None = None  # output dir, identity: recorded
         self.received: int | None = None  # the first signal this process got
         self.stopped_at: int | None = None  # the step whose checkpoint was asked for
+        self._previous: dict[signal.Signals, Any] = {}
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[None]:
-        """Catch the preemption signals while training (and while its end is recorded)."""
+        """Catch the preemption signals while loading and training, until `release()`."""
         if threading.current_thread() is not threading.main_thread():
             yield  # Python delivers signals to the main thread only
             return
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
         try:
             yield
+        except _SignalBeforeTraining:
+            self._record_before_start()
+            raise PreemptedBeforeStart() from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.release()
+
+    def release(self) -> None:
+        """Give the signals their earlier handlers back (training and its record are done)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        # A flag only: the step in progress (and any collective in it) finishes normally.
-        if self.received is None:
+        first = self.received is None
+        if first:
             self.received = signum
+        if self.trainer is None and first:
+            raise _SignalBeforeTraining()
+        # Training: a flag only; the step in progress (and any collective in it) finishes.
+
+    def _record_before_start(self) -> None:
+        """Mark this run's record preempted, with no checkpoint, once `prepare` wrote it."""
+        if self.run is None or not console.is_main_process():
+            return
+        from openkd.train.runinfo import write_run
+
+        output_dir, identity = self.run
+        record: dict[str, Any] = {"step": None, "checkpoint": None}
+        if self.received is not None:
+            record["signal"] = signal.Signals(self.received).name
+        write_run(output_dir, identity, status="preempted", preempted=record)
 
     def on_step_end(self, args, state, control, **kwargs):
         requested = self._agreed()  # every process, every step: it is a collective

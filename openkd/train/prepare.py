@@ -18,7 +18,7 @@ from openkd.train.data import TrainData
 
 if TYPE_CHECKING:
     from openkd.chat import EndOfTurn
-    from openkd.train.onpolicy.served import Endpoint
+    from openkd.teacher.served import Endpoint
     from openkd.train.onpolicy.setup import OnPolicy
     from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer
     from openkd.train.soft import SoftLabels

@@ -45,7 +45,8 @@ from openkd.train.student import read_template_file, resolve_student
 from openkd.versions import check_trl
 
 if TYPE_CHECKING:
-    from openkd.train.onpolicy.served import Endpoint
+    from openkd.teacher.served import Endpoint
+    from openkd.train.preempt import PreemptOnSignal
 
 
 def run(cfg: TrainConfig) -> None:
@@ -65,47 +66,56 @@ def run(cfg: TrainConfig) -> None:
 
     from openkd.train.launch import relaunch_if_needed
     from openkd.train.onpolicy.served import teacher_server
+    from openkd.train.preempt import PreemptOnSignal
 
     launching = bool(cfg.accelerate_config or cfg.deepspeed or cfg.num_processes)
+    # SIGTERM/SIGUSR1: while loading, exit 75 at once; once training runs, a checkpoint first.
+    preempt = PreemptOnSignal()
     # --teacher-serve: one server for the run, shared with launched workers, always stopped.
-    with teacher_server(cfg, student) as served:
+    with preempt.handling_signals(), teacher_server(cfg, student) as served:
         if launching and relaunch_if_needed(cfg, _launch_argv(cfg)):
             return
         with _stdout_to_stderr():
-            final_dir = train(cfg, student, started, served)
+            final_dir = train(cfg, student, started, preempt, served)
     if final_dir is not None:
         console.stdout_line(str(final_dir))
 
 
 def train(
-    cfg: TrainConfig, student: str, started: float, served: Endpoint | None = None
+    cfg: TrainConfig,
+    student: str,
+    started: float,
+    preempt: PreemptOnSignal,
+    served: Endpoint | None = None,
 ) -> Path | None:
     """The training run in this process; the final student's folder (None off rank 0).
-    `served`: --teacher-serve's server, when this process started it."""
+    `preempt`: handling the preemption signals; `served`: --teacher-serve's server, when this
+    process started it."""
     check_trl()  # TRL has the APIs openkd extends (a launcher checked before starting us)
-    from openkd.train.preempt import PreemptOnSignal, stop_if_preempted
+    from openkd.train.preempt import stop_if_preempted
     from openkd.train.runinfo import write_run
     from openkd.train.trainer import RunMeter, StopWhenComplete, TrainingAlreadyComplete
 
     prepared = prepare(cfg, student, served)
+    preempt.run = (cfg.output_dir, prepared.identity)
     trainer = build_trainer(prepared)
     check_prepared_example(prepared, trainer)
     start_summary(prepared, trainer)
     meter = RunMeter()
     trainer.add_callback(meter)
     trainer.add_callback(StopWhenComplete())
-    preempt = PreemptOnSignal(trainer)  # SIGTERM/SIGUSR1: checkpoint, stop, exit 75
+    preempt.trainer = trainer  # from here on a signal means a checkpoint at the next step
     trainer.add_callback(preempt)
-    with preempt.handling_signals():
-        try:
-            trainer.train(
-                resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None
-            )
-        except TrainingAlreadyComplete as done:
-            # Close the progress bar and let trackers finish, as a normal end of training does.
-            trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
-            console.info(f"training is complete ({done}); saving the student again")
-        stop_if_preempted(cfg.output_dir, prepared.identity, trainer, preempt)
+    try:
+        trainer.train(
+            resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None
+        )
+    except TrainingAlreadyComplete as done:
+        # Close the progress bar and let trackers finish, as a normal end of training does.
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        console.info(f"training is complete ({done}); saving the student again")
+    stop_if_preempted(cfg.output_dir, prepared.identity, trainer, preempt)
+    preempt.release()  # saving the student: a signal now stops it as before (exit 143)
     stop_if_diverged(prepared, trainer)
     final_dir = save_student(prepared, trainer)
     if not console.is_main_process():

@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from openkd import console
+from openkd.chat import prompt_ids
 from openkd.data.logprobs import SidecarReader, bytes_per_token, sidecar_dir
 from openkd.errors import OpenkdError
+from openkd.teacher.tokenizer import check_tokenizers
 from openkd.train.preflight import IGNORE
 
 if TYPE_CHECKING:
@@ -151,73 +153,6 @@ def check_coverage(reader: SidecarReader, dataset: Dataset | None, what: str) ->
         )
 
 
-def vocab_mismatch(
-    teacher_vocab: dict[str, int], student_vocab: dict[str, int]
-) -> list[tuple[str, int, int | None]]:
-    """Teacher tokens the student maps to another id or not at all: (token, teacher, student)."""
-    return [
-        (token, index, student_vocab.get(token))
-        for token, index in teacher_vocab.items()
-        if student_vocab.get(token) != index
-    ]
-
-
-def check_tokenizers(
-    student_tokenizer: Any,
-    teacher: str | None,
-    *,
-    trust_remote_code: bool,
-    revision: str | None = None,
-    cross: str = "off",
-) -> tuple[str | None, str | None, Any]:
-    """(a ✓ line, a warning, the teacher's tokenizer when it differs from the student's).
-
-    The teacher's tokenizer maps every token as the student's does, or (`cross` not "off") the
-    tokenizer is returned for alignment. Raises on a mismatch with `cross` "off". Returns a
-    warning instead when the teacher's tokenizer cannot be loaded (no teacher named, an
-    offline Hub id, a mock teacher).
-    """
-    if not teacher:
-        return (
-            None,
-            "the dataset's metadata names no teacher, so its tokenizer is not compared",
-            None,
-        )
-    try:
-        from transformers import AutoTokenizer
-
-        teacher_tokenizer = AutoTokenizer.from_pretrained(
-            teacher, trust_remote_code=trust_remote_code, revision=revision
-        )
-    except Exception as exc:  # offline, gated, not a model (mock teachers)...
-        text = " ".join(str(exc).split())[:160] or type(exc).__name__
-        return None, f"could not load the teacher's tokenizer {teacher} ({text})", None
-    teacher_vocab = teacher_tokenizer.get_vocab()
-    wrong = vocab_mismatch(teacher_vocab, student_tokenizer.get_vocab())
-    if wrong and cross != "off":
-        line = (
-            f"the teacher's tokenizer ({teacher}) differs from the student's: {len(wrong):,} of "
-            f"its {len(teacher_vocab):,} tokens have another id or none"
-        )
-        return line, None, teacher_tokenizer
-    if wrong:
-        token, t_id, s_id = wrong[0]
-        theirs = "is missing" if s_id is None else f"is id {s_id}"
-        raise OpenkdError(
-            f"the teacher {teacher} and the student tokenize differently: {len(wrong):,} of the "
-            f"teacher's {len(teacher_vocab):,} tokens have another id in the student (e.g. "
-            f"{token!r} is id {t_id} in the teacher and {theirs} in the student), so the "
-            f"teacher's top-k log-probabilities would name the wrong tokens; drop "
-            f"--cross-tokenizer off to align them by text, or {FIX}"
-        )
-    return (
-        f"the teacher's tokenizer ({teacher}) maps all its {len(teacher_vocab):,} tokens to the "
-        "student's ids",
-        None,
-        None,
-    )
-
-
 def check_ids_fit(reader: SidecarReader, ids: Sequence[str], vocab_size: int) -> int:
     """Raise unless every stored id of these rows is below the student's vocabulary size."""
     largest = -1
@@ -266,13 +201,13 @@ def prepare_soft_labels(
     vocab = student_vocab_size(student, trust_remote_code=cfg.trust_remote_code)
     first = data.train.select(range(min(PREFLIGHT_ROWS, len(data.train))))
     sample = first["id"]
-    teacher_info = data.teacher or {}
-    teacher = teacher_info.get("name")
+    teacher_info = data.teacher
+    teacher = teacher_info["name"] if teacher_info else None
     same, warning, teacher_tokenizer = check_tokenizers(
         tokenizer,
         teacher,
         trust_remote_code=cfg.trust_remote_code,
-        revision=teacher_info.get("revision"),
+        revision=teacher_info.get("revision") if teacher_info else None,
         cross=cfg.cross_tokenizer or "auto",
     )
     if teacher_tokenizer is None:  # one vocabulary: the stored ids are the student's
@@ -344,14 +279,6 @@ def _cross_tokenizer(
         f"{soft.aligner.shared_vocabulary():.0%} of the teacher's tokens are a student token; "
         f"{soft.coverage.describe()} (at least {minimum:.0%} needed)"
     )
-
-
-def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
-    """The prompt as the student sees it at inference: its chat template + generation prompt."""
-    encoded = tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
 
 
 def build_example(

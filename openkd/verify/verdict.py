@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
+
+from openkd.data.schema import Verification
 
 Method = Literal["math", "exact"]
 # Extracted answers are stored for people to read in side files and reports, not re-parsed.
@@ -33,6 +35,12 @@ class Verdict:
     method: Method
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields, e.g. for a rejected row's side file."""
-        return asdict(self)
+    def to_dict(self) -> Verification:
+        """The row's `verification` field (JSON-ready), e.g. for a rejected row's side file."""
+        return Verification(
+            correct=self.correct,
+            answer=self.answer,
+            gold=self.gold,
+            method=self.method,
+            reason=self.reason,
+        )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openkd.distill.crosstok.aligner import Aligner
+from openkd.distill.crosstok.vocab import bytes_index, exact_map, is_byte_level, token_bytes
 from openkd.errors import OpenkdError
 
 MIN_COVERAGE = 0.5
@@ -87,3 +88,26 @@ def check(coverage: Coverage, minimum: float, teacher: str) -> None:
         f"across tokenizers only {coverage.describe()}, below {minimum:.0%}{why}; pass "
         "--cross-tokenizer-min-coverage 0 to train anyway, or use --loss hard"
     )
+
+
+def cross_lines(
+    teacher_tokenizer: Any, student_tokenizer: Any, method: str, cross: str, teacher: str
+) -> list[str]:
+    """What the pre-flight says of two vocabularies: sizes, shared tokens, the method."""
+    shared = exact_map(token_bytes(teacher_tokenizer), bytes_index(token_bytes(student_tokenizer)))
+    share = float((shared >= 0).mean()) if len(shared) else 0.0
+    byte_level = is_byte_level(teacher_tokenizer) and is_byte_level(student_tokenizer)
+    how = (
+        "GOLD: JSD over the tokens both vocabularies share, ULD over the rest"
+        if method == "gold"
+        else "ULD: sorted-probability L1 over the whole vocabularies"
+    )
+    return [
+        f"the teacher's tokenizer ({teacher}, {len(teacher_tokenizer):,} tokens) differs from "
+        f"the student's ({len(student_tokenizer):,}); {share:.0%} of the teacher's tokens are a "
+        "student token",
+        f"cross-tokenizer on-policy ({method}, --cross-tokenizer {cross}): TRL's GOLD trainer "
+        "re-tokenises each sample for the teacher and aligns the two by the text they cover "
+        f"({'byte offsets' if byte_level else 'positions: a tokenizer is not byte-level'}); "
+        f"{how}",
+    ]

@@ -1,8 +1,8 @@
 """The teacher behind any OpenAI-compatible endpoint (`--backend openai`), or a vLLM server
 that openkd starts for the run (`--serve`).
 
-One event loop, one async client and one connection pool (sized to the in-flight limit) live
-as long as the backend. `stream` keeps a sliding window of requests over the whole dataset:
+One event loop and its async clients (connection pools sized to the in-flight limit together)
+live as long as the backend. `stream` keeps a sliding window of requests over the whole dataset:
 as soon as one answer lands, the next prompt is sent, so the server's batch stays full.
 Retries are done here, not by the client, so the schedule (exponential backoff with seeded
 jitter, honouring Retry-After) is deterministic and tested. When requests keep failing to
@@ -11,6 +11,13 @@ remaining prompt failed, and what finished is kept. Running out of file descript
 socket per request) is this process's limit, not a dead server: the soft limit is raised to
 the hard one at start, the window is capped to what fits, and an EMFILE that persists through
 its retries stops the run with a line saying so.
+
+Client CPU per answer is kept low, since at hundreds of answers a second it limits the run:
+the connections are split over small pools (`POOL_CONNECTIONS` each, one client per pool) and
+each request takes a free slot, so no pool holds more requests than connections (the HTTP
+library walks every connection of a pool on each request and each answer: in one pool of 256
+that was a fifth of the client's CPU); and the request body is posted as built, without the
+SDK's type-driven transform of `chat.completions.create`'s arguments (another tenth).
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ MAX_MESSAGE = 300
 # so a --serve'd server gets that many per replica); more than the server runs just queue there.
 DEFAULT_IN_FLIGHT = 256
 SERVED_IN_FLIGHT = 1024
+# Connections per HTTP pool: a pool's bookkeeping costs in proportion to its connections, per
+# request (httpcore's _assign_requests_to_connections), so many requests in flight use many pools.
+POOL_CONNECTIONS = 32
 # Requests in a row that could not connect, each after its retries: the server is gone.
 UNREACHABLE_AFTER = 8
 # File descriptors kept free beside the sockets: the outputs, logs, libraries' own.
@@ -179,6 +189,13 @@ def best_k(entries: list[tuple[int, float]], chosen: int, k: int) -> dict[int, f
     return dict(ranked[:k])
 
 
+def pool_sizes(slots: int) -> tuple[int, int]:
+    """(pools, connections each) for `slots` requests in flight: pools of at most
+    POOL_CONNECTIONS, as even as can be."""
+    pools = max(1, -(-slots // POOL_CONNECTIONS))
+    return pools, -(-slots // pools)
+
+
 def retry_after_seconds(err: BaseException) -> float | None:
     """The server's Retry-After (seconds form), if it sent one."""
     response = getattr(err, "response", None)
@@ -205,9 +222,12 @@ class OpenAIBackend(BackendBase):
         self.served: ServedTeacher | None = None
         self.server_version: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: Any = None
+        self._client: Any = None  # the first of `_clients`: start-up checks go through it
+        self._clients: list[Any] = []
+        self._free: list[int] = []  # a free request slot's pool (index in `_clients`)
         self._rng = random.Random(cfg.seed)
         self._fits: int | None = None  # what the open-file limit allows, once started
+        self._completion_type: Any = None  # openai's ChatCompletion, once started
 
     def in_flight(self) -> int:
         if self.cfg.concurrency:
@@ -247,25 +267,36 @@ class OpenAIBackend(BackendBase):
         if not self.base_url:
             raise ConfigError("--backend openai needs --base-url URL or --serve")
         from openai import DefaultAsyncHttpxClient
+        from openai.types.chat import ChatCompletion
+
+        self._completion_type = ChatCompletion
 
         # The HTTP library the installed openai client is built on (httpx, or its fork httpx2).
         http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
 
         self._loop = asyncio.new_event_loop()
-        slots = self.in_flight()
-        pool = http.Limits(max_connections=slots, max_keepalive_connections=slots)
-        self._client = AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key,
-            max_retries=0,
-            timeout=self.cfg.request_timeout,
-            http_client=DefaultAsyncHttpxClient(limits=pool, timeout=self.cfg.request_timeout),
-        )
+        pools, size = pool_sizes(self.in_flight())
+        limits = http.Limits(max_connections=size, max_keepalive_connections=size)
+        self._clients = [
+            AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=api_key,
+                max_retries=0,
+                timeout=self.cfg.request_timeout,
+                http_client=DefaultAsyncHttpxClient(
+                    limits=limits, timeout=self.cfg.request_timeout
+                ),
+            )
+            for _ in range(pools)
+        ]
+        self._client = self._clients[0]
+        self._free = [slot % pools for slot in range(pools * size)]
         self._run(self._check_endpoint())
 
     def close(self) -> None:
-        loop, client = self._loop, self._client
+        loop, clients = self._loop, self._clients
         self._loop = self._client = None
+        self._clients, self._free = [], []
         try:
             if loop is not None and not loop.is_closed():
                 pending = asyncio.all_tasks(loop)
@@ -273,7 +304,7 @@ class OpenAIBackend(BackendBase):
                     task.cancel()
                 if pending:
                     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                if client is not None:
+                for client in clients:
                     loop.run_until_complete(client.close())
                 loop.close()
         finally:
@@ -347,7 +378,7 @@ class OpenAIBackend(BackendBase):
         window: RequestWindow[Outcome] = RequestWindow(
             self._loop,
             iter(requests),
-            functools.partial(self._complete, sampling=sampling),
+            functools.partial(self._complete, fields=self._request_fields(sampling)),
             self.in_flight(),
             self.stopping,
         )
@@ -371,21 +402,27 @@ class OpenAIBackend(BackendBase):
             yield request, completion
         yield from unsure
 
-    async def _complete(self, request: Request, sampling: Sampling) -> Outcome:
+    async def _complete(self, request: Request, fields: dict[str, Any]) -> Outcome:
         """The answer, and why the last attempt got none from the server (None: it did)."""
+        # A slot of a pool with a connection to spare (the window keeps no more requests in
+        # flight than there are slots; past that, the first pool queues them).
+        pool = self._free.pop() if self._free else None
+        try:
+            return await self._attempts(self._clients[pool or 0], request, fields)
+        finally:
+            if pool is not None:
+                self._free.append(pool)
+
+    async def _attempts(self, client: Any, request: Request, fields: dict[str, Any]) -> Outcome:
+        # The body `chat.completions.create` would send, posted as is: its type-driven
+        # transform of the arguments (an identity for JSON messages) cost a tenth of the
+        # client's CPU per request.
+        body = {**fields, "messages": request.messages, "seed": fields["seed"] + request.sample}
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             try:
-                response = await self._client.chat.completions.create(
-                    model=self.cfg.teacher,
-                    messages=request.messages,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=sampling.max_new_tokens,
-                    seed=sampling.seed + request.sample,
-                    stop=list(sampling.stop) or None,
-                    n=1,
-                    **self._logprob_arguments(),
+                response = await client.post(
+                    "/chat/completions", cast_to=self._completion_type, body=body
                 )
             except Exception as err:
                 if not retryable(err):
@@ -410,17 +447,25 @@ class OpenAIBackend(BackendBase):
             delay = max(delay, min(hinted, self.retry_max_delay))
         return delay
 
-    def _logprob_arguments(self) -> dict[str, Any]:
-        """With --logprobs K: the top-K per answer token (K+1 when sampling: `server_logprobs`),
-        with tokens as ids (a vLLM extension: soft labels need the ids, and text tokens do not
-        map back to them reliably)."""
-        if not self.cfg.logprobs:
-            return {}
-        return {
-            "logprobs": True,
-            "top_logprobs": server_logprobs(self.cfg.logprobs, self.cfg.temperature),
-            "extra_body": {"return_tokens_as_token_ids": True},
+    def _request_fields(self, sampling: Sampling) -> dict[str, Any]:
+        """A request body's fields but the messages; "seed" is the first sample's. Decoding
+        settings go out explicitly, `stop` too (null: none). With --logprobs K: the top-K per
+        answer token (K+1 when sampling: `server_logprobs`), with tokens as ids (a vLLM
+        extension: soft labels need the ids, and text tokens do not map back to them reliably)."""
+        fields: dict[str, Any] = {
+            "model": self.cfg.teacher,
+            "max_tokens": sampling.max_new_tokens,
+            "n": 1,
+            "seed": sampling.seed,
+            "stop": list(sampling.stop) or None,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
         }
+        if self.cfg.logprobs:
+            fields["logprobs"] = True
+            fields["top_logprobs"] = server_logprobs(self.cfg.logprobs, self.cfg.temperature)
+            fields["return_tokens_as_token_ids"] = True
+        return fields
 
     def _to_completion(self, response: Any) -> Completion:
         if not response.choices:

@@ -6,11 +6,12 @@ Thinking Machines' on-policy distillation). openkd adds its data and pre-flight 
 run identity and checkpoints of `openkd train`, GKD's mix with offline steps (`--kd-lambda`),
 samples per prompt, the reverse-KL and time-share metrics, and the summary and card.
 
-Modules: `data` (the prompts), `teacher` (tokenizer compatibility and identity), `arguments`
-(`DistillationConfig`), `divergence` (the exact per-token reverse KL, shared with eval),
-`trainer` (the trainer subclass), `setup` (building it, the pre-flight, the summaries);
-for a teacher behind a vLLM server (`--teacher-base-url`, `--teacher-serve`): `served` (the
-endpoint, its pre-flight, the managed server), `client` (TRL's request code with openkd's
-errors) and `served_trainer` (on TRL's experimental `ServerDistillationTrainer`); for a
-teacher with another vocabulary: `gold` (on TRL's experimental `GOLDTrainer`, --cross-tokenizer).
+Modules: `data` (the prompts), `teacher` (loading the checked teacher, its run identity),
+`arguments` (`DistillationConfig`), `trainer` (the trainer subclass), `setup` (building it, the
+pre-flight, the summaries); for a teacher behind a vLLM server (`--teacher-base-url`,
+`--teacher-serve`): `served` (the run's endpoint, the managed server) and `served_trainer` (on
+TRL's experimental `ServerDistillationTrainer`); for a teacher with another vocabulary: `gold`
+(on TRL's experimental `GOLDTrainer`, --cross-tokenizer). What eval shares (the tokenizer and
+teacher checks, the server's pre-flight and scoring client) is in `openkd.teacher`; the exact
+per-token reverse KL is `openkd.distill.divergence`.
 """

@@ -12,8 +12,9 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from openkd.data.teacher import read_teacher
 from openkd.errors import OpenkdError
-from openkd.train.data import Filtered, TrainData, load_rows, read_teacher, split_eval
+from openkd.train.data import Filtered, TrainData, load_rows, split_eval
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -46,7 +46,7 @@ class OpenkdServedTrainer(OpenkdOnPolicyTrainer, _ServerDistillation):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.trainer_callback import ProgressCallback
 
-        from openkd.train.onpolicy.client import TeacherServerError
+        from openkd.teacher.client import TeacherServerError
 
         try:
             return super().train(*args, **kwargs)

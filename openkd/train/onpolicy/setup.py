@@ -10,9 +10,9 @@ from openkd import console
 from openkd.errors import OpenkdError, brief
 
 if TYPE_CHECKING:
+    from openkd.teacher.check import Teacher
+    from openkd.teacher.served import Endpoint
     from openkd.train.config import TrainConfig
-    from openkd.train.onpolicy.served import Endpoint
-    from openkd.train.onpolicy.teacher import Teacher
     from openkd.train.onpolicy.trainer import OpenkdOnPolicyTrainer
     from openkd.train.prepare import Prepared
 
@@ -34,7 +34,7 @@ def prepare_teacher(
     """Pre-flight 2/3: which method fits the teacher (one vocabulary, or GOLD across
     tokenizers); a served teacher's server answers and serves it (`managed`: --teacher-serve's
     server)."""
-    from openkd.train.onpolicy.teacher import check_teacher
+    from openkd.teacher.check import check_teacher
 
     assert cfg.teacher is not None  # the config requires it
     teacher = check_teacher(
@@ -48,7 +48,8 @@ def prepare_teacher(
     lines, warnings = list(teacher.lines), list[str]()
     server = served_model = None
     if cfg.served_teacher:
-        from openkd.train.onpolicy.served import endpoint, probe
+        from openkd.teacher.served import probe
+        from openkd.train.onpolicy.served import endpoint
 
         server = endpoint(cfg, managed)
         served_model, ok, warnings = probe(server, cfg.teacher)
@@ -102,7 +103,7 @@ def build_on_policy_trainer(prepared: Prepared) -> OpenkdOnPolicyTrainer:
             ) from exc
     trainer_class: type[OpenkdOnPolicyTrainer] = OpenkdOnPolicyTrainer
     if server is not None:
-        from openkd.train.onpolicy.client import TeacherClient
+        from openkd.teacher.client import TeacherClient
         from openkd.train.onpolicy.served import describe_failure
         from openkd.train.onpolicy.served_trainer import OpenkdServedTrainer
 

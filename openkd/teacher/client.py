@@ -3,7 +3,7 @@
 `get_sequence_logprobs` (the `/v1/completions` request with `prompt_logprobs` and its parsing)
 is TRL's, unchanged. The constructor is not: TRL's waits up to a minute for the server, asks
 for the first model it lists, sends no API key and retries with backoff for about a minute.
-openkd has already checked the server (`served.probe`), names the model, sends
+openkd has already checked the server (`openkd.teacher.served.probe`), names the model, sends
 --teacher-serve's key, retries briefly, and turns a failed request into one line naming the
 server (its exit code and log for --teacher-serve) and how to resume.
 """
@@ -19,7 +19,7 @@ from trl.generation.vllm_client import VLLMClient
 from urllib3.util.retry import Retry
 
 from openkd.errors import OpenkdError
-from openkd.train.onpolicy.served import Endpoint
+from openkd.teacher.served import Endpoint
 
 RETRIES = 3  # per request, on refused connections, broken answers and 502/503/504
 BACKOFF = 1.0  # seconds, doubled per retry after the first
