@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from tests.soft_helpers import _swap_two_tokens, sharper_copy, swap_two_tokens
@@ -19,6 +20,7 @@ __all__ = [
     "_swap_two_tokens",
     "error_line",
     "invoke",
+    "one_thread",
     "sharper_copy",
     "swap_two_tokens",
     "watch_model_loads",
@@ -67,6 +69,21 @@ def invoke(*args: str | os.PathLike[str], env: dict | None = None) -> Outcome:
     code = 0 if code is None else code
     assert isinstance(code, int), code
     return Outcome(code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block (in this process), as `OMP_NUM_THREADS=1` gives a
+    subprocess: the learning proofs' tiny models gain nothing from a second thread, and on CI's
+    two workers (one core each) a second one only spins against the other worker."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def error_line(stderr: str, *, last: bool = True, only: bool = False) -> str:

