@@ -22,12 +22,18 @@ from pathlib import Path
 
 from bench import proc
 from bench.context import Context
-from bench.results import Result, Target
+from bench.results import INFO, Result, Target
 
 NAME = "generate_vllm"
 REPEATS = 2
 LOGPROBS = 20  # vLLM's default max_logprobs, openkd's advice for soft labels
-LOGPROBS_TARGET = 0.8  # --logprobs 20 at this share of the speed without, or better
+# --logprobs 20 at this share of vLLM's own speed with logprobs=20, or better: openkd's part.
+# Against openkd without --logprobs the row is informational: on the tiny bench model, whose
+# forward pass costs next to nothing, vLLM's own top-k (the engine's top-k and rank over the
+# vocabulary, ~1.5 s of CPU compiling its rank kernel at the first step, its Python per
+# position in the output processor) leaves one LLM.chat call at 0.51-0.69x its speed without
+# (three alternating runs each, 2026-12-06), so 0.8x is out of any client's reach there.
+LOGPROBS_TARGET = 0.97
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,15 @@ METHOD = (
     "the median of "
     "each counts (the mean of two), and the note lists every run's time. Both sides must do "
     "the same work: greedy decoding on one engine gives identical answers, so token totals "
-    "(and the answer-length distribution) are compared and any difference is noted. Last row "
-    f"(target {LOGPROBS_TARGET}x): on the uniform workload openkd also runs with --logprobs "
-    f"{LOGPROBS} (top-20 raw log-probabilities per answer token into the sidecar), in the "
-    "order openkd, baseline, --logprobs, --logprobs, baseline, openkd, against openkd without "
-    "it."
+    "(and the answer-length distribution) are compared and any difference is noted. Last two "
+    f"rows: on the uniform workload openkd also runs with --logprobs {LOGPROBS} (top-20 raw "
+    "log-probabilities per answer token into the sidecar), against openkd without it "
+    "(informational: the cost of vLLM's own top-k is in it) and, so that vLLM's share of that "
+    f"cost and openkd's are told apart, against the baseline with logprobs={LOGPROBS} (target "
+    f"{LOGPROBS_TARGET}x), kept the cheapest way vLLM gives them (flat_logprobs, its "
+    "detokenizer off, each answer decoded once at the end, the [T, 20] ids and float16 "
+    "values written to a file). Order openkd, baseline, --logprobs, baseline --logprobs, then "
+    "the reverse; the note of the first gives the baseline's own ratio with/without logprobs."
 )
 IN_FLIGHT_RE = re.compile(r"keeping ([\d,]+) requests in flight")
 
@@ -126,12 +136,17 @@ def openkd_vllm(ctx: Context, workload: Workload, logprobs: int | None = None) -
     return openkd_stats(out)
 
 
-def raw_vllm(ctx: Context, workload: Workload) -> tuple[int, float]:
+def raw_vllm(ctx: Context, workload: Workload, logprobs: int | None = None) -> tuple[int, float]:
     out = baseline_output(ctx, workload)
+    extra: tuple[str, ...] = ()
+    if logprobs:
+        out = ctx.path(NAME, f"raw-{workload.name}-top{logprobs}", "answers.jsonl")
+        extra = ("--logprobs", str(logprobs))
     stats = out.with_name("stats.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     ctx.run(
-        f"baseline: one vllm.LLM.chat call ({workload.name})",
+        f"baseline: one vllm.LLM.chat call ({workload.name}"
+        f"{', logprobs=' if logprobs else ''}{logprobs or ''})",
         proc.python_module(
             "bench.baselines.raw_vllm",
             "--model",
@@ -147,8 +162,9 @@ def raw_vllm(ctx: Context, workload: Workload) -> tuple[int, float]:
             "--dtype",
             "float32",
             "--enforce-eager",
+            *extra,
         ),
-        log=f"{NAME}-raw-{workload.name}",
+        log=f"{NAME}-raw-{workload.name}" + (f"-top{logprobs}" if logprobs else ""),
     )
     raw = json.loads(stats.read_text())
     return int(raw["completion_tokens"]), float(raw["seconds"])
@@ -233,29 +249,42 @@ def result(
     return dataclasses.replace(row, note=note)
 
 
-def logprobs_result(
-    ctx: Context,
-    workload: Workload,
-    captured: list[tuple[int, float]],
-    plain: list[tuple[int, float]],
-) -> Result:
+def rate(runs: list[tuple[int, float]]) -> float:
+    """Tokens per second of the median run."""
+    return statistics.median(tokens / seconds for tokens, seconds in runs)
+
+
+def logprobs_results(
+    ctx: Context, workload: Workload, runs: dict[str, list[tuple[int, float]]]
+) -> list[Result]:
+    """--logprobs against openkd without it, and against the baseline with logprobs: the second
+    is openkd's own cost, the first adds vLLM's (its ratio with/without is in the note)."""
     meta = json.loads(
         ctx.path(NAME, f"openkd-{workload.name}-top{LOGPROBS}", "teacher.meta.json").read_text()
     )
-    row = compare(
-        NAME,
+    metric = (
         f"output tokens/s with --logprobs {LOGPROBS} (top-{LOGPROBS} written to the sidecar), "
-        f"{workload.name} lengths, engine start excluded",
-        "openkd without --logprobs",
-        captured,
-        plain,
+        f"{workload.name} lengths, engine start excluded"
     )
+    vllm_ratio = rate(runs["raw-logprobs"]) / rate(runs["baseline"])
+    without = compare(NAME, metric, "openkd without --logprobs", runs["logprobs"], runs["openkd"])
     note = (
-        f"{row.note.replace('baseline', 'without')}; sidecar "
+        f"{without.note.replace('baseline', 'without')}; vLLM alone (one LLM.chat call) with "
+        f"logprobs={LOGPROBS} runs at {vllm_ratio:.2f}x its speed without: its own cost, which "
+        "the next row takes out; sidecar "
         f"{meta['logprobs']['bytes_per_token']:.0f} bytes per answer token; for reference, "
         "vLLM's PR #9880 reports -17 % at logprobs=5 on a GPU"
     )
-    return dataclasses.replace(row, target=Target("ratio_at_least", LOGPROBS_TARGET), note=note)
+    without = dataclasses.replace(without, target=INFO, note=note)
+    raw = compare(
+        NAME,
+        metric + ", against vLLM's own top-k",
+        f"one vllm.LLM.chat call with logprobs={LOGPROBS}",
+        runs["logprobs"],
+        runs["raw-logprobs"],
+    )
+    raw = dataclasses.replace(raw, target=Target("ratio_at_least", LOGPROBS_TARGET))
+    return [without, raw]
 
 
 def run(ctx: Context) -> list[Result]:
@@ -263,18 +292,20 @@ def run(ctx: Context) -> list[Result]:
     for workload in WORKLOADS:
         model_for(ctx, workload)  # built before timing
         ctx.prompts(workload.prompts)
-        runs: dict[str, list[tuple[int, float]]] = {"openkd": [], "baseline": [], "logprobs": []}
-        sides = ("openkd", "baseline") + (("logprobs",) if workload is UNIFORM else ())
-        # A, B(, C), (C,) B, A: a load that rises or falls during the runs (other work on the
-        # machine) hits every side alike.
+        sides = ("openkd", "baseline")
+        if workload is UNIFORM:
+            sides += ("logprobs", "raw-logprobs")
+        runs: dict[str, list[tuple[int, float]]] = {side: [] for side in sides}
+        # A, B(, C, D), (D, C,) B, A: a load that rises or falls during the runs (other work on
+        # the machine) hits every side alike.
         for i in range(REPEATS):
             for side in sides if i % 2 == 0 else tuple(reversed(sides)):
-                if side == "baseline":
-                    runs[side].append(raw_vllm(ctx, workload))
+                logprobs = LOGPROBS if side in ("logprobs", "raw-logprobs") else None
+                if side in ("baseline", "raw-logprobs"):
+                    runs[side].append(raw_vllm(ctx, workload, logprobs))
                 else:
-                    logprobs = LOGPROBS if side == "logprobs" else None
                     runs[side].append(openkd_vllm(ctx, workload, logprobs))
         results.append(result(ctx, workload, runs["openkd"], runs["baseline"]))
-        if runs["logprobs"]:
-            results.append(logprobs_result(ctx, workload, runs["logprobs"], runs["openkd"]))
+        if workload is UNIFORM:
+            results.extend(logprobs_results(ctx, workload, runs))
     return results
