@@ -27,8 +27,7 @@ initialisation crossing its own one made the test slow and flaky (one seed: no e
 300 steps). The training log's reverse KL is not asserted: it is one batch of 32 samples and
 swings 0.05-0.4 between logged steps.
 
-Each pair of independent trainings runs as two processes at once (one core each); every other
-command runs in this process, on one thread.
+Each pair of independent trainings runs as two processes at once (one core each).
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import invoke, one_thread
 
 pytestmark = pytest.mark.slow
 
@@ -77,13 +74,6 @@ def _together(*commands: tuple[str | Path, ...]) -> list[str]:
     return logs
 
 
-def _here(*command: str | Path) -> None:
-    """Run one `openkd` command in this process on one thread (no interpreter start-up)."""
-    with one_thread():
-        result = invoke(*command)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 def first_checkpoint(run: Path, key: str, passes) -> Path:
     """The first checkpoint of `run` whose logged `key` `passes`."""
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
@@ -103,22 +93,32 @@ def _checkpoints(steps: int, every: int) -> tuple[str, ...]:
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("on-policy")
     mock, labels = work / "mock" / "t.jsonl", work / "labels" / "t.jsonl"
-    _here("make-tiny", work / "init", "--prompts", work / "prompts.jsonl",
-          "--num-prompts", str(PROMPTS))  # fmt: skip
-    _here("generate", "--backend", "mock", "--teacher", "mock", "--dataset",
-          work / "prompts.jsonl", "--output", mock)  # fmt: skip
-    _here("train", "--student", work / "init", "--dataset", mock, "--output-dir",
-          work / "teacher-run", *_checkpoints(TEACHER_STEPS, 10))  # fmt: skip
+    _together(
+        ("make-tiny", work / "init", "--prompts", work / "prompts.jsonl",
+         "--num-prompts", str(PROMPTS)),
+    )  # fmt: skip
+    _together(
+        ("generate", "--backend", "mock", "--teacher", "mock", "--dataset",
+         work / "prompts.jsonl", "--output", mock),
+    )  # fmt: skip
+    _together(
+        ("train", "--student", work / "init", "--dataset", mock, "--output-dir",
+         work / "teacher-run", *_checkpoints(TEACHER_STEPS, 10)),
+    )  # fmt: skip
     teacher = first_checkpoint(work / "teacher-run", "loss", lambda x: x <= TEACHER_LOSS)
     # Its own greedy answers: what the student learns with hard labels, and the reference
     # exact agreement is measured against.
-    _here("generate", "--backend", "transformers", "--teacher", teacher, "--dataset",
-          work / "prompts.jsonl", "--output", labels, "--eval-fraction", "0.05",
-          "--max-new-tokens", "32")  # fmt: skip
+    _together(
+        ("generate", "--backend", "transformers", "--teacher", teacher, "--dataset",
+         work / "prompts.jsonl", "--output", labels, "--eval-fraction", "0.05",
+         "--max-new-tokens", "32"),
+    )  # fmt: skip
     # The student start: past the plateau, SFT'd on those answers to 95 % of tokens right.
     plateau = first_checkpoint(work / "teacher-run", "mean_token_accuracy", lambda x: x >= 0.5)
-    _here("train", "--student", plateau, "--dataset", labels, "--output-dir",
-          work / "start-run", *_checkpoints(START_STEPS, 10))  # fmt: skip
+    _together(
+        ("train", "--student", plateau, "--dataset", labels, "--output-dir",
+         work / "start-run", *_checkpoints(START_STEPS, 10)),
+    )  # fmt: skip
     start = first_checkpoint(work / "start-run", "mean_token_accuracy", lambda x: x >= 0.95)
     arm = ("--student", start, "--max-steps", str(ARM_STEPS), *TRAIN, *CONSTANT,
            "--save-steps", "1000", "--logging-steps", "25")  # fmt: skip
@@ -127,10 +127,12 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("train", "--dataset", labels, "--output-dir", work / "on-policy", *arm,
          "--loss", "on-policy", "--teacher", teacher, "--max-completion-length", "32"),
     )  # fmt: skip
-    _here("eval", "--student", work / "on-policy", "--base", work / "sft",
-          "--dataset", labels.with_name("t.eval.jsonl"), "--backend", "transformers",
-          "--on-policy-teacher", teacher, "--on-policy-samples", "4",
-          "--output-dir", work / "eval")  # fmt: skip
+    _together(
+        ("eval", "--student", work / "on-policy", "--base", work / "sft",
+         "--dataset", labels.with_name("t.eval.jsonl"), "--backend", "transformers",
+         "--on-policy-teacher", teacher, "--on-policy-samples", "4",
+         "--output-dir", work / "eval"),
+    )  # fmt: skip
     found = json.loads((work / "eval" / "report.json").read_text())
     found["training"] = json.loads((work / "on-policy" / "openkd_run.json").read_text())
     found["picked"] = {"teacher": teacher.name, "plateau": plateau.name, "start": start.name}
