@@ -222,8 +222,7 @@ class OpenAIBackend(BackendBase):
         self.served: ServedTeacher | None = None
         self.server_version: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: Any = None  # the first of `_clients`: start-up checks go through it
-        self._clients: list[Any] = []
+        self._clients: list[Any] = []  # one per connection pool; start-up checks use the first
         self._free: list[int] = []  # a free request slot's pool (index in `_clients`)
         self._rng = random.Random(cfg.seed)
         self._fits: int | None = None  # what the open-file limit allows, once started
@@ -242,7 +241,7 @@ class OpenAIBackend(BackendBase):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._client is not None:
+        if self._clients:
             return
         try:
             self._start()
@@ -289,13 +288,12 @@ class OpenAIBackend(BackendBase):
             )
             for _ in range(pools)
         ]
-        self._client = self._clients[0]
         self._free = [slot % pools for slot in range(pools * size)]
         self._run(self._check_endpoint())
 
     def close(self) -> None:
         loop, clients = self._loop, self._clients
-        self._loop = self._client = None
+        self._loop = None
         self._clients, self._free = [], []
         try:
             if loop is not None and not loop.is_closed():
@@ -334,7 +332,7 @@ class OpenAIBackend(BackendBase):
 
         url = self.base_url
         try:
-            page = await self._client.models.list(timeout=self.connect_timeout)
+            page = await self._clients[0].models.list(timeout=self.connect_timeout)
         except openai.APIConnectionError as err:
             if (local := out_of_files(err)) is not None:
                 raise OpenkdError(out_of_files_message(str(local), self.in_flight())) from err
@@ -373,7 +371,7 @@ class OpenAIBackend(BackendBase):
     # -- generation ----------------------------------------------------------------------------
 
     def stream(self, requests: Iterable[Request], sampling: Sampling) -> Iterator[Answer]:
-        if self._client is None or self._loop is None:
+        if not self._clients or self._loop is None:
             raise OpenkdError("the openai teacher is not started; use it as `with backend: ...`")
         window: RequestWindow[Outcome] = RequestWindow(
             self._loop,
