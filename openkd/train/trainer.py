@@ -144,6 +144,8 @@ class OpenkdKDTrainer(OpenkdSFTTrainer):
     LoRA and DeepSpeed are the Trainer's, unchanged.
     """
 
+    data_collator: Any  # set by the Trainer, wrapped here
+
     def __init__(
         self, *args: Any, soft: Any, alpha: float, temperature: float, **kwargs: Any
     ) -> None:
