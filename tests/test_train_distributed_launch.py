@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from openkd.errors import OpenkdError
+from openkd.errors import OpenkdError, Preempted, PreemptedBeforeStart
 from openkd.train import launch
 from openkd.train.config import TrainConfig
 from openkd.train.launch import (
@@ -395,3 +396,36 @@ def test_slurm_without_a_gpu_count_says_how_to_fix_it(
     env = {k: v for k, v in SLURM_NODE_2_OF_4.items() if k != "SLURM_GPUS_ON_NODE"}
     with pytest.raises(OpenkdError, match="pass --num-processes with the total over all nodes"):
         launch_plan(_cfg(deepspeed="multinode_zero3", bf16=True), env=env)
+
+
+@pytest.mark.parametrize(
+    ("raised", "released"),
+    [
+        (None, True),
+        (Preempted(3, "out/checkpoint-3"), True),  # every rank passed the preemption barrier
+        (PreemptedBeforeStart(), False),
+        (RuntimeError("a rank failed"), False),  # another rank may be inside a collective
+    ],
+    ids=["finished", "preempted", "preempted-while-loading", "failed"],
+)
+def test_process_group_is_destroyed_when_training_ends_together(
+    raised: Exception | None, released: bool, tmp_path: Path
+) -> None:
+    """A process group left to interpreter exit can abort a finished worker (gloo's threads:
+    SIGABRT, "terminate called without an active exception"); one destroyed after a failure
+    could hang the ranks still in a collective."""
+    import torch.distributed as dist
+
+    from openkd.train.run import _process_group_released
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with contextlib.suppress(type(raised) if raised else ()), _process_group_released():
+            if raised is not None:
+                raise raised
+        assert dist.is_initialized() is not released
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

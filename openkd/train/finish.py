@@ -162,6 +162,9 @@ def save_student(prepared: Prepared, trainer: Trainer) -> Path:
     cfg = prepared.cfg
     out = cfg.output_dir
     trainer.save_model(str(out))  # weights (safetensors) + tokenizer with its chat template
+    # The run's last collective: no rank leaves with another's work in flight (a worker that
+    # exits while a gloo collective of ZeRO-3's is still running can abort at exit).
+    trainer.accelerator.wait_for_everyone()
     if not console.is_main_process():
         return out
     trainer.save_state()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from openkd import console
 from openkd.config import save_resolved
 from openkd.data.sources import require_source
+from openkd.errors import Preempted, PreemptedBeforeStart
 from openkd.train.checkpoints import check_resume_exists
 from openkd.train.config import TrainConfig
 from openkd.train.finish import (
@@ -75,7 +76,7 @@ def run(cfg: TrainConfig) -> None:
     with preempt.handling_signals(), teacher_server(cfg, student) as served:
         if launching and relaunch_if_needed(cfg, _launch_argv(cfg)):
             return
-        with _stdout_to_stderr():
+        with _stdout_to_stderr(), _process_group_released():
             final_dir = train(cfg, student, started, preempt, served)
     if final_dir is not None:
         console.stdout_line(str(final_dir))
@@ -138,6 +139,32 @@ def train(
         console.info(f"pushed to {url}")
     end_summary(prepared, outcome, final_dir, time.monotonic() - started)
     return final_dir
+
+
+@contextlib.contextmanager
+def _process_group_released() -> Iterator[None]:
+    """Destroy torch.distributed's process group once training has ended on this rank, or
+    stopped for a preemption (every rank passed the same barrier first).
+
+    Left to interpreter exit, gloo's worker threads can abort the process ("terminate called
+    without an active exception", SIGABRT: pytorch#190489), which failed a finished 2-process
+    ZeRO-3 run. Not after a failure: a rank still inside a collective would hang the others.
+    """
+    try:
+        yield
+    except PreemptedBeforeStart:  # signalled while loading: no barrier passed
+        raise
+    except Preempted:
+        release_process_group()
+        raise
+    release_process_group()
+
+
+def release_process_group() -> None:
+    """`torch.distributed.destroy_process_group()` when a process group is up."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
