@@ -154,9 +154,9 @@ def test_signal_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run(
     step = assert_preempted(code, err, out)
     run = json.loads((out / "openkd_run.json").read_text())
     assert run["preempted"]["signal"] == signal.Signals(sig).name
-
-    rerun_resumes(args, out, step)
-    assert_same_weights(out, reference)
+    if sig == signal.SIGTERM:  # what the rerun does does not depend on the signal that stopped it
+        rerun_resumes(args, out, step)
+        assert_same_weights(out, reference)
 
 
 @pytest.mark.slow
@@ -166,7 +166,8 @@ def test_two_processes_save_together_when_one_rank_is_signalled(
 ) -> None:
     """Under `accelerate launch` (DDP, 2 CPU processes) SIGTERM reaches rank 1 only, or
     `openkd train` (which passes it to its workers): both ranks save the step's checkpoint, and
-    `openkd train` exits 75 with the one line and no launcher traceback."""
+    `openkd train` exits 75 with the one line and no launcher traceback. Also the DDP launch
+    itself: --num-processes alone uses the shipped ddp.yaml, and both ranks join."""
     import psutil
 
     def rank_one(parent: subprocess.Popen) -> int:
@@ -184,6 +185,8 @@ def test_two_processes_save_together_when_one_rank_is_signalled(
     code, err = signal_during_training(args, signal.SIGTERM, pick=pick, timeout=900)
     step = assert_preempted(code, err, out)
     assert "Traceback" not in err, err[-3000:]
+    assert "ddp.yaml --num_processes 2" in flat(err)
+    assert "× 2 process(es)" in flat(err)  # both ranks joined: world size 2
     ckpt = out / f"checkpoint-{step}"
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
     run = json.loads((out / "openkd_run.json").read_text())
