@@ -17,10 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
 fi
 pip_install() {
   # Some machines' pip config names index folders that do not exist; keep those warnings out.
-  # --no-compile: Python compiles a module when it is first imported; byte-compiling every
-  # installed file up front (vLLM's and transformers' hundreds of model files included) took
-  # 125 s of a fresh install here against 72 s without.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "$@" \
+  # Not --no-compile (a fresh install 72 s instead of 125 s here): where PYTHONDONTWRITEBYTECODE
+  # is set, as on this project's machines, every process would then compile torch from source.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
     2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 pip_install --upgrade pip
