@@ -422,10 +422,14 @@ def test_process_group_is_destroyed_when_training_ends_together(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        with contextlib.suppress(type(raised) if raised else ()), _process_group_released():
+        with (
+            contextlib.suppress(type(raised) if raised else ()),
+            _process_group_released() as group,
+        ):
             if raised is not None:
                 raise raised
         assert dist.is_initialized() is not released
+        assert group.released is released  # a worker then exits without the teardown
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,10 +77,12 @@ def run(cfg: TrainConfig) -> None:
     with preempt.handling_signals(), teacher_server(cfg, student) as served:
         if launching and relaunch_if_needed(cfg, _launch_argv(cfg)):
             return
-        with _stdout_to_stderr(), _process_group_released():
+        with _stdout_to_stderr(), _process_group_released() as group:
             final_dir = train(cfg, student, started, preempt, served)
     if final_dir is not None:
         console.stdout_line(str(final_dir))
+    if group.released:
+        _exit_without_teardown()
 
 
 def train(
@@ -141,30 +144,52 @@ def train(
     return final_dir
 
 
+@dataclass
+class _Group:
+    released: bool = False
+
+
 @contextlib.contextmanager
-def _process_group_released() -> Iterator[None]:
+def _process_group_released() -> Iterator[_Group]:
     """Destroy torch.distributed's process group once training has ended on this rank, or
-    stopped for a preemption (every rank passed the same barrier first).
+    stopped for a preemption (every rank passed the same barrier first); `released` says
+    whether there was one.
 
     Left to interpreter exit, gloo's worker threads can abort the process ("terminate called
     without an active exception", SIGABRT: pytorch#190489), which failed a finished 2-process
     ZeRO-3 run. Not after a failure: a rank still inside a collective would hang the others.
     """
+    group = _Group()
     try:
-        yield
+        yield group
     except PreemptedBeforeStart:  # signalled while loading: no barrier passed
         raise
     except Preempted:
-        release_process_group()
+        group.released = release_process_group()
         raise
-    release_process_group()
+    group.released = release_process_group()
 
 
-def release_process_group() -> None:
-    """`torch.distributed.destroy_process_group()` when a process group is up."""
+def release_process_group() -> bool:
+    """`torch.distributed.destroy_process_group()` when a process group is up; whether it was."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_without_teardown() -> None:
+    """End a worker whose training finished, and whose files are all written and closed, without
+    the interpreter's teardown: even with the process group destroyed, a 2-process ZeRO-3 worker
+    still aborted there now and then (SIGABRT from a C++ thread taking the GIL while the
+    interpreter shuts down), failing a finished run. Logs and streams are flushed first."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
